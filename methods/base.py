@@ -1,0 +1,292 @@
+"""The KVCompressor contract and the method registry.
+
+A compressor decides, once per attention layer at the end of that layer's prefill, which prompt
+tokens each head keeps in the KV cache (the scheme shared by SnapKV, PyramidKV, H2O and DynamicKV as
+their reference code implements it: KVCache-Factory ``pyramidkv/pyramidkv_utils.py`` at ffac160 and
+DynamicKV ``kv_compression/token_drop/methods/dynamic_v11.py`` at 8ab3c08).
+
+Two ways to drive one, sharing all of the logic:
+
+* streaming, layer by layer, as the model hook does: ``session = compressor.new_session(L)`` per
+  prompt, then ``session.add_layer(l, keys, values, queries)`` per compressed layer and
+  ``session.finish()``; each call returns the layers whose cache should now be (re)written, so a
+  cross-layer method may revise layers it has already seen;
+* model-free, on plain tensors: ``compressor.compress_all(keys, values, queries)``.
+
+A compressor object holds configuration only. Everything that belongs to one prompt lives in the
+session, which is created per prefill and dropped afterwards: the reference code kept per-layer
+state on modules and in globals, which silently turned every sample after the first into FullKV
+(KVCache-Factory issues #15, #54). Here there is nothing to go stale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+POOLINGS = ("maxpool", "avgpool")
+GRANULARITIES = ("query_head", "kv_head")
+
+
+@dataclass
+class Kept:
+    """What one layer keeps of the prompt.
+
+    ``keys``/``values`` are ``[B, H, k, d]``; ``positions`` ``[B, H, k]`` holds the original token
+    index of every kept entry, in the same order (selection order, then the window, as the reference
+    stores them). ``H`` is the number of query heads for ``granularity=query_head`` and of KV heads
+    for ``kv_head``. ``whole`` marks a layer that keeps the whole prompt untouched (its cache need not
+    be rewritten).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    whole: bool = False
+
+    @property
+    def count(self) -> int:
+        return self.keys.shape[-2]
+
+
+def repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[B, Hkv, n, d] -> [B, Hkv*groups, n, d]``, each KV head repeated for its query heads.
+
+    Same layout as ``repeat_kv`` of the reference code and of transformers (query head ``h`` reads KV
+    head ``h // groups``).
+    """
+    if groups == 1:
+        return x
+    b, h, n, d = x.shape
+    return x[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x [B, H, n, d]``, ``index [B, H, k]`` -> ``[B, H, k, d]``."""
+    return x.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
+
+
+class ConfigError(ValueError):
+    """A compressor setting that cannot work; the message names the value, the rule and the fix."""
+
+
+@dataclass
+class KVCompressor:
+    """Base of every method. Subclasses are dataclasses whose fields are their config knobs.
+
+    budget:      prompt tokens kept per head per layer, the observation/recent window included
+                 (``max_capacity_prompt`` of the reference code); a prompt no longer than the budget
+                 is kept whole. For PyramidKV and DynamicKV it is the per-layer average.
+    window_size: the last ``window_size`` prompt tokens: always kept, and their queries score the rest.
+    kernel_size: 1-D pooling kernel over the window scores (odd, stride 1, padding kernel//2).
+    pooling:     ``maxpool`` or ``avgpool`` (avg counts the zero padding, as ``avg_pool1d`` does).
+    granularity: ``query_head`` (reference: keys repeated to query heads, one token set per query
+                 head, the cache holds Hq heads) or ``kv_head`` (window scores averaged over each
+                 query group, one token set per KV head, a true GQA cache; KVCache-Factory HEAD's
+                 ``--kv_cache_granularity kv_head --gqa_score_agg mean``).
+    """
+
+    name: ClassVar[str] = ""
+    #: How many trailing prompt queries the method reads: "window" or "all" (H2O).
+    queries_needed: ClassVar[str] = "window"
+    #: FullKV: the hook leaves the model alone.
+    is_noop: ClassVar[bool] = False
+
+    budget: int = 128
+    window_size: int = 32
+    kernel_size: int = 7
+    pooling: str = "maxpool"
+    granularity: str = "query_head"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ configuration
+    def validate(self) -> None:
+        def bad(msg: str) -> None:
+            raise ConfigError(f"{self.name or type(self).__name__}: {msg}")
+
+        for knob in ("budget", "window_size", "kernel_size"):
+            value = getattr(self, knob)
+            if isinstance(value, bool) or not isinstance(value, int):
+                bad(f"{knob}={value!r} must be an integer")
+        if self.window_size <= 0:
+            bad(f"window_size={self.window_size} must be > 0 (the last window_size prompt tokens "
+                "score the rest and are always kept); set method.window_size to e.g. 8 or 32")
+        if self.budget <= self.window_size:
+            bad(f"budget={self.budget} must be larger than window_size={self.window_size}: the budget "
+                "includes the window, so nothing would be left to select; raise method.budget or "
+                "lower method.window_size")
+        if self.kernel_size <= 0 or self.kernel_size % 2 == 0:
+            bad(f"kernel_size={self.kernel_size} must be a positive odd number (pooling keeps the "
+                "score length only for odd kernels); use e.g. 5 or 7")
+        if self.pooling not in POOLINGS:
+            bad(f"pooling={self.pooling!r} is not one of {POOLINGS}")
+        if self.granularity not in GRANULARITIES:
+            bad(f"granularity={self.granularity!r} is not one of {GRANULARITIES}")
+
+    def knobs(self) -> dict:
+        """The config knobs by name (what ``build`` accepts and results record)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def query_count(self, prompt_length: int) -> int:
+        """How many trailing prompt queries the hook must capture per layer."""
+        return prompt_length if self.queries_needed == "all" else min(self.window_size, prompt_length)
+
+    # ------------------------------------------------------------------ driving
+    def new_session(self, num_layers: int) -> "CompressionSession":
+        return CompressionSession(self, num_layers)
+
+    def compress_all(self, keys, values, queries) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Model-free entry point: compress every layer of one prompt.
+
+        keys, values: one tensor per compressed layer, ``[B, Hkv, n, d]``, post-RoPE.
+        queries:      one tensor per compressed layer, ``[B, Hq, n, d]``, post-RoPE, all prompt queries.
+        Returns one ``(keys, values, positions)`` per layer: ``[B, H, k_l, d]`` twice and ``[B, H, k_l]``.
+        """
+        if not (len(keys) == len(values) == len(queries)):
+            raise ValueError(f"keys, values and queries need one tensor per layer; got "
+                             f"{len(keys)}, {len(values)}, {len(queries)}")
+        session = self.new_session(len(keys))
+        kept: dict[int, Kept] = {}
+        for layer, (k, v, q) in enumerate(zip(keys, values, queries)):
+            q = q[:, :, -self.query_count(q.shape[2]):]
+            kept.update(session.add_layer(layer, k, v, q))
+        kept.update(session.finish())
+        out = []
+        for layer in range(len(keys)):
+            item = kept[layer]
+            if item.whole:
+                item = self.whole_prompt(keys[layer], values[layer], queries[layer].shape[1])
+            out.append((item.keys, item.values, item.positions))
+        return out
+
+    # ------------------------------------------------------------------ helpers for methods
+    def groups(self, keys: torch.Tensor, queries: torch.Tensor) -> int:
+        hkv, hq = keys.shape[1], queries.shape[1]
+        if hq % hkv:
+            raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+        return hq // hkv
+
+    def whole_prompt(self, keys: torch.Tensor, values: torch.Tensor, num_query_heads: int) -> Kept:
+        """The whole prompt at this compressor's granularity (Hq heads for query_head)."""
+        groups = num_query_heads // keys.shape[1] if self.granularity == "query_head" else 1
+        b, _, n, _ = keys.shape
+        k, v = repeat_heads(keys, groups), repeat_heads(values, groups)
+        positions = torch.arange(n, device=keys.device).expand(b, k.shape[1], n)
+        return Kept(k, v, positions, whole=True)
+
+    def keep_selected(self, keys, values, queries, selected: torch.Tensor | None) -> Kept:
+        """Gather the ``selected`` prefix tokens ``[B, H, K]`` (any order) and append the window.
+
+        ``selected`` indexes the prefix ``[0, n - w)``; heads are query heads for ``query_head``
+        granularity and KV heads for ``kv_head``. The layout is the reference's:
+        ``cat(prefix.gather(selected), last window)``.
+        """
+        w = self.window_size
+        n = keys.shape[2]
+        groups = self.groups(keys, queries) if self.granularity == "query_head" else 1
+        k, v = repeat_heads(keys, groups), repeat_heads(values, groups)
+        b, h = k.shape[:2]
+        window_positions = torch.arange(n - w, n, device=k.device).expand(b, h, w)
+        if selected is None or selected.shape[-1] == 0:
+            return Kept(k[:, :, -w:], v[:, :, -w:], window_positions.contiguous())
+        kept_k = torch.cat([gather_tokens(k[:, :, : n - w], selected), k[:, :, -w:]], dim=2)
+        kept_v = torch.cat([gather_tokens(v[:, :, : n - w], selected), v[:, :, -w:]], dim=2)
+        return Kept(kept_k, kept_v, torch.cat([selected, window_positions], dim=2))
+
+
+@dataclass
+class UniformCompressor(KVCompressor):
+    """A method that compresses each layer on its own: subclasses give ``layer_budget`` and
+    ``select`` (which prefix tokens to keep), and this class handles the short-prompt rule and the
+    window."""
+
+    def layer_budget(self, layer: int, num_layers: int, prompt_length: int) -> int:
+        """Prompt tokens this layer keeps, window included."""
+        return self.budget
+
+    def select(self, layer, num_layers, keys, values, queries, count: int) -> torch.Tensor:
+        """Indices ``[B, H, count]`` into the prefix ``[0, n - w)``."""
+        raise NotImplementedError
+
+    def compress_layer(self, layer, num_layers, keys, values, queries) -> Kept:
+        n = keys.shape[2]
+        if n <= self.budget:  # reference: `if n < mcp: keep all`; n == mcp selects all n - w anyway
+            return self.whole_prompt(keys, values, queries.shape[1])
+        count = self.layer_budget(layer, num_layers, n) - self.window_size
+        count = max(0, min(count, n - self.window_size))
+        selected = self.select(layer, num_layers, keys, values, queries, count) if count else None
+        return self.keep_selected(keys, values, queries, selected)
+
+
+class CompressionSession:
+    """Per-prompt state. Default behaviour: each layer is compressed on its own, immediately.
+
+    ``report`` collects, per compressed layer, the kept positions ``[B, H, k]`` (None where the whole
+    prompt was kept) so results can record what each method kept.
+    """
+
+    def __init__(self, compressor: KVCompressor, num_layers: int):
+        if num_layers <= 0:
+            raise ValueError(f"num_layers={num_layers}: a session needs at least one compressed layer")
+        self.compressor = compressor
+        self.num_layers = num_layers
+        self.prompt_length: int | None = None
+        self.kept_positions: dict[int, torch.Tensor | None] = {}
+        self.notes: list[str] = []
+
+    def add_layer(self, layer: int, keys, values, queries) -> dict[int, Kept]:
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer={layer} outside 0..{self.num_layers - 1}")
+        self.prompt_length = keys.shape[2]
+        kept = self.compressor.compress_layer(layer, self.num_layers, keys, values, queries)
+        self.record(layer, kept)
+        return {layer: kept}
+
+    def finish(self) -> dict[int, Kept]:
+        return {}
+
+    def record(self, layer: int, kept: Kept) -> None:
+        self.kept_positions[layer] = None if kept.whole else kept.positions.detach().to("cpu")
+
+    def report(self) -> dict:
+        """Per layer: kept count per head, and the positions (lists), for results files."""
+        n = self.prompt_length or 0
+        layers = []
+        for layer in range(self.num_layers):
+            positions = self.kept_positions.get(layer)
+            if positions is None:
+                layers.append({"layer": layer, "kept": n, "whole": True})
+            else:
+                per_head = [len(set(p.tolist())) for p in positions[0]]
+                layers.append({"layer": layer, "kept": int(positions.shape[-1]),
+                               "distinct_per_head": per_head, "whole": False})
+        return {"prompt_length": n, "layers": layers, "notes": list(self.notes)}
+
+
+# ---------------------------------------------------------------------- registry
+REGISTRY: dict[str, type[KVCompressor]] = {}
+
+
+def register(cls: type[KVCompressor]) -> type[KVCompressor]:
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def build(name: str, **knobs) -> KVCompressor:
+    """Build a compressor by registered name with its config knobs, e.g.
+    ``build("snapkv", budget=128, window_size=32, kernel_size=7, pooling="maxpool")``."""
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown method {name!r}; choose one of {sorted(REGISTRY)}")
+    cls = REGISTRY[name]
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(knobs) - allowed)
+    if unknown:
+        raise ConfigError(f"{name}: unknown knob(s) {unknown}; its knobs are {sorted(allowed)}")
+    return cls(**knobs)

@@ -1,0 +1,81 @@
+"""Observation-window scores and pooling: the scorer shared by SnapKV, PyramidKV and DynamicKV.
+
+Numerics follow the reference code step by step, because max pooling turns local peaks into
+plateaus of equal scores and ``torch.topk``'s tie-break then decides which token survives
+(spec: reference-methods.md section 1 and section 9, items 1-2; KVCache-Factory
+``SnapKVCluster.update_kv`` at ffac160; the original FasterDecoding/SnapKV ``snapkv_utils.py``):
+
+1. ``A = (q_window @ k^T) / sqrt(d)`` in the model dtype, ``[B, H, w, n]``;
+2. a causal mask inside the trailing ``w x w`` block only (``finfo.min`` where key > query), the
+   prefix stays fully visible to every window query;
+3. softmax over all ``n`` keys in float32, cast back to the model dtype;
+4. sum over the window queries of the mass on the prefix keys ``[0, n - w)`` (model dtype);
+5. (``kv_head`` granularity) mean over each query group, in the model dtype;
+6. 1-D pooling, stride 1, padding ``kernel // 2`` (avg counts the padding).
+
+Only ``w x n`` scores are ever formed: no ``n x n`` attention matrix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from methods.base import repeat_heads
+
+
+def attention_logits(queries: torch.Tensor, keys: torch.Tensor, scaling: float | None = None) -> torch.Tensor:
+    """``queries [B, H, m, d] @ keys [B, H, n, d]^T`` scaled like the reference (divide by sqrt(d))."""
+    logits = torch.matmul(queries, keys.transpose(2, 3))
+    if scaling is None:
+        return logits / math.sqrt(queries.shape[-1])
+    return logits * scaling
+
+
+def window_attention_mass(queries: torch.Tensor, keys: torch.Tensor, window: int,
+                          scaling: float | None = None) -> torch.Tensor:
+    """Summed softmax attention of the last ``window`` queries on each prefix key.
+
+    queries: ``[B, Hq, >=window, d]`` (only the last ``window`` rows are used);
+    keys: ``[B, Hq, n, d]`` (already repeated to query heads). Returns ``[B, Hq, n - window]`` in the
+    model dtype.
+    """
+    q = queries[:, :, -window:]
+    logits = attention_logits(q, keys, scaling)  # [B, H, w, n]
+    mask = torch.full((window, window), torch.finfo(logits.dtype).min, device=logits.device, dtype=logits.dtype)
+    mask = torch.triu(mask, diagonal=1)  # 0 on and below the diagonal: causal inside the window
+    logits[:, :, :, -window:] += mask
+    probs = F.softmax(logits, dim=-1, dtype=torch.float32).to(q.dtype)
+    return probs[:, :, :, : keys.shape[2] - window].sum(dim=2)
+
+
+def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:
+    """1-D pooling over the token axis of ``[B, H, L]``, same length out (odd kernel)."""
+    padding = kernel_size // 2
+    if pooling == "avgpool":
+        return F.avg_pool1d(scores, kernel_size=kernel_size, padding=padding, stride=1)
+    if pooling == "maxpool":
+        return F.max_pool1d(scores, kernel_size=kernel_size, padding=padding, stride=1)
+    raise ValueError(f"pooling={pooling!r} is not one of ('maxpool', 'avgpool')")
+
+
+def group_mean(scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``[B, Hq, L] -> [B, Hkv, L]``: mean over the query heads that share a KV head."""
+    b, hq, length = scores.shape
+    return scores.view(b, num_kv_heads, hq // num_kv_heads, length).mean(dim=2)
+
+
+def window_scores(queries: torch.Tensor, keys: torch.Tensor, window: int, kernel_size: int,
+                  pooling: str, granularity: str = "query_head", scaling: float | None = None) -> torch.Tensor:
+    """Pooled observation-window scores of the prefix tokens.
+
+    queries: ``[B, Hq, >=window, d]``; keys: ``[B, Hkv, n, d]`` (un-repeated).
+    Returns ``[B, Hq, n - window]`` for ``query_head`` and ``[B, Hkv, n - window]`` for ``kv_head``.
+    """
+    groups = queries.shape[1] // keys.shape[1]
+    mass = window_attention_mass(queries, repeat_heads(keys, groups), window, scaling)
+    if granularity == "kv_head":
+        mass = group_mean(mass, keys.shape[1])
+    return pool_scores(mass, kernel_size, pooling)
