@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def load_model(cfg) -> LoadedModel:
         attn = "sdpa"
     origin = None
     if source == "random":
-        config = AutoConfig.for_model(**dict(cfg.config))
+        config = AutoConfig.for_model(**OmegaConf.to_container(cfg.config, resolve=True))
         torch.manual_seed(int(cfg.get("seed", 0)))
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
         tokenizer = byte_tokenizer() if cfg.get("tokenizer", "bytes") == "bytes" else \

@@ -15,7 +15,7 @@ from harness import results
 from harness.generate import generate
 from harness.models import load_model
 from harness.prompting import encode, use_chat_template
-from harness.tasks import get_task
+from harness.tasks import Sample, get_task
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,15 @@ def run_folder(cfg: DictConfig, compressor: methods.KVCompressor) -> Path:
     return Path(cfg.results_dir) / cfg.task.name / cfg.model.name / cfg.protocol.name / name
 
 
+def task_samples(task, task_cfg, lm, chat: bool) -> list[Sample]:
+    """The task's samples, with lengths measured on the model input the runner will build."""
+    def count_tokens(prompt_text: str) -> int:
+        probe = Sample(id="", prompt=prompt_text, answers=[], max_new_tokens=1, answer_prefix=task.ANSWER_PREFIX)
+        return encode(probe, lm.tokenizer, chat, "cpu").shape[1]
+
+    return task.build_samples(task_cfg, lm.tokenizer, count_tokens)
+
+
 def run(cfg: DictConfig) -> dict:
     """Run (or resume) the configured job; returns the summary that is also written to scores.json."""
     compressor = build_compressor(cfg)          # bad knobs fail here, before any model loads
@@ -50,12 +59,7 @@ def run(cfg: DictConfig) -> dict:
     lm = _cached_model(OmegaConf.to_yaml(cfg.model, resolve=True))
     chat = use_chat_template(cfg.protocol.chat_template, lm.chat_template, lm.tokenizer)
 
-    def count_tokens(prompt_text: str) -> int:
-        from harness.tasks import Sample
-        probe = Sample(id="", prompt=prompt_text, answers=[], max_new_tokens=1, answer_prefix=task.ANSWER_PREFIX)
-        return encode(probe, lm.tokenizer, chat, "cpu").shape[1]
-
-    samples = task.build_samples(cfg.task, lm.tokenizer, count_tokens)
+    samples = task_samples(task, cfg.task, lm, chat)
     if cfg.get("limit"):
         samples = samples[: int(cfg.limit)]
     done = {row["id"] for row in results.read_predictions(folder)}

@@ -1,0 +1,64 @@
+"""Passkey retrieval on the two real small models (CPU, float32), over the Paul Graham essays.
+
+Needs the model packages (installed by `make setup`) and the essays under ../shared/data; skipped,
+saying why, where either is absent.
+"""
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import ESSAYS, real_model
+from harness.generate import generate
+from harness.prompting import encode, use_chat_template
+from harness.run import task_samples
+from harness.tasks import passkey
+from methods import build
+
+pytestmark = pytest.mark.real_model
+
+METHODS = {
+    "fullkv": build("fullkv"),
+    "snapkv": build("snapkv", budget=256, window_size=32),
+    "streamingllm": build("streamingllm", budget=256, sink_tokens=4),
+}
+
+
+@pytest.fixture(scope="module", params=["smollm2_135m", "gemma3_270m"])
+def passkey_results(request):
+    if not ESSAYS.is_dir():
+        pytest.skip(f"the Paul Graham essays are not at {ESSAYS} (../shared/data exists only on the dev machines)")
+    lm = real_model(request.param)
+    chat = use_chat_template("auto", lm.chat_template, lm.tokenizer)
+    task = OmegaConf.create({"context_lengths": [2048], "depths": [10, 50, 90], "haystack": "essays",
+                             "haystack_dir": str(ESSAYS), "max_new_tokens": 8, "seed": 0})
+    samples = task_samples(passkey, task, lm, chat)
+    found = {}
+    for name, compressor in METHODS.items():
+        for sample in samples:
+            ids = encode(sample, lm.tokenizer, chat, "cpu")
+            assert abs(ids.shape[1] - 2048) <= 2
+            out = generate(lm.model, lm.tokenizer, ids, compressor, sample.max_new_tokens, lm.stop_token_ids)
+            found[name, sample.meta["depth"]] = passkey.score(out.text, sample.answers)
+            if name != "fullkv":
+                assert out.report is not None
+    return request.param, found
+
+
+def test_fullkv_and_snapkv_retrieve_at_every_depth(passkey_results):
+    model, found = passkey_results
+    for depth in (10, 50, 90):
+        assert found["fullkv", depth] == 1.0, (model, "fullkv", depth)
+        assert found["snapkv", depth] == 1.0, (model, "snapkv", depth)
+
+
+def test_streamingllm_misses_needles_outside_its_window(passkey_results):
+    model, found = passkey_results
+    assert found["streamingllm", 10] == 0.0 and found["streamingllm", 50] == 0.0, model
+
+
+def test_gemma3_compresses_only_its_full_attention_layers():
+    lm = real_model("gemma3_270m")
+    ids = lm.tokenizer("word " * 700, return_tensors="pt").input_ids
+    out = generate(lm.model, lm.tokenizer, ids, build("snapkv", budget=128, window_size=32), 2, [])
+    assert [e["model_layer"] for e in out.report["layers"]] == [5, 11, 17]
+    assert all(e["kept"] == 128 for e in out.report["layers"])
