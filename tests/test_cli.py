@@ -1,0 +1,115 @@
+"""Hydra composition, the runner's results folders, resume, and CLI errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import harness.run as runner
+from conftest import ROOT
+from harness import results
+from harness.tasks import passkey
+from harness.models import byte_tokenizer
+
+CONF = str(ROOT / "conf")
+SMALL_TASK = ["task.context_lengths=[400,500]", "task.depths=[0,50,100]", "task.max_new_tokens=3"]
+
+
+def config(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="config", overrides=["model=tiny_llama", f"results_dir={tmp_path}",
+                                                        *SMALL_TASK, *overrides])
+
+
+@pytest.mark.parametrize("model", ["llama3", "llama3_1", "mistral", "qwen2", "internlm2_5", "smollm2_135m",
+                                   "gemma3_270m", "tiny_llama", "llama3_8b_random"])
+@pytest.mark.parametrize("protocol", ["default", "dynamickv_paper", "longbench_official"])
+def test_every_model_and_protocol_composes(tmp_path, model, protocol):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"model={model}", f"protocol={protocol}"])
+    assert cfg.model.name == model
+    assert cfg.model.dtype in ("auto", "bfloat16", "float32")
+    assert cfg.method.window_size == cfg.protocol.window_size.snapkv
+
+
+def test_protocol_sets_method_windows(tmp_path):
+    assert config(tmp_path, "protocol=dynamickv_paper", "method=streamingllm").method.window_size == 32
+    assert config(tmp_path, "protocol=default", "method=streamingllm").method.sink_tokens == 4
+    assert config(tmp_path, "protocol=longbench_official").method.window_size == 8
+    assert config(tmp_path, "method.window_size=16").method.window_size == 16   # explicit override wins
+
+
+def test_run_writes_results_and_resumes(tmp_path, monkeypatch):
+    calls = []
+    real_generate = runner.generate
+    monkeypatch.setattr(runner, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+    first = runner.run(config(tmp_path, "method=snapkv", "method.budget=64", "method.window_size=8", "limit=2"))
+    folder = Path(first["folder"])
+    assert folder == tmp_path / "passkey" / "tiny_llama" / "default" / "snapkv_b64_w8_k7_maxpool_qh"
+    assert len(calls) == 2 and first["samples"] == 2
+    before = (folder / results.PREDICTIONS).read_text().splitlines()
+    # an interruption mid-write leaves a partial line: it is dropped and that sample runs again
+    with (folder / results.PREDICTIONS).open("a") as f:
+        f.write('{"id": "len500_depth0_r0", "pre')
+    summary = runner.run(config(tmp_path, "method=snapkv", "method.budget=64", "method.window_size=8"))
+    after = (folder / results.PREDICTIONS).read_text().splitlines()
+    assert len(calls) == 6 and summary["samples"] == 6          # only the 4 unfinished samples ran
+    assert after[:2] == before and len(after) == 6
+    assert sorted(json.loads(line)["id"] for line in after) == sorted(
+        f"len{n}_depth{d}_r0" for n in (400, 500) for d in (0, 50, 100))
+    manifest = json.loads((folder / results.MANIFEST).read_text())
+    assert manifest["method"] == {"name": "snapkv", "budget": 64, "window_size": 8, "kernel_size": 7,
+                                  "pooling": "maxpool", "granularity": "query_head"}
+    assert manifest["config"]["model"]["name"] == "tiny_llama" and manifest["environment"]["packages"]["torch"]
+    row = json.loads(after[0])
+    assert row["prompt_tokens"] == row["context_length"] and len(row["kept"]) == 4
+
+
+def test_report_builds_a_table(tmp_path):
+    for method in ("fullkv", "streamingllm"):
+        runner.run(config(tmp_path, f"method={method}", "method.budget=64", "limit=2"))
+    from harness.report import find_runs, passkey_table
+    header, rows = passkey_table(find_runs([tmp_path]))
+    assert header[0] == "run" and header[-2:] == ["mean", "samples"]
+    assert [r[0].split("/")[-1] for r in rows] == ["fullkv", "streamingllm_b64_w60_k7_maxpool_qh_sinktokens4"]
+    assert all(r[-1] == 2 for r in rows)
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+
+
+def test_cli_unknown_method_lists_choices(tmp_path):
+    out = cli("method=snapk", f"results_dir={tmp_path}")
+    assert out.returncode != 0
+    assert "snapk" in out.stderr and "snapkv" in out.stderr and "streamingllm" in out.stderr
+
+
+def test_cli_impossible_budget_fails_with_reason(tmp_path):
+    out = cli("model=tiny_llama", "method=snapkv", "method.budget=16", "method.window_size=32", f"results_dir={tmp_path}")
+    assert out.returncode == 2
+    assert "budget=16 must be larger than window_size=32" in out.stderr
+    assert not (tmp_path / "passkey").exists()   # nothing was started
+
+
+def test_passkey_prompt_has_exact_length_and_needle_at_a_sentence_start():
+    tok = byte_tokenizer()
+    from harness.tasks.haystack import load_haystack
+    hay = tok(load_haystack("synthetic", None, 5000), add_special_tokens=False).input_ids
+    count = lambda text: len(tok(text + passkey.ANSWER_PREFIX).input_ids)
+    for length in (1500, 2101):
+        for depth in (0, 25, 50, 100):
+            text = passkey.build_prompt(tok, hay, length, depth, "12345", count)
+            assert count(text) == length
+            body = text[len(passkey.INSTRUCTION):]
+            before = body[: body.index(passkey.NEEDLE.format(key="12345"))]
+            if depth < 100:                             # 100%: appended at the very end, as the original
+                assert before == "" or before.rstrip().endswith(".")  # inserted after a full sentence
+            haystack_len = len(body) - len(passkey.NEEDLE.format(key="12345")) - len(passkey.QUESTION)
+            target = haystack_len * depth / 100        # bytes = tokens for this tokenizer
+            if 0 < depth < 100:                         # moved back by at most one filler sentence
+                assert target - 25 <= len(before) <= target
