@@ -15,6 +15,8 @@ MANIFEST = "manifest.json"
 SCORES = "scores.json"
 
 _SHORT = {"query_head": "qh", "kv_head": "kvh"}
+# knobs that change speed or memory, not which tokens are kept: recorded in the manifest, not the name
+_NOT_IN_NAME = {"query_chunk"}
 
 
 def run_name(method: dict) -> str:
@@ -27,7 +29,7 @@ def run_name(method: dict) -> str:
              knobs.pop("pooling"), _SHORT.get(knobs.get("granularity"), str(knobs.get("granularity")))]
     knobs.pop("granularity", None)
     for key, value in sorted(knobs.items()):
-        if value is not None:
+        if value is not None and key not in _NOT_IN_NAME:
             parts.append(f"{key}{value}".replace("_", ""))
     return "_".join(str(p) for p in parts)
 

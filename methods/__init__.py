@@ -8,7 +8,7 @@
 
 from methods.base import (REGISTRY, CompressionSession, ConfigError, Kept, KVCompressor,
                           UniformCompressor, build, register)
-from methods import fullkv, snapkv, streamingllm  # noqa: F401  (registration)
+from methods import dynamickv, fullkv, h2o, pyramidkv, snapkv, streamingllm  # noqa: F401  (registration)
 
 __all__ = ["REGISTRY", "CompressionSession", "ConfigError", "Kept", "KVCompressor",
            "UniformCompressor", "build", "register"]

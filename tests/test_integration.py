@@ -200,3 +200,30 @@ def test_decode_one_continues_from_given_position(tiny):
     second = decode_one(tiny.model, first, cache, 60)
     reference = tiny.model.generate(ids, max_new_tokens=2, do_sample=False, attention_mask=torch.ones_like(ids))
     assert [int(first), int(second)] == reference[0, 60:].tolist()
+
+
+@pytest.mark.parametrize("name", ["fullkv", "streamingllm", "snapkv", "h2o", "pyramidkv", "dynamickv"])
+@pytest.mark.parametrize("granularity, heads", [("query_head", 4), ("kv_head", 2)])
+def test_all_six_methods_run_through_the_hook(tiny, name, granularity, heads):
+    ids = random_ids(260, seed=13)
+    compressor = build(name, budget=48, window_size=8, granularity=granularity)
+    cache, controller = prefill_with(tiny, ids, compressor)
+    full_first = run(tiny, ids, build("fullkv"), new=1)
+    assert run(tiny, ids, compressor, new=1) == full_first
+    if name == "fullkv":
+        assert controller.report is None and all(layer.keys.shape[1] == 2 for layer in cache.layers)
+        return
+    report = controller.report
+    for layer, entry in zip(cache.layers, report["layers"]):
+        assert layer.keys.shape[1] == heads and layer.keys.shape[2] == entry["kept"]
+        assert layer.get_seq_length() == 260
+    kept = [entry["kept"] for entry in report["layers"]]
+    layers = len(cache.layers)
+    if name == "pyramidkv":   # 3 layers, base 40: 2 * 40 - 2 = 78 down to 2, plus the window
+        assert kept == [8 + 78 - 38 * l for l in range(layers)]
+    elif name == "dynamickv":
+        assert all(8 <= k <= 260 for k in kept)
+    else:
+        assert kept == [48] * layers
+    out = generate(tiny.model, tiny.tokenizer, ids, compressor, 5, [])
+    assert len(out.token_ids) == 5

@@ -1,0 +1,234 @@
+"""DynamicKV (Zhou et al., 2024, arXiv 2412.14838; EMNLP 2025 Findings): task-adaptive per-layer budgets.
+
+Follows the released v11 code (DreamMr/DynamicKV 8ab3c08, ``kv_compression/token_drop/methods/
+dynamic_v11.py`` and the per-model forwards; reference-methods.md sections 2.6 and 9):
+
+1. per layer ``l``: SnapKV's pooled window scores ``s_l``; keep the top
+   ``budget_size = min(int(radio_max * base), n - w)`` prefix tokens in score order, plus the window
+   (``base = budget - w``);
+2. every ``m`` layers (``l % m == m - 1``, ``m = 4`` in the code), re-allocate over the ``k`` layers
+   seen so far: count which layer each of the global top ``base * H * k`` pooled scores falls in,
+   divide the counts by ``k``, turn them into shares of the *whole-model* budget ``base * L``, and cut
+   every layer seen so far to its share (the first ``f_j`` entries, i.e. its top ``f_j`` tokens) plus
+   the window again; tokens cut at one step never come back;
+3. write all layers at the end of prefill.
+
+``variant="reference"`` (the default, so published numbers can be reproduced) keeps the reference's
+behaviour including its quirks:
+* a layer given more than it stores is sliced into its stored window, which is then appended again
+  (the window is duplicated and fewer distinct tokens are kept);
+* budget a layer cannot use (its share capped at ``n - w``) is lost, not redistributed;
+* layers after the last multiple of ``m`` are never re-allocated (they keep ``budget_size``);
+* it has no short-prompt rule: with ``budget >= n`` the allocation is not FullKV (section 9, item 3);
+* where the reference crashes (ZeroDivisionError / NaN when every share floors to 0, or ``n < w``,
+  section 9, item 4) the whole prompt is kept and the session records a note.
+The float32 shares and float64 rescaling are reproduced, since counts can depend on that rounding.
+
+``variant="fixed"`` uses the same scores and shares but never duplicates a token (a layer keeps at
+most what it stores), hands what a cap frees to the layers that can still take it, always
+re-allocates at the last layer, and keeps prompts no longer than the budget whole (FullKV).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from methods.base import CompressionSession, ConfigError, Kept, KVCompressor, register
+from methods.scoring import window_scores
+
+VARIANTS = ("reference", "fixed")
+
+
+class _OutsideReferenceDomain(Exception):
+    """The reference code would crash on this prompt."""
+
+
+@register
+@dataclass
+class DynamicKV(KVCompressor):
+    name = "dynamickv"
+    radio_max: float = 10.0   # the code's spelling of ratio_max: cap of one layer, in units of base
+    m: int = 4                # re-allocation interval in layers
+    variant: str = "reference"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"dynamickv: variant={self.variant!r} is not one of {VARIANTS}")
+        if not isinstance(self.m, int) or isinstance(self.m, bool) or self.m <= 0:
+            raise ConfigError(f"dynamickv: m={self.m!r} must be a positive integer (the code uses 4)")
+        if not isinstance(self.radio_max, (int, float)) or self.radio_max <= 0:
+            raise ConfigError(f"dynamickv: radio_max={self.radio_max!r} must be a positive number (5 or 10 in the scripts)")
+
+    @property
+    def base(self) -> int:
+        return self.budget - self.window_size
+
+    def new_session(self, num_layers: int) -> "DynamicKVSession":
+        return DynamicKVSession(self, num_layers)
+
+
+class DynamicKVSession(CompressionSession):
+    compressor: DynamicKV
+
+    def __init__(self, compressor: DynamicKV, num_layers: int):
+        super().__init__(compressor, num_layers)
+        self.kept: list[Kept] = []          # per layer: current selection (score order) + window
+        self.scores: list[torch.Tensor] = []
+        self.budget_size = 0
+        self.whole = False                  # the prompt is kept whole (short prompt or outside domain)
+        self.risky = False                  # reference variant on a prompt where the reference may crash
+
+    # ----------------------------------------------------------------- per layer
+    def add_layer(self, layer, keys, values, queries):
+        c = self.compressor
+        n = keys.shape[2]
+        self.prompt_length = n
+        if layer == 0:
+            self.whole = self._keeps_whole(n)
+            heads = queries.shape[1] if c.granularity == "query_head" else keys.shape[1]
+            self.risky = c.variant == "reference" and self._may_crash(n, heads)
+        if self.whole:
+            return {layer: self._whole_marker(layer, keys, values, queries)}
+        if layer != len(self.kept):
+            raise ValueError(f"dynamickv: layers must arrive in order; expected {len(self.kept)}, got {layer}")
+        w = c.window_size
+        self.budget_size = min(int(c.radio_max * c.base), n - w)
+        scores = window_scores(queries, keys, w, c.kernel_size, c.pooling, c.granularity)
+        selected = scores.topk(self.budget_size, dim=-1).indices
+        kept = c.keep_selected(keys, values, queries, selected)
+        self.kept.append(kept)
+        self.scores.append(scores)
+        updates = {layer: kept}
+        last = layer == self.num_layers - 1
+        if layer % c.m == c.m - 1 or (last and c.variant == "fixed"):
+            try:
+                updates = self._reallocate(final=last)
+            except _OutsideReferenceDomain as why:
+                # only possible in `risky` mode, where nothing has been written yet: keep the prompt whole
+                self.notes.append(f"outside the reference's domain ({why}; the reference crashes here): "
+                                  "kept the whole prompt")
+                self.whole = True
+                return {j: self._whole_marker(j, keys, values, queries) for j in range(layer + 1)}
+        if last:
+            for j, item in enumerate(self.kept):
+                self.record(j, item)
+            return dict(enumerate(self.kept))
+        return {} if self.risky else updates
+
+    def _keeps_whole(self, n: int) -> bool:
+        c = self.compressor
+        if c.variant == "fixed" and n <= c.budget:
+            return True
+        if n <= c.window_size:  # the reference returns None here and crashes
+            self.notes.append(f"prompt length {n} <= window {c.window_size}: outside the reference's domain "
+                              "(it crashes); kept the whole prompt")
+            return True
+        return False
+
+    def _may_crash(self, n: int, heads: int) -> bool:
+        """Whether a re-allocation can divide by zero or produce NaN shares (reference-methods.md
+        section 9, item 4). It cannot when ``budget_size > L`` (some layer's share stays >= 1 token)
+        and ``H * min(base, n - w) >= L`` (some layer holds >= k of the top scores at every step).
+        Only then may the session hold back its provisional selections and fall back to FullKV."""
+        c = self.compressor
+        budget_size = min(int(c.radio_max * c.base), n - c.window_size)
+        return budget_size <= self.num_layers or heads * min(c.base, n - c.window_size) < self.num_layers
+
+    def _whole_marker(self, layer, keys, values, queries) -> Kept:
+        kept = self.compressor.whole_prompt(keys[:, :, :0], values[:, :, :0], queries.shape[1])
+        self.record(layer, kept)
+        return kept
+
+    # ----------------------------------------------------------------- re-allocation
+    def _layer_counts(self, final: bool) -> torch.Tensor:
+        """Per-layer counts of the global top ``base * H * k`` pooled scores, floor-divided by k,
+        with the reference's final-layer top-up."""
+        c = self.compressor
+        stacked = torch.stack(self.scores)                      # [k, B, H, n - w]
+        k = stacked.shape[0]
+        heads = stacked.shape[2]
+        flat = stacked.reshape(-1)
+        per_layer = flat.numel() // k                           # B * H * (n - w)
+        take = min(c.base * heads * k, flat.numel())
+        top = flat.topk(take).indices
+        counts = torch.bincount(top // per_layer, minlength=k) // k
+        if final and int(counts.sum()) != per_layer:
+            counts[-1] += (c.base * heads * k) // self.num_layers - counts.sum()
+        return counts
+
+    def _shares(self, counts: torch.Tensor) -> list[int]:
+        """Whole-model budget split by share, with the reference's float32/float64 arithmetic."""
+        c = self.compressor
+        total = int(counts.sum())
+        if total == 0:
+            raise _OutsideReferenceDomain("every per-layer count floors to 0 (NaN shares)")
+        shares = [t / total for t in counts]                    # float32 tensors, as the reference
+        fix = [int((self.budget_size * s).item()) for s in shares]
+        need = c.base * self.num_layers
+        ratio = sum(fix) / need
+        if ratio == 0:
+            raise _OutsideReferenceDomain("every int(budget_size * share) is 0 (division by zero)")
+        fix = [int(f // ratio) for f in fix]
+        fix[-1] += need - sum(fix)
+        return fix
+
+    def _reallocate(self, final: bool) -> dict[int, Kept]:
+        c = self.compressor
+        targets = self._shares(self._layer_counts(final))
+        prefix = self.scores[0].shape[-1]                       # n - w
+        if c.variant == "reference":
+            lengths = [min(t, prefix) for t in targets]
+            self.kept = [_reference_slice(kept, f, c.window_size) for kept, f in zip(self.kept, lengths)]
+        else:
+            stored = [kept.count - c.window_size for kept in self.kept]
+            lengths = _water_fill(targets, stored, c.base * self.num_layers)
+            self.kept = [_truncate(kept, f, c.window_size) for kept, f in zip(self.kept, lengths)]
+        return dict(enumerate(self.kept))
+
+
+def _reference_slice(kept: Kept, length: int, window: int) -> Kept:
+    """``cat(x[:, :, :length], x[:, :, -window:])`` exactly as the reference slices (Python slice
+    semantics included: a length beyond the selection runs into the stored window)."""
+    def cut(x):
+        return torch.cat([x[:, :, :length], x[:, :, -window:]], dim=2)
+    return Kept(cut(kept.keys), cut(kept.values), cut(kept.positions))
+
+
+def _truncate(kept: Kept, length: int, window: int) -> Kept:
+    """Keep the first ``length`` selected entries (top by score) and the window, nothing twice."""
+    selected = kept.count - window
+    length = max(0, min(length, selected))
+    def cut(x):
+        return torch.cat([x[:, :, :length], x[:, :, selected:]], dim=2)
+    return Kept(cut(kept.keys), cut(kept.values), cut(kept.positions))
+
+
+def _water_fill(targets: list[int], caps: list[int], total: int) -> list[int]:
+    """Integer allocation close to ``targets`` with ``alloc[j] <= caps[j]`` and, where the caps
+    allow, ``sum(alloc) == total``: what a capped layer cannot use goes to the others in proportion
+    to their targets (one token at a time, largest target first, for the integer remainder)."""
+    alloc = [max(0, min(t, cap)) for t, cap in zip(targets, caps)]
+    remaining = total - sum(alloc)
+    while remaining > 0:
+        room = [j for j in range(len(alloc)) if alloc[j] < caps[j]]
+        if not room:
+            break
+        weight = sum(max(targets[j], 0) for j in room)
+        given = 0
+        for j in room:
+            share = math.floor(remaining * max(targets[j], 0) / weight) if weight else 0
+            extra = min(share, caps[j] - alloc[j])
+            alloc[j] += extra
+            given += extra
+        if given == 0:
+            for j in sorted(room, key=lambda j: -targets[j]):
+                if remaining - given == 0:
+                    break
+                alloc[j] += 1
+                given += 1
+        remaining -= given
+    return alloc

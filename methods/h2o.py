@@ -1,0 +1,89 @@
+"""H2O (Zhang et al., 2023, arXiv 2306.14048) as the KV-compression papers run it: prefill only.
+
+Heavy hitters are the prefix tokens with the largest accumulated softmax attention from the prompt's
+queries; they are kept with the recent window, per head, once at the end of prefill, with no pooling
+and no eviction while decoding (KVCache-Factory ``H2OKVCluster``; reference-methods.md section 2.3).
+The score changed over the reference code's history, so ``variant`` names the one you want:
+
+* ``causal`` (default): every prompt query attends causally; the true heavy-hitter score
+  (KVCache-Factory HEAD 9f9aa2e, "Fix H2O causal masking").
+* ``reference_2024``: every prompt query, but the causal mask only inside the trailing window block,
+  so earlier queries also see later keys (KVCache-Factory 98e8228..2026-06, the code of the DynamicKV
+  and PyramidKV tables; issue #49).
+* ``window``: only the last ``window_size`` queries, i.e. SnapKV without pooling (before 2024-10-13).
+
+The reference forms the whole ``[B, H, n, n]`` softmax (out of memory at 32K on 80 GB). Here the
+queries are processed ``query_chunk`` rows at a time, so memory is ``O(H * n * query_chunk)``. Each
+chunk's probabilities are rounded to the model dtype as the reference does and summed in float32,
+with one final rounding to the model dtype, which is what the reference's single ``sum`` computes up
+to summation order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from methods.base import ConfigError, UniformCompressor, register, repeat_heads
+from methods.scoring import attention_logits, group_mean, window_attention_mass
+
+VARIANTS = ("causal", "reference_2024", "window")
+
+
+def accumulated_attention(queries: torch.Tensor, keys: torch.Tensor, window: int, variant: str,
+                          query_chunk: int) -> torch.Tensor:
+    """Summed attention of all ``n`` prompt queries on the prefix keys ``[0, n - window)``.
+
+    queries, keys: ``[B, H, n, d]`` (keys repeated to the query heads). Returns ``[B, H, n - window]``
+    in the model dtype.
+    """
+    n = keys.shape[2]
+    prefix = n - window
+    total = torch.zeros(*keys.shape[:2], prefix, dtype=torch.float32, device=keys.device)
+    key_index = torch.arange(n, device=keys.device)
+    for start in range(0, n, query_chunk):
+        stop = min(start + query_chunk, n)
+        logits = attention_logits(queries[:, :, start:stop], keys)            # [B, H, c, n]
+        query_index = torch.arange(start, stop, device=keys.device)[:, None]
+        future = key_index[None, :] > query_index                              # [c, n]
+        if variant == "reference_2024":  # causal only inside the trailing window x window block
+            future &= (query_index >= prefix) & (key_index[None, :] >= prefix)
+        logits.masked_fill_(future, torch.finfo(logits.dtype).min)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32).to(queries.dtype)
+        total += probs[:, :, :, :prefix].float().sum(dim=2)
+    return total.to(queries.dtype)
+
+
+@register
+@dataclass
+class H2O(UniformCompressor):
+    name = "h2o"
+    variant: str = "causal"
+    query_chunk: int = 1024
+
+    def validate(self) -> None:
+        super().validate()
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"h2o: variant={self.variant!r} is not one of {VARIANTS}")
+        if isinstance(self.query_chunk, bool) or not isinstance(self.query_chunk, int) or self.query_chunk <= 0:
+            raise ConfigError(f"h2o: query_chunk={self.query_chunk!r} must be a positive integer (e.g. 1024)")
+
+    def query_count(self, prompt_length: int) -> int:
+        return min(self.window_size, prompt_length) if self.variant == "window" else prompt_length
+
+    def scores(self, keys, queries) -> torch.Tensor:
+        groups = queries.shape[1] // keys.shape[1]
+        repeated = repeat_heads(keys, groups)
+        if self.variant == "window":
+            mass = window_attention_mass(queries, repeated, self.window_size)
+        else:
+            if queries.shape[2] != keys.shape[2]:
+                raise ValueError(f"h2o variant {self.variant!r} needs all {keys.shape[2]} prompt queries, "
+                                 f"got {queries.shape[2]}")
+            mass = accumulated_attention(queries, repeated, self.window_size, self.variant, self.query_chunk)
+        return group_mean(mass, keys.shape[1]) if self.granularity == "kv_head" else mass
+
+    def select(self, layer, num_layers, keys, values, queries, count):
+        return self.scores(keys, queries).topk(count, dim=-1).indices
