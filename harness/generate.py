@@ -45,6 +45,24 @@ def decode_one(model, token: torch.Tensor, cache, position: int) -> torch.Tensor
     return _greedy(out.logits)
 
 
+def decode_loop(model, tokenizer, first_token: torch.Tensor, cache, prompt_length: int, max_new_tokens: int,
+                stop_token_ids=(), stop_strings=(), min_new_tokens: int = 0) -> tuple[list[int], str]:
+    """Greedy decoding from the first generated token; returns the tokens and why it stopped."""
+    stops = set(int(t) for t in stop_token_ids)
+    tokens: list[int] = []
+    token = first_token
+    for step in range(max_new_tokens):
+        tokens.append(int(token))
+        if len(tokens) > min_new_tokens:
+            if tokens[-1] in stops:
+                return tokens, "stop_token"
+            if stop_strings and any(s in tokenizer.decode(tokens, skip_special_tokens=True) for s in stop_strings):
+                return tokens, "stop_string"
+        if step + 1 < max_new_tokens:
+            token = decode_one(model, token, cache, prompt_length + step)
+    return tokens, "max_new_tokens"
+
+
 def generate(model, tokenizer, input_ids: torch.Tensor, compressor: KVCompressor, max_new_tokens: int,
              stop_token_ids=(), stop_strings=(), min_new_tokens: int = 0) -> Generation:
     """Greedy generation of one prompt ``input_ids [1, n]`` with ``compressor`` attached.
@@ -57,24 +75,12 @@ def generate(model, tokenizer, input_ids: torch.Tensor, compressor: KVCompressor
         raise ValueError(f"generate takes one prompt at a time; got batch {input_ids.shape[0]}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    stops = set(int(t) for t in stop_token_ids)
     n = input_ids.shape[1]
     cache = make_cache(model)
-    tokens: list[int] = []
-    stopped_by = "max_new_tokens"
     with attach(model, compressor) as controller:
-        token = prefill(model, input_ids, cache)
-        for step in range(max_new_tokens):
-            tokens.append(int(token))
-            if len(tokens) > min_new_tokens:
-                if tokens[-1] in stops:
-                    stopped_by = "stop_token"
-                    break
-                if stop_strings and any(s in tokenizer.decode(tokens, skip_special_tokens=True) for s in stop_strings):
-                    stopped_by = "stop_string"
-                    break
-            if step + 1 < max_new_tokens:
-                token = decode_one(model, token, cache, n + step)
+        first = prefill(model, input_ids, cache)
+        tokens, stopped_by = decode_loop(model, tokenizer, first, cache, n, max_new_tokens, stop_token_ids,
+                                         stop_strings, min_new_tokens)
         report = controller.report
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     return Generation(tokens, text, n, stopped_by, report)

@@ -1,0 +1,110 @@
+"""Shared prefill: prefill a prompt once and compress it many ways.
+
+Compression happens after each layer's attention, so the prefill is the same for every method and
+budget (DESIGN.md, speed principles). ``prefill_once`` runs the model once with the full cache and
+captures the post-RoPE queries each method needs; ``compressed_cache`` then builds, for one
+compressor, exactly the cache the hook would have built during that prefill (same tensors, same
+``CompressionSession``), and ``generate_many`` decodes each variant from it. Results equal the
+one-method-at-a-time path token for token (tests/test_shared.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from harness import hook
+from harness.cache import CompressedLayer, make_cache
+from harness.generate import Generation, decode_loop, prefill
+from methods.base import KVCompressor
+
+
+class QueryCapture:
+    """Stands in for a hook controller: records the trailing ``count`` queries of each layer."""
+
+    def __init__(self, count_for_length):
+        self.count_for_length = count_for_length
+        self.queries: dict[int, torch.Tensor] = {}
+
+    def capture(self, layer_idx: int, query: torch.Tensor) -> None:
+        self.queries[layer_idx] = query[:, :, -self.count_for_length(query.shape[2]):]
+
+
+@dataclass
+class SharedPrefill:
+    cache: object                 # the full cache after prefill
+    queries: dict[int, torch.Tensor]
+    layers: list[int]             # compressed (full-attention) model layers
+    first_token: torch.Tensor     # [1, 1]
+    prompt_length: int
+
+
+@contextlib.contextmanager
+def _capturing(model, capture: QueryCapture):
+    modules = hook.attention_modules(model)
+    original = hook.text_config(model.config)._attn_implementation
+    try:
+        hook._set_attention(model, hook.wrapped_implementation(original))
+        for module in modules.values():
+            hook._CONTROLLERS[id(module)] = capture
+        yield list(modules)
+    finally:
+        for module in modules.values():
+            hook._CONTROLLERS.pop(id(module), None)
+        hook._set_attention(model, original)
+
+
+def prefill_once(model, input_ids: torch.Tensor, compressors: list[KVCompressor]) -> SharedPrefill:
+    """One full prefill, keeping what every compressor in ``compressors`` will read."""
+    def needed(n):
+        return max([c.query_count(n) for c in compressors if not c.is_noop] or [1])
+    capture = QueryCapture(needed)
+    cache = make_cache(model)
+    with _capturing(model, capture) as layers:
+        first = prefill(model, input_ids, cache)
+    return SharedPrefill(cache, capture.queries, layers, first, input_ids.shape[1])
+
+
+def compressed_cache(shared: SharedPrefill, compressor: KVCompressor):
+    """A fresh cache for ``compressor`` built from the shared prefill, plus the session report."""
+    cache = copy.copy(shared.cache)
+    cache.layers = [copy.copy(layer) for layer in shared.cache.layers]   # decoding rebinds, never mutates
+    if compressor.is_noop:
+        return cache, None
+    session = compressor.new_session(len(shared.layers))
+    updates = {}
+    for position, layer_idx in enumerate(shared.layers):
+        layer = cache.layers[layer_idx]
+        query = shared.queries[layer_idx]
+        query = query[:, :, -compressor.query_count(shared.prompt_length):]
+        updates.update(session.add_layer(position, layer.keys, layer.values, query))
+    updates.update(session.finish())
+    for position, kept in updates.items():
+        if not kept.whole:
+            target = cache.layers[shared.layers[position]]
+            assert isinstance(target, CompressedLayer)
+            target.replace(kept.keys, kept.values)
+    report = session.report()
+    for entry in report["layers"]:
+        entry["model_layer"] = shared.layers[entry["layer"]]
+    return cache, report
+
+
+@torch.no_grad()
+def generate_many(model, tokenizer, input_ids: torch.Tensor, compressors: list[KVCompressor], max_new_tokens: int,
+                  stop_token_ids=(), stop_strings=(), min_new_tokens: int = 0) -> list[Generation]:
+    """Greedy generation of one prompt under every compressor, with one shared prefill."""
+    shared = prefill_once(model, input_ids, compressors)
+    out = []
+    for compressor in compressors:
+        cache, report = compressed_cache(shared, compressor)
+        attach = contextlib.nullcontext() if compressor.is_noop else hook.attach(model, compressor)
+        with attach:  # decoding a query-head cache needs the attention wrapper
+            tokens, stopped_by = decode_loop(model, tokenizer, shared.first_token, cache, shared.prompt_length,
+                                             max_new_tokens, stop_token_ids, stop_strings, min_new_tokens)
+        out.append(Generation(tokens, tokenizer.decode(tokens, skip_special_tokens=True), shared.prompt_length,
+                              stopped_by, report))
+    return out

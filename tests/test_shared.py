@@ -1,0 +1,30 @@
+"""Shared prefill + per-method decoding equals running each method alone, token for token."""
+
+import pytest
+
+from conftest import random_ids
+from harness.generate import generate
+from harness.shared import generate_many
+from methods import build
+
+ALL = [("fullkv", {}), ("streamingllm", {"sink_tokens": 4}), ("snapkv", {}), ("h2o", {}), ("h2o", {"variant": "window"}),
+       ("pyramidkv", {}), ("dynamickv", {}), ("dynamickv", {"variant": "fixed"})]
+
+
+@pytest.mark.parametrize("granularity", ["query_head", "kv_head"])
+def test_shared_prefill_equals_one_at_a_time(tiny, granularity):
+    compressors = [build(name, budget=40, window_size=8, granularity=granularity, **knobs) for name, knobs in ALL]
+    for seed, n in ((1, 300), (2, 35)):          # compressed and short (kept whole) prompts
+        ids = random_ids(n, seed=seed)
+        shared = generate_many(tiny.model, tiny.tokenizer, ids, compressors, 10, [])
+        for compressor, together in zip(compressors, shared):
+            alone = generate(tiny.model, tiny.tokenizer, ids, compressor, 10, [])
+            assert together.token_ids == alone.token_ids, compressor.name
+            assert together.report == alone.report
+
+
+def test_shared_prefill_on_sliding_window_model(tiny_gemma):
+    compressors = [build("fullkv"), build("snapkv", budget=24, window_size=8), build("pyramidkv", budget=24, window_size=8)]
+    ids = random_ids(150, seed=3)
+    for compressor, together in zip(compressors, generate_many(tiny_gemma.model, tiny_gemma.tokenizer, ids, compressors, 8, [])):
+        assert together.token_ids == generate(tiny_gemma.model, tiny_gemma.tokenizer, ids, compressor, 8, []).token_ids
