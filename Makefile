@@ -1,15 +1,17 @@
-# make setup demo     set up, then run the main job (passkey on SmolLM2-135M-Instruct, CPU)
+# make setup demo     set up, then run the main job (needle heatmaps on SmolLM2-135M-Instruct, CPU)
 # make setup test     set up, then run the test suite
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 RESULTS ?= results
 MODEL ?= smollm2_135m
-BUDGET ?= 256
-METHODS ?= fullkv,streamingllm,snapkv
+BUDGET ?= 128
+METHODS ?= fullkv,streamingllm,h2o,snapkv,pyramidkv,dynamickv
 HAYSTACK ?= synthetic
+LENGTHS ?= null      # an explicit list such as [1000,2000]; null: task.context_range (1K-8K step 1K)
+DEPTHS ?= 10         # linear depths 0..100 in this many steps
 OVERRIDES ?=
 
-.PHONY: setup test demo passkey table clean
+.PHONY: setup test demo needle passkey table clean
 
 setup:
 	@# torch first, pinned to the CPU build on local disk here (a bare `torch` can pull a CUDA build)
@@ -21,12 +23,25 @@ setup:
 test:
 	$(PYTHON) -m pytest -q -n 2 tests
 
-# The main job: passkey retrieval at 1K-2K tokens x 3 depths, three methods at one budget, and a table.
-demo passkey:
-	$(PYTHON) -m harness -m model=$(MODEL) method=$(METHODS) method.budget=$(BUDGET) \
-	    task.haystack=$(HAYSTACK) "task.context_lengths=[1024,2048]" results_dir=$(RESULTS) $(OVERRIDES)
+# Needle-in-a-Haystack: every method of METHODS at BUDGET, one shared prefill per cell, heatmaps + table.
+needle:
+	$(PYTHON) -m harness task=needle model=$(MODEL) "methods=[$(METHODS)]" "budgets=[$(BUDGET)]" \
+	    task.haystack=$(HAYSTACK) "task.context_lengths=$(LENGTHS)" task.depth_grid.count=$(DEPTHS) \
+	    results_dir=$(RESULTS) $(OVERRIDES)
+	$(PYTHON) -m harness.heatmap $(RESULTS)/needle/$(MODEL) --out $(RESULTS)/needle/$(MODEL)/figures
+	$(PYTHON) -m harness.report $(RESULTS)/needle/$(MODEL) --out $(RESULTS)/needle/$(MODEL)
+	@echo "figures: $(RESULTS)/needle/$(MODEL)/figures (panel.png, panel.pdf, one heatmap per method)"
+	@echo "table:   $(RESULTS)/needle/$(MODEL)/table.md"
+
+# The main job: SmolLM2-135M-Instruct on the CPU, 1K-4K tokens x 5 depths, all six methods at budget 128.
+demo:
+	$(MAKE) needle MODEL=smollm2_135m BUDGET=128 "LENGTHS=[1000,2000,3000,4000]" DEPTHS=5
+
+# Passkey retrieval (a synthetic task that needs no data).
+passkey:
+	$(PYTHON) -m harness task=passkey model=$(MODEL) "methods=[$(METHODS)]" "budgets=[$(BUDGET)]" \
+	    task.haystack=$(HAYSTACK) results_dir=$(RESULTS) $(OVERRIDES)
 	$(PYTHON) -m harness.report $(RESULTS)/passkey/$(MODEL) --out $(RESULTS)/passkey/$(MODEL)
-	@echo "table: $(RESULTS)/passkey/$(MODEL)/table.md"
 
 table:
 	$(PYTHON) -m harness.report $(RESULTS) --out $(RESULTS)

@@ -21,7 +21,8 @@ def main(cfg: DictConfig) -> None:
         log.error("%s", error)
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    print(json.dumps(summary))
+    for line in summary:
+        print(json.dumps(line))
 
 
 if __name__ == "__main__":

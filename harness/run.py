@@ -1,4 +1,6 @@
-"""One run: a (model, task, method, protocol) combination over the task's samples, resumable."""
+"""One run: a (model, task, protocol) combination over the task's samples, for one method or for
+several at once (``methods=[...]``: one shared prefill per sample, see ``harness.shared``).
+Every method gets its own results folder; a re-run skips the samples a folder already has."""
 
 from __future__ import annotations
 
@@ -15,9 +17,11 @@ from harness import results
 from harness.generate import generate
 from harness.models import load_model
 from harness.prompting import encode, use_chat_template
+from harness.shared import generate_many
 from harness.tasks import Sample, get_task
 
 log = logging.getLogger(__name__)
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 @functools.lru_cache(maxsize=1)
@@ -26,14 +30,35 @@ def _cached_model(model_yaml: str):
     return load_model(OmegaConf.create(model_yaml))
 
 
-def method_knobs(cfg: DictConfig) -> dict:
-    knobs = OmegaConf.to_container(cfg.method, resolve=True)
-    knobs.pop("name")
-    return knobs
+def method_configs(cfg: DictConfig) -> list[dict]:
+    """The methods of this run as knob dicts: ``cfg.method``, or every name in ``cfg.methods`` (each
+    from ``conf/method/<name>.yaml`` under this protocol) at every budget in ``cfg.budgets``, with
+    ``cfg.method_overrides`` applied to all."""
+    names = cfg.get("methods")
+    if not names:
+        return [OmegaConf.to_container(cfg.method, resolve=True)]
+    if isinstance(names, str):
+        names = [n for n in names.split(",") if n]
+    choices = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+    out = []
+    for name in names:
+        if name not in choices:
+            raise methods.ConfigError(f"methods: unknown method {name!r}; choose from {choices}")
+        node = OmegaConf.create({"protocol": cfg.protocol, "method": OmegaConf.load(CONF / "method" / f"{name}.yaml")})
+        knobs = OmegaConf.to_container(node.method, resolve=True)
+        if cfg.get("method_overrides"):
+            knobs.update(OmegaConf.to_container(cfg.method_overrides, resolve=True))
+        budgets = [knobs["budget"]] if name == "fullkv" or not cfg.get("budgets") else list(cfg.budgets)
+        out += [{**knobs, "budget": int(b)} for b in budgets]
+    return out
 
 
-def build_compressor(cfg: DictConfig) -> methods.KVCompressor:
-    return methods.build(cfg.method.name, **method_knobs(cfg))
+def build_compressors(cfg: DictConfig) -> list[methods.KVCompressor]:
+    compressors = []
+    for knobs in method_configs(cfg):
+        knobs = dict(knobs)
+        compressors.append(methods.build(knobs.pop("name"), **knobs))
+    return compressors
 
 
 def run_folder(cfg: DictConfig, compressor: methods.KVCompressor) -> Path:
@@ -50,42 +75,61 @@ def task_samples(task, task_cfg, lm, chat: bool) -> list[Sample]:
     return task.build_samples(task_cfg, lm.tokenizer, count_tokens)
 
 
-def run(cfg: DictConfig) -> dict:
-    """Run (or resume) the configured job; returns the summary that is also written to scores.json."""
-    compressor = build_compressor(cfg)          # bad knobs fail here, before any model loads
+def _row(task, sample: Sample, out, seconds: float) -> dict:
+    scores = task.scores(out.text, sample) if hasattr(task, "scores") else {"score": task.score(out.text, sample.answers)}
+    row = {"id": sample.id, "pred": out.text, "answers": sample.answers, **scores,
+           "prompt_tokens": out.prompt_length, "new_tokens": len(out.token_ids), "stopped_by": out.stopped_by,
+           "seconds": round(seconds, 3), **sample.meta}
+    if out.report is not None:
+        row["kept"] = [layer["kept"] for layer in out.report["layers"]]
+        row["kept_layers"] = [layer.get("model_layer", layer["layer"]) for layer in out.report["layers"]]
+        if out.report["notes"]:
+            row["notes"] = out.report["notes"]
+    return row
+
+
+def run(cfg: DictConfig) -> list[dict]:
+    """Run (or resume) the configured job; returns one summary per method (also in scores.json)."""
+    compressors = build_compressors(cfg)        # bad knobs fail here, before any model loads
     task = get_task(cfg.task.name)
-    folder = run_folder(cfg, compressor)
-    torch.set_num_threads(int(cfg.threads)) if cfg.get("threads") else None
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
     lm = _cached_model(OmegaConf.to_yaml(cfg.model, resolve=True))
     chat = use_chat_template(cfg.protocol.chat_template, lm.chat_template, lm.tokenizer)
-
     samples = task_samples(task, cfg.task, lm, chat)
     if cfg.get("limit"):
         samples = samples[: int(cfg.limit)]
-    done = {row["id"] for row in results.read_predictions(folder)}
-    writer = results.PredictionWriter(folder)
-    results.write_json(folder / results.MANIFEST, {
-        "config": OmegaConf.to_container(cfg, resolve=True), "method": {"name": compressor.name, **compressor.knobs()},
-        "model": lm.info, "chat_template": chat, "stop_token_ids": lm.stop_token_ids,
-        "environment": results.environment(), "samples": len(samples)})
-    todo = [s for s in samples if s.id not in done]
-    log.info("%s: %d samples, %d already done, %d to run -> %s", compressor.name, len(samples),
-             len(samples) - len(todo), len(todo), folder)
+    folders = {id(c): run_folder(cfg, c) for c in compressors}
+    done = {id(c): {row["id"] for row in results.read_predictions(folders[id(c)])} for c in compressors}
+    writers = {id(c): results.PredictionWriter(folders[id(c)]) for c in compressors}
+    environment = results.environment()
+    for c in compressors:
+        results.write_json(folders[id(c)] / results.MANIFEST, {
+            "config": OmegaConf.to_container(cfg, resolve=True), "method": {"name": c.name, **c.knobs()},
+            "model": lm.info, "chat_template": chat, "stop_token_ids": lm.stop_token_ids,
+            "environment": environment, "samples": len(samples), "shared_prefill": len(compressors) > 1})
+        log.info("%s: %d of %d samples done -> %s", c.name, len(done[id(c)]), len(samples), folders[id(c)])
     device = next(lm.model.parameters()).device
-    for sample in todo:
+    stop_strings = list(cfg.task.get("stop_strings") or [])
+    for sample in samples:
+        todo = [c for c in compressors if sample.id not in done[id(c)]]
+        if not todo:
+            continue
         input_ids = encode(sample, lm.tokenizer, chat, device)
         start = time.perf_counter()
-        out = generate(lm.model, lm.tokenizer, input_ids, compressor, sample.max_new_tokens,
-                       lm.stop_token_ids, min_new_tokens=0)
-        seconds = time.perf_counter() - start
-        row = {"id": sample.id, "pred": out.text, "answers": sample.answers, "score": task.score(out.text, sample.answers),
-               "prompt_tokens": out.prompt_length, "new_tokens": len(out.token_ids), "stopped_by": out.stopped_by,
-               "seconds": round(seconds, 3), **sample.meta}
-        if out.report is not None:
-            row["kept"] = [layer.get("kept") for layer in out.report["layers"]]
-        writer.append(row)
-        log.info("%s %s score=%s %.1fs %r", compressor.name, sample.id, row["score"], seconds, out.text[:60])
-    return summarize(folder, compressor.name, [s.id for s in samples])
+        if len(todo) == 1:
+            outs = [generate(lm.model, lm.tokenizer, input_ids, todo[0], sample.max_new_tokens,
+                             lm.stop_token_ids, stop_strings)]
+        else:
+            outs = generate_many(lm.model, lm.tokenizer, input_ids, todo, sample.max_new_tokens,
+                                 lm.stop_token_ids, stop_strings)
+        seconds = (time.perf_counter() - start) / len(todo)
+        for c, out in zip(todo, outs):
+            row = _row(task, sample, out, seconds)
+            writers[id(c)].append(row)
+            log.info("%-12s %s score=%.2f %r", c.name, sample.id, row["score"], out.text[:50])
+    sample_ids = [s.id for s in samples]
+    return [summarize(folders[id(c)], c.name, sample_ids) for c in compressors]
 
 
 def summarize(folder: Path, method: str, sample_ids: list[str]) -> dict:

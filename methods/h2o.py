@@ -45,14 +45,17 @@ def accumulated_attention(queries: torch.Tensor, keys: torch.Tensor, window: int
     key_index = torch.arange(n, device=keys.device)
     for start in range(0, n, query_chunk):
         stop = min(start + query_chunk, n)
-        logits = attention_logits(queries[:, :, start:stop], keys)            # [B, H, c, n]
+        # causal: keys after the chunk's last query are masked for every row, so they are left out
+        # (exactly: their exp() would be 0); reference_2024 lets early queries see every key
+        visible = stop if variant == "causal" else n
+        logits = attention_logits(queries[:, :, start:stop], keys[:, :, :visible])   # [B, H, c, visible]
         query_index = torch.arange(start, stop, device=keys.device)[:, None]
-        future = key_index[None, :] > query_index                              # [c, n]
+        future = key_index[None, :visible] > query_index                               # [c, visible]
         if variant == "reference_2024":  # causal only inside the trailing window x window block
             future &= (query_index >= prefix) & (key_index[None, :] >= prefix)
         logits.masked_fill_(future, torch.finfo(logits.dtype).min)
         probs = F.softmax(logits, dim=-1, dtype=torch.float32).to(queries.dtype)
-        total += probs[:, :, :, :prefix].float().sum(dim=2)
+        total[:, :, : min(visible, prefix)] += probs[:, :, :, :prefix].float().sum(dim=2)
     return total.to(queries.dtype)
 
 
@@ -61,7 +64,7 @@ def accumulated_attention(queries: torch.Tensor, keys: torch.Tensor, window: int
 class H2O(UniformCompressor):
     name = "h2o"
     variant: str = "causal"
-    query_chunk: int = 1024
+    query_chunk: int = 256
 
     def validate(self) -> None:
         super().validate()

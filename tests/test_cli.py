@@ -46,7 +46,7 @@ def test_run_writes_results_and_resumes(tmp_path, monkeypatch):
     calls = []
     real_generate = runner.generate
     monkeypatch.setattr(runner, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
-    first = runner.run(config(tmp_path, "method=snapkv", "method.budget=64", "method.window_size=8", "limit=2"))
+    first = runner.run(config(tmp_path, "method=snapkv", "method.budget=64", "method.window_size=8", "limit=2"))[0]
     folder = Path(first["folder"])
     assert folder == tmp_path / "passkey" / "tiny_llama" / "default" / "snapkv_b64_w8_k7_maxpool_qh"
     assert len(calls) == 2 and first["samples"] == 2
@@ -54,7 +54,7 @@ def test_run_writes_results_and_resumes(tmp_path, monkeypatch):
     # an interruption mid-write leaves a partial line: it is dropped and that sample runs again
     with (folder / results.PREDICTIONS).open("a") as f:
         f.write('{"id": "len500_depth0_r0", "pre')
-    summary = runner.run(config(tmp_path, "method=snapkv", "method.budget=64", "method.window_size=8"))
+    summary = runner.run(config(tmp_path, "method=snapkv", "method.budget=64", "method.window_size=8"))[0]
     after = (folder / results.PREDICTIONS).read_text().splitlines()
     assert len(calls) == 6 and summary["samples"] == 6          # only the 4 unfinished samples ran
     assert after[:2] == before and len(after) == 6
@@ -113,3 +113,31 @@ def test_passkey_prompt_has_exact_length_and_needle_at_a_sentence_start():
             target = haystack_len * depth / 100        # bytes = tokens for this tokenizer
             if 0 < depth < 100:                         # moved back by at most one filler sentence
                 assert target - 25 <= len(before) <= target
+
+
+def test_methods_list_runs_all_with_one_shared_prefill_and_resumes(tmp_path, monkeypatch):
+    calls = []
+    real = runner.generate_many
+    monkeypatch.setattr(runner, "generate_many", lambda *a, **k: calls.append(len(a[3])) or real(*a, **k))
+    overrides = ["methods=[fullkv,snapkv,pyramidkv]", "budgets=[48,64]", "limit=2"]
+    summaries = runner.run(config(tmp_path, *overrides))
+    names = [Path(s["folder"]).name for s in summaries]
+    assert names == ["fullkv", "snapkv_b48_w32_k7_maxpool_qh", "snapkv_b64_w32_k7_maxpool_qh",
+                     "pyramidkv_b48_w32_k7_maxpool_qh_beta20", "pyramidkv_b64_w32_k7_maxpool_qh_beta20"]
+    assert calls == [5, 5] and all(s["samples"] == 2 for s in summaries)
+    # one method's folder lost: only it runs again, alone
+    import shutil
+    shutil.rmtree(summaries[1]["folder"])
+    calls.clear()
+    again = runner.run(config(tmp_path, *overrides))
+    assert calls == [] and [s["samples"] for s in again] == [2] * 5
+    # the solo path wrote the same predictions as the shared one did
+    solo = runner.run(config(tmp_path / "solo", "method=snapkv", "method.budget=48", "limit=2"))[0]
+    assert results.read_predictions(Path(solo["folder"]))[0]["pred"] == \
+        results.read_predictions(Path(again[1]["folder"]))[0]["pred"]
+
+
+def test_unknown_name_in_methods_list(tmp_path):
+    from methods import ConfigError
+    with pytest.raises(ConfigError, match=r"unknown method 'snap'; choose from \['dynamickv', 'fullkv', 'h2o'"):
+        runner.run(config(tmp_path, "methods=[fullkv,snap]"))

@@ -13,11 +13,14 @@ class Sample:
     answer_prefix: str = ""     # text the assistant turn starts with (completion-style prompts)
 
 
-TASKS = ("passkey",)
+TASKS = ("passkey", "needle")
 
 
 def get_task(name: str):
     if name == "passkey":
         from harness.tasks import passkey
         return passkey
+    if name == "needle":
+        from harness.tasks import needle
+        return needle
     raise ValueError(f"unknown task {name!r}; choose one of {TASKS}")

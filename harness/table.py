@@ -1,0 +1,449 @@
+"""The paper-style LongBench table from run folders (reporters read only results folders).
+
+    python -m harness.table results/longbench/llama3 [more folders...] --out DIR
+        [--reference results/reference] [--datasets narrativeqa qasper ...] [--latest] [--sweep-plot]
+
+Every folder below the given ones that holds both ``manifest.json`` and ``result.json`` (written by
+``harness.score``) is a LongBench run; a folder reached twice (a folder given twice, or nested
+folders) counts once. Each run is a row keyed by (model, protocol, method, budget), read from the
+manifest (``config.model.name``, ``config.protocol.name``, ``method.name``, ``method.budget``;
+FullKV has no budget). Two runs with the same key are an error naming both folders, unless
+``--latest`` keeps the one whose ``result.json`` is newest.
+
+Columns: the datasets (default the 16 English ones the papers average, with the paper's short
+headers), "Avg (16, paper)" = plain mean over the 16 (the KV-compression papers' Avg) and "Avg
+(official)" = mean of the LongBench category means (the leaderboard's Avg; reference-eval.md A.3).
+An average over fewer datasets than the columns is marked with the count, e.g. "38.20 (3/16)".
+
+Where ``--reference`` (default ``results/reference``, every ``*.json`` there) has published numbers
+for the same model, method and budget, each such entry adds a "published" row under ours and a
+"diff" row (ours - published) for the datasets both have; the averages are compared only when both
+are complete. Writes ``table.md``, ``table.csv``, ``table.tex`` (booktabs) and ``table.json`` into
+``--out`` and prints the Markdown; ``--sweep-plot`` adds ``budget_sweep.png``/``.pdf`` (average score
+vs budget, one line per method, FullKV dashed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness import results
+from harness.report import markdown
+
+RESULT = "result.json"  # harness.score's output (LongBench eval.py's file name)
+DEFAULT_REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference"
+
+# The 16 English datasets the KV-compression papers average, in their table order (reference-methods.md 4).
+DATASETS = ("narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "musique", "gov_report", "qmsum",
+            "multi_news", "trec", "triviaqa", "samsum", "passage_count", "passage_retrieval_en", "lcc",
+            "repobench-p")
+
+# Column headers: the PyramidKV paper's (Table 1) for the 16, short forms for the Chinese ones.
+SHORT = {
+    "narrativeqa": "NrtvQA", "qasper": "Qasper", "multifieldqa_en": "MF-en", "hotpotqa": "HotpotQA",
+    "2wikimqa": "2WikiMQA", "musique": "Musique", "gov_report": "GovReport", "qmsum": "QMSum",
+    "multi_news": "MultiNews", "trec": "TREC", "triviaqa": "TriviaQA", "samsum": "SAMSum",
+    "passage_count": "PCount", "passage_retrieval_en": "PRe", "lcc": "Lcc", "repobench-p": "RB-P",
+    "multifieldqa_zh": "MF-zh", "dureader": "DuReader", "vcsum": "VCSum", "lsht": "LSHT",
+    "passage_retrieval_zh": "PRe-zh",
+}
+
+# LongBench's official categories (reference-eval.md A.1): the official Avg is the mean of their means.
+CATEGORIES = {
+    "Single-Doc QA": ("narrativeqa", "qasper", "multifieldqa_en", "multifieldqa_zh"),
+    "Multi-Doc QA": ("hotpotqa", "2wikimqa", "musique", "dureader"),
+    "Summarization": ("gov_report", "qmsum", "multi_news", "vcsum"),
+    "Few-shot": ("trec", "triviaqa", "samsum", "lsht"),
+    "Synthetic": ("passage_count", "passage_retrieval_en", "passage_retrieval_zh"),
+    "Code": ("lcc", "repobench-p"),
+}
+CATEGORY_OF = {dataset: category for category, members in CATEGORIES.items() for dataset in members}
+
+# Registry name -> display name, in the papers' row order.
+METHODS = {"fullkv": "FullKV", "streamingllm": "StreamingLLM", "h2o": "H2O", "snapkv": "SnapKV",
+           "pyramidkv": "PyramidKV", "dynamickv": "DynamicKV"}
+
+PAPER_AVG, OFFICIAL_AVG = "Avg ({n}, paper)", "Avg (official)"
+KEY_COLUMNS = ("Model", "Protocol", "Method", "Budget", "Row")
+FULL_BUDGET = "full"  # the Budget cell of FullKV rows
+
+
+class DuplicateRunError(ValueError):
+    """Two run folders give the same (model, method, budget, protocol) row."""
+
+
+@dataclass(frozen=True)
+class Run:
+    folder: Path
+    model: str
+    protocol: str
+    method: str
+    budget: int | None
+    scores: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple:
+        return self.model, self.method, self.budget, self.protocol
+
+
+@dataclass(frozen=True)
+class Published:
+    label: str               # the reference file's stem, with "(unofficial)" where the file says so
+    model: str
+    method: str
+    budget: int | None
+    scores: dict
+    average: float | None    # as printed (plain mean of the 16)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading
+# ------------------------------------------------------------------------------------------------
+
+def find_runs(roots) -> list[Path]:
+    """Run folders (``manifest.json`` and ``result.json``) at or below the given folders, each once."""
+    found = set()
+    for root in roots:
+        root = Path(root)
+        if not root.exists():
+            raise FileNotFoundError(f"results folder {str(root)!r} does not exist")
+        for result in root.rglob(RESULT):
+            folder = result.parent.resolve()
+            if (folder / results.MANIFEST).is_file():
+                found.add(folder)
+            else:
+                print(f"skipped {folder}: {RESULT} without {results.MANIFEST}", file=sys.stderr)
+    return sorted(found)
+
+
+def _number(value) -> float | None:
+    """A finished dataset score, or None (NaN, LongBench-E bucket dicts and the like are not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _budget(method: str, budget) -> int | None:
+    return None if method == "fullkv" or budget is None else int(budget)
+
+
+def load_run(folder) -> Run:
+    folder = Path(folder)
+    manifest = json.loads((folder / results.MANIFEST).read_text(encoding="utf-8"))
+    try:
+        method = manifest["method"]
+        model = manifest["config"]["model"]["name"]
+        protocol = manifest["config"]["protocol"]["name"]
+        name = method["name"]
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{folder / results.MANIFEST}: no {err} field; a LongBench manifest needs method.name, "
+                         "method.budget, config.model.name and config.protocol.name") from None
+    raw = json.loads((folder / RESULT).read_text(encoding="utf-8"))
+    scores = {dataset: score for dataset, score in ((d, _number(v)) for d, v in raw.items()) if score is not None}
+    return Run(folder, str(model), str(protocol), str(name), _budget(name, method.get("budget")), scores)
+
+
+def _describe(key: tuple) -> str:
+    model, method, budget, protocol = key
+    return f"model={model} method={method} budget={budget if budget is not None else FULL_BUDGET} protocol={protocol}"
+
+
+def dedupe(runs: list[Run], latest: bool = False) -> list[Run]:
+    """One run per (model, method, budget, protocol). Several: DuplicateRunError naming the folders,
+    or with ``latest`` the one whose result.json was written last (the others are named on stderr)."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.key, []).append(run)
+    kept = []
+    for key, group in groups.items():
+        if len(group) == 1:
+            kept.append(group[0])
+            continue
+        folders = " and ".join(str(r.folder) for r in group)
+        if not latest:
+            raise DuplicateRunError(f"{len(group)} run folders give the same row ({_describe(key)}): {folders}; "
+                                    "pass --latest to keep the newest result.json, or move the others away")
+        group.sort(key=lambda r: (r.folder / RESULT).stat().st_mtime)
+        kept.append(group[-1])
+        print(f"note: {_describe(key)}: kept {group[-1].folder} (newest result.json), ignored "
+              + ", ".join(str(r.folder) for r in group[:-1]), file=sys.stderr)
+    return kept
+
+
+def load_reference(path) -> list[Published]:
+    """Published entries from one reference JSON file or every ``*.json`` in a folder
+    (``{"source", "note", "entries": [{"model", "method", "budget", "scores", "average"}]}``)."""
+    path = Path(path)
+    files = sorted(path.glob("*.json")) if path.is_dir() else [path]
+    entries = []
+    for file in files:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        label = file.stem + (" (unofficial)" if data.get("unofficial") else "")
+        for e in data["entries"]:
+            entries.append(Published(label, e["model"], e["method"], _budget(e["method"], e.get("budget")),
+                                     {d: float(v) for d, v in (e.get("scores") or {}).items()},
+                                     None if e.get("average") is None else float(e["average"])))
+    return entries
+
+
+# ------------------------------------------------------------------------------------------------
+# Averages and rows
+# ------------------------------------------------------------------------------------------------
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def averages(scores: dict, datasets=DATASETS) -> tuple[float | None, float | None, int]:
+    """(plain mean, mean of category means, datasets present) over the ``datasets`` in ``scores``.
+    Datasets outside LongBench's categories count in the plain mean only."""
+    present = [d for d in datasets if d in scores]
+    by_category: dict[str, list[float]] = {}
+    for d in present:
+        if d in CATEGORY_OF:
+            by_category.setdefault(CATEGORY_OF[d], []).append(scores[d])
+    return (_mean(scores[d] for d in present), _mean(_mean(v) for v in by_category.values()), len(present))
+
+
+def _sort_key(run: Run) -> tuple:
+    order = list(METHODS)
+    rank = order.index(run.method) if run.method in order else len(order)
+    return run.model, run.protocol, -1 if run.budget is None else run.budget, rank, run.method
+
+
+def build_rows(runs: list[Run], reference: list[Published] = (), datasets=DATASETS) -> list[dict]:
+    """Rows in table order, raw numbers: ``model, protocol, method, budget, row ("ours" | "published" |
+    "diff"), source, scores {dataset: float}, paper, official`` (None where not computed) and
+    ``present`` (datasets the averages cover; equal to len(datasets) when complete)."""
+    complete_16 = sorted(datasets) == sorted(DATASETS)  # the set the printed averages are over
+    rows = []
+    for run in sorted(runs, key=_sort_key):
+        scores = {d: run.scores[d] for d in datasets if d in run.scores}
+        paper, official, present = averages(scores, datasets)
+        base = {"model": run.model, "protocol": run.protocol, "method": run.method, "budget": run.budget}
+        ours = {**base, "row": "ours", "source": str(run.folder), "scores": scores, "paper": paper,
+                "official": official, "present": present}
+        rows.append(ours)
+        for pub in reference:
+            if (pub.model, pub.method, pub.budget) != (run.model, run.method, run.budget):
+                continue
+            p_scores = {d: pub.scores[d] for d in datasets if d in pub.scores}
+            p_paper, p_official, p_present = averages(p_scores, datasets)
+            if complete_16 and pub.average is not None and (not pub.scores or p_present == len(datasets)):
+                p_paper, p_present = pub.average, len(datasets)   # the number as printed
+            if not p_scores:
+                p_official = None
+            rows.append({**base, "row": "published", "source": pub.label, "scores": p_scores, "paper": p_paper,
+                         "official": p_official, "present": p_present})
+            both = len(datasets) if present == len(datasets) and p_present == len(datasets) else None
+
+            def diff(a, b):
+                return None if both is None or a is None or b is None else a - b
+
+            rows.append({**base, "row": "diff", "source": f"ours - {pub.label}",
+                         "scores": {d: scores[d] - p_scores[d] for d in datasets if d in scores and d in p_scores},
+                         "paper": diff(paper, p_paper), "official": diff(official, p_official), "present": both})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Formatting
+# ------------------------------------------------------------------------------------------------
+
+def header(datasets=DATASETS) -> list[str]:
+    return [*KEY_COLUMNS, *(SHORT.get(d, d) for d in datasets), PAPER_AVG.format(n=len(datasets)),
+            OFFICIAL_AVG, "Source"]
+
+
+def _cell(value, signed: bool = False) -> str:
+    if value is None:
+        return ""
+    value = round(value, 2) + 0.0  # no "-0.00"
+    return f"{value:+.2f}" if signed else f"{value:.2f}"
+
+
+def _average_cell(value, present, total: int, signed: bool) -> str:
+    if value is None:
+        return ""
+    return _cell(value, signed) + ("" if present == total else f" ({present}/{total})")
+
+
+def _source(source: str) -> str:
+    """A run folder below the working directory as a relative path, anything else as given."""
+    try:
+        return str(Path(source).relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return source
+
+
+def format_rows(rows: list[dict], datasets=DATASETS) -> list[list[str]]:
+    """Rows as text cells, in ``header(datasets)`` order."""
+    cells = []
+    for r in rows:
+        signed = r["row"] == "diff"
+        total = len(datasets)
+        cells.append([r["model"], r["protocol"], METHODS.get(r["method"], r["method"]),
+                      FULL_BUDGET if r["budget"] is None else str(r["budget"]), r["row"],
+                      *(_cell(r["scores"].get(d), signed) for d in datasets),
+                      _average_cell(r["paper"], r["present"], total, signed),
+                      _average_cell(r["official"], r["present"], total, signed), _source(r["source"])])
+    return cells
+
+
+def row_dicts(head: list[str], cells: list[list[str]]) -> list[dict]:
+    """One dict per row (header -> cell), e.g. for ``harness.wandb_log.log_run(table_rows=...)``."""
+    return [dict(zip(head, row)) for row in cells]
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def _tex(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+
+
+def latex(head: list[str], cells: list[list[str]]) -> str:
+    """A booktabs tabular (needs ``\\usepackage{booktabs}``); a rule between models/protocols."""
+    numeric = len(head) - len(KEY_COLUMNS) - 1
+    lines = [r"\begin{tabular}{" + "l" * len(KEY_COLUMNS) + "r" * numeric + "l}", r"\toprule",
+             " & ".join(_tex(h) for h in head) + r" \\", r"\midrule"]
+    previous = None
+    for row in cells:
+        if previous is not None and row[:2] != previous:
+            lines.append(r"\midrule")
+        previous = row[:2]
+        lines.append(" & ".join(_tex(c) for c in row) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(out, head: list[str], cells: list[list[str]], rows: list[dict]) -> list[Path]:
+    """``table.md``, ``table.csv``, ``table.tex`` and ``table.json`` (raw numbers) in ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "table.md", out / "table.csv", out / "table.tex", out / "table.json"]
+    paths[0].write_text(markdown(head, cells) + "\n", encoding="utf-8")
+    with paths[1].open("w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([head, *cells])
+    paths[2].write_text(latex(head, cells), encoding="utf-8")
+    results.write_json(paths[3], {"header": head, "cells": cells, "rows": rows})
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------
+# Budget sweep plot
+# ------------------------------------------------------------------------------------------------
+
+def budget_sweep_plot(runs, path_stem, datasets=DATASETS, dpi: int = 150) -> list[Path]:
+    """Average score (plain mean over the ``datasets`` each run has; a point over fewer is labelled
+    "3/16") vs budget: one panel per (model, protocol), one line per method, FullKV as a horizontal
+    dashed line. ``runs`` are Run objects or run folders. Writes ``<path_stem>.png`` and ``.pdf``;
+    returns the two paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    runs = [r if isinstance(r, Run) else load_run(r) for r in runs]
+    if not runs:
+        raise ValueError("budget_sweep_plot needs at least one run")
+    panels: dict[tuple, list[Run]] = {}
+    for run in sorted(runs, key=_sort_key):
+        panels.setdefault((run.model, run.protocol), []).append(run)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False, constrained_layout=True)
+    for ax, ((model, protocol), group) in zip(axes[0], panels.items()):
+        lines: dict[str, list[tuple[int, float]]] = {}
+        budgets = sorted({r.budget for r in group if r.budget is not None})
+        for run in group:
+            avg, _, present = averages(run.scores, datasets)
+            if avg is None:
+                continue
+            label = METHODS.get(run.method, run.method)
+            partial = "" if present == len(datasets) else f" ({present}/{len(datasets)})"
+            if run.budget is None:
+                ax.axhline(avg, color="black", linestyle="--", linewidth=1.2, label=f"{label} ({avg:.2f}){partial}")
+            else:
+                lines.setdefault(label, []).append((run.budget, avg, partial))
+        for label, points in lines.items():
+            points.sort()
+            ax.plot([b for b, _, _ in points], [a for _, a, _ in points], marker="o", label=label)
+            for budget, avg, partial in points:  # an average over fewer datasets says so
+                if partial:
+                    ax.annotate(partial.strip(), (budget, avg), textcoords="offset points", xytext=(4, 4),
+                                fontsize="x-small")
+        if budgets:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(budgets, [str(b) for b in budgets])
+            ax.minorticks_off()
+        ax.set_xlabel("KV budget (tokens per head per layer)")
+        ax.set_ylabel(f"LongBench average ({len(datasets)} datasets, plain mean)")
+        ax.set_title(f"{model} / {protocol}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    stem = Path(path_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".pdf")]
+    for p in paths:
+        fig.savefig(p, dpi=dpi, bbox_inches="tight", facecolor="white")
+    plt.close(fig)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+def table(folders, reference=DEFAULT_REFERENCE, datasets=DATASETS, latest: bool = False):
+    """Runs, header, text cells and raw rows for the run folders below ``folders``
+    (``reference=None``: no published rows)."""
+    runs = dedupe([load_run(f) for f in find_runs(folders)], latest=latest)
+    published = load_reference(reference) if reference is not None else []
+    rows = build_rows(runs, published, datasets)
+    return runs, header(datasets), format_rows(rows, datasets), rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="+")
+    parser.add_argument("--out", required=True, help="folder for table.md/.csv/.tex/.json (and budget_sweep.*)")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="published numbers: a reference JSON file or a folder of them "
+                             f"(default {DEFAULT_REFERENCE} where it exists)")
+    parser.add_argument("--no-reference", action="store_true", help="no published/diff rows")
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), metavar="DATASET",
+                        help="columns, in this order (default: the 16 English datasets)")
+    parser.add_argument("--latest", action="store_true",
+                        help="where several runs give the same row, keep the newest result.json")
+    parser.add_argument("--sweep-plot", action="store_true", help="also write budget_sweep.png/.pdf into --out")
+    args = parser.parse_args(argv)
+    unknown = [d for d in args.datasets if d not in CATEGORY_OF]
+    if unknown:
+        parser.error(f"unknown dataset(s) {', '.join(unknown)}; LongBench has {', '.join(CATEGORY_OF)}")
+    if args.reference is not None and not args.reference.exists():
+        parser.error(f"--reference {args.reference} does not exist")
+    reference = None if args.no_reference else (args.reference or (DEFAULT_REFERENCE if DEFAULT_REFERENCE.is_dir()
+                                                                    else None))
+    try:
+        runs, head, cells, rows = table(args.folders, reference, tuple(args.datasets), args.latest)
+    except (DuplicateRunError, ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+    if not runs:
+        raise SystemExit(f"no LongBench runs (folders with {results.MANIFEST} and {RESULT}) under {args.folders}")
+    print(markdown(head, cells))
+    written = write_outputs(args.out, head, cells, rows)
+    if args.sweep_plot:
+        written += budget_sweep_plot(runs, Path(args.out) / "budget_sweep", tuple(args.datasets))
+    for p in written:
+        print(p, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Needle-in-a-Haystack, as the KV-compression papers run it.
+
+Construction (gkamradt/LLMTest_NeedleInAHaystack ``needlehaystack``, KVCache-Factory
+``run_needle_in_haystack.py``; reference-eval.md B.1-B.2, reference-methods.md section 5):
+1. tokenize the haystack (no special tokens) and trim it to ``context_length`` tokens;
+2. leave a ``buffer`` of 200 tokens for the prompt frame: the context is ``context_length - buffer``
+   tokens, needle included (the haystack is cut to make room for the needle);
+3. insert the needle at ``int(len * depth / 100)``, moved back until the token before it ends a
+   sentence (a period); at depth 100 it is appended at the end;
+4. decode and wrap in the completion-style prompt of the compression papers (no chat template):
+   ``<|im_start|> This is a very long story book: <book> {context} </book>.\\n Based on the content of
+   the book, Question: {question}\\nAnswer:``. The protocol's ``chat_template`` rule decides whether
+   it is sent raw (``dynamickv_paper``: never) or as the user turn of the model's chat template
+   (``default``: auto; the small instruct models here answer only then).
+Greedy, 30 new tokens, stop at the first newline; the response is stripped.
+
+Needle presets: ``san_francisco`` (the original needle, the completion question and its expected
+answer) and ``passkey`` (a random number per cell). Depths: ``linear`` (``round(linspace(0, 100,
+N))``, the papers' 0, 11, ..., 100 for N = 10) or ``sigmoid`` (the original's logistic spacing).
+Scores stored per cell: the papers' plotted word recall (``score``), ROUGE-1 and exact match.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+from harness.tasks import Sample
+from harness.tasks import needle_scores
+from harness.tasks.haystack import load_haystack
+
+PAPER_PROMPT = ("<|im_start|> This is a very long story book: <book> {context} </book>.\n"
+                " Based on the content of the book, Question: {question}\nAnswer:")
+ANSWER_PREFIX = ""
+PRESETS = {
+    "san_francisco": {"needle": needle_scores.NEEDLE, "question": needle_scores.QUESTION,
+                      "expected": needle_scores.EXPECTED_ANSWER},
+    "passkey": {"needle": "\nThe pass key is {key}. Remember it. {key} is the pass key.\n",
+                "question": "What is the pass key? The pass key is", "expected": "{key}"},
+}
+
+
+def context_lengths(cfg) -> list[int]:
+    """``task.context_lengths`` (a list), else ``task.context_range`` inclusive of ``stop``
+    (``arange(start, stop + 1, step)`` as KVCache-Factory)."""
+    if cfg.get("context_lengths") is not None:
+        spec = cfg.context_lengths
+        return [int(spec)] if isinstance(spec, (int, float)) else [int(x) for x in spec]
+    spec = cfg.context_range
+    return list(range(int(spec.start), int(spec.stop) + 1, int(spec.step)))
+
+
+def depth_percents(kind: str, count: int) -> list[float]:
+    if count < 1:
+        raise ValueError(f"task.depths.count={count} must be >= 1")
+    if count == 1:
+        return [0.0]
+    grid = [100 * i / (count - 1) for i in range(count)]
+    if kind == "linear":
+        return [float(round(x)) for x in grid]
+    if kind == "sigmoid":  # gkamradt: logistic(x; L=100, x0=50, k=0.1), endpoints kept at 0 and 100
+        values = [round(100 / (1 + math.exp(-0.1 * (x - 50))), 3) for x in grid]
+        values[0], values[-1] = 0.0, 100.0
+        return values
+    raise ValueError(f"task.depths.kind={kind!r} is not one of ('linear', 'sigmoid')")
+
+
+def depths(cfg) -> list[float]:
+    """``task.depths`` (a list of percents), else ``task.depth_grid`` (kind, count)."""
+    if cfg.get("depths") is not None:
+        return [float(x) for x in cfg.depths]
+    return depth_percents(cfg.depth_grid.kind, int(cfg.depth_grid.count))
+
+
+def ends_sentence(tokenizer, token_id: int) -> bool:
+    return tokenizer.decode([token_id]).rstrip().endswith(".")
+
+
+def insert_needle(tokenizer, haystack_tokens: list[int], needle_tokens: list[int], context_length: int,
+                  depth: float, buffer: int) -> list[int]:
+    """Token list of exactly ``context_length - buffer`` tokens: the haystack with the needle at
+    ``depth`` percent, moved back to a sentence start."""
+    size = context_length - buffer
+    if size <= len(needle_tokens):
+        raise ValueError(f"context_length={context_length} leaves no room for the needle "
+                         f"({len(needle_tokens)} tokens) after the {buffer}-token buffer")
+    if len(haystack_tokens) < size - len(needle_tokens):
+        raise ValueError(f"the haystack has {len(haystack_tokens)} tokens, fewer than context_length={context_length}")
+    hay = haystack_tokens[: size - len(needle_tokens)]
+    if depth >= 100:
+        return hay + needle_tokens
+    point = int(len(hay) * depth / 100)
+    while point > 0 and not ends_sentence(tokenizer, hay[point - 1]):
+        point -= 1
+    return hay[:point] + needle_tokens + hay[point:]
+
+
+def build_samples(cfg, tokenizer, count_tokens=None) -> list[Sample]:
+    if cfg.needle not in PRESETS:
+        raise ValueError(f"task.needle={cfg.needle!r} is not one of {sorted(PRESETS)}")
+    preset = PRESETS[cfg.needle]
+    lengths = context_lengths(cfg)
+    haystack = load_haystack(cfg.haystack, cfg.get("haystack_dir"), min_chars=max(lengths) * 8)
+    haystack_tokens = tokenizer(haystack, add_special_tokens=False).input_ids
+    rng = random.Random(int(cfg.get("seed", 0)))
+    samples = []
+    for length in lengths:
+        for depth in depths(cfg):
+            key = str(rng.randint(10000, 99999))
+            needle = preset["needle"].format(key=key)
+            needle_tokens = tokenizer(needle, add_special_tokens=False).input_ids
+            context = insert_needle(tokenizer, haystack_tokens, needle_tokens, length, depth, int(cfg.buffer))
+            prompt = PAPER_PROMPT.format(context=tokenizer.decode(context, skip_special_tokens=True),
+                                         question=preset["question"])
+            samples.append(Sample(id=f"len{length}_depth{depth:g}", prompt=prompt,
+                                  answers=[preset["expected"].format(key=key)],
+                                  max_new_tokens=int(cfg.max_new_tokens),
+                                  meta={"context_length": length, "depth": depth, "needle": needle.strip(),
+                                        "context_tokens": len(context)}))
+    return samples
+
+
+def postprocess(text: str) -> str:
+    """Stop at the first newline (the papers stop generation on it) and strip."""
+    return text.strip().split("\n")[0].strip()
+
+
+def scores(prediction: str, sample: Sample) -> dict:
+    response = postprocess(prediction)
+    expected = sample.answers[0]
+    return {"score": needle_scores.needle_word_recall(response, expected),
+            "word_recall_normalized": needle_scores.needle_word_recall(response, expected, normalize=True),
+            "rouge1_f": needle_scores.rouge1(response, sample.meta["needle"])["f"],
+            "exact_match": needle_scores.exact_match(response, expected.rstrip("."))}
+
+
+def score(prediction: str, answers: list[str]) -> float:
+    return needle_scores.needle_word_recall(postprocess(prediction), answers[0])
