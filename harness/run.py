@@ -82,10 +82,20 @@ def _row(task, sample: Sample, out, seconds: float) -> dict:
            "seconds": round(seconds, 3), **sample.meta}
     if out.report is not None:
         row["kept"] = [layer["kept"] for layer in out.report["layers"]]
+        row["kept_distinct_per_head"] = [layer.get("distinct_per_head") for layer in out.report["layers"]]
         row["kept_layers"] = [layer.get("model_layer", layer["layer"]) for layer in out.report["layers"]]
         if out.report["notes"]:
             row["notes"] = out.report["notes"]
     return row
+
+
+def save_positions(folder: Path, sample_id: str, report: dict) -> None:
+    """``kept/<sample id>.pt``: {model layer: [B, H, k] int32 original positions, None = whole prompt}."""
+    (folder / "kept").mkdir(exist_ok=True)
+    positions = {layer.get("model_layer", layer["layer"]):
+                 None if layer["positions"] is None else layer["positions"].to(torch.int32)
+                 for layer in report["layers"]}
+    torch.save(positions, folder / "kept" / f"{sample_id}.pt")
 
 
 def run(cfg: DictConfig) -> list[dict]:
@@ -126,6 +136,8 @@ def run(cfg: DictConfig) -> list[dict]:
         seconds = (time.perf_counter() - start) / len(todo)
         for c, out in zip(todo, outs):
             row = _row(task, sample, out, seconds)
+            if cfg.get("save_kept_positions") and out.report is not None:
+                save_positions(folders[id(c)], sample.id, out.report)
             writers[id(c)].append(row)
             log.info("%-12s %s score=%.2f %r", c.name, sample.id, row["score"], out.text[:50])
     sample_ids = [s.id for s in samples]

@@ -254,17 +254,18 @@ class CompressionSession:
         self.kept_positions[layer] = None if kept.whole else kept.positions.detach().to("cpu")
 
     def report(self) -> dict:
-        """Per layer: kept count per head, and the positions (lists), for results files."""
+        """Per layer: kept count, distinct kept tokens per head, and the kept positions
+        (``[B, H, k]`` CPU tensor, None where the whole prompt was kept), for results files."""
         n = self.prompt_length or 0
         layers = []
         for layer in range(self.num_layers):
             positions = self.kept_positions.get(layer)
             if positions is None:
-                layers.append({"layer": layer, "kept": n, "whole": True})
+                layers.append({"layer": layer, "kept": n, "whole": True, "positions": None})
             else:
                 per_head = [len(set(p.tolist())) for p in positions[0]]
                 layers.append({"layer": layer, "kept": int(positions.shape[-1]),
-                               "distinct_per_head": per_head, "whole": False})
+                               "distinct_per_head": per_head, "whole": False, "positions": positions})
         return {"prompt_length": n, "layers": layers, "notes": list(self.notes)}
 
 

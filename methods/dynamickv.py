@@ -114,6 +114,11 @@ class DynamicKVSession(CompressionSession):
                 self.whole = True
                 return {j: self._whole_marker(j, keys, values, queries) for j in range(layer + 1)}
         if last:
+            if c.variant == "reference" and self.num_layers % c.m:
+                first = self.num_layers - self.num_layers % c.m
+                self.notes.append(f"reference: {self.num_layers} layers is not a multiple of m={c.m}, so layers "
+                                  f"{first}..{self.num_layers - 1} were never re-allocated and keep "
+                                  f"budget_size={self.budget_size} tokens each (variant=fixed re-allocates them)")
             for j, item in enumerate(self.kept):
                 self.record(j, item)
             return dict(enumerate(self.kept))

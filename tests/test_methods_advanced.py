@@ -169,6 +169,10 @@ def test_dynamickv_fixed_sums_to_the_whole_model_budget_without_duplicates(layer
 
 def test_dynamickv_reference_leaves_trailing_layers_unallocated():
     keys, values, queries = random_layers(layers=30, hq=9, hkv=3, n=500, d=4)
+    session = build("dynamickv", budget=64, window_size=8, kernel_size=7).new_session(30)
+    for layer in range(30):
+        session.add_layer(layer, keys[layer], values[layer], queries[layer][:, :, -8:])
+    assert "layers 28..29 were never re-allocated" in session.notes[0]
     kept = build("dynamickv", budget=64, window_size=8, kernel_size=7).compress_all(keys, values, queries)
     assert [k.shape[2] - 8 for k, _, _ in kept[-2:]] == [492, 492]     # budget_size = min(10 * 56, 492)
     assert sum(k.shape[2] - 8 for k, _, _ in kept[:28]) <= 56 * 30

@@ -1,0 +1,84 @@
+"""What each method kept, per layer: the figure that shows DynamicKV's task-adaptive allocation.
+
+    python -m harness.kept_plot FOLDER [FOLDER...] --out DIR [--by run|sample]
+
+Reads the ``kept`` (tokens per head, per compressed layer) and ``kept_layers`` fields that runs
+store in their predictions; draws (1) mean kept tokens per layer, one line per run (or sample), and
+(2) a heatmap of rows = runs (or samples) x columns = layers. PNG and PDF.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from harness import results  # noqa: E402
+from harness.report import find_runs  # noqa: E402
+
+
+def allocation_rows(runs: list[Path], by: str = "run") -> tuple[list[str], list[int], np.ndarray]:
+    """Labels, model layer indices and a [rows, layers] matrix of mean kept tokens per head."""
+    labels, matrix, layers = [], [], None
+    for run in runs:
+        rows = [r for r in results.read_predictions(run) if r.get("kept")]
+        if not rows:
+            continue
+        layers = layers or rows[0].get("kept_layers") or list(range(len(rows[0]["kept"])))
+        if len(rows[0]["kept"]) != len(layers):
+            raise ValueError(f"{run}: {len(rows[0]['kept'])} layers, other runs have {len(layers)}; "
+                             "plot runs of one model together")
+        name = f"{run.parent.parent.name}/{run.name}"
+        if by == "sample":
+            for r in rows:
+                labels.append(f"{name}:{r['id']}")
+                matrix.append(r["kept"])
+        else:
+            labels.append(name)
+            matrix.append(np.mean([r["kept"] for r in rows], axis=0))
+    if not matrix:
+        raise ValueError("no run with kept-token reports (FullKV keeps everything and reports nothing)")
+    return labels, layers, np.asarray(matrix, dtype=float)
+
+
+def plot(labels, layers, matrix, path_stem: Path, title: str = "") -> list[Path]:
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, 0.35 * len(layers) + 4), 4 + 0.35 * len(labels) + 4))
+    for label, row in zip(labels, matrix):
+        top.plot(layers, row, marker="o", markersize=3, label=label)
+    top.set_xlabel("layer")
+    top.set_ylabel("kept tokens per head (mean)")
+    top.legend(fontsize=7)
+    image = bottom.imshow(matrix, aspect="auto", cmap="viridis")
+    bottom.set_xticks(range(len(layers)), layers, fontsize=7)
+    bottom.set_yticks(range(len(labels)), labels, fontsize=7)
+    bottom.set_xlabel("layer")
+    fig.colorbar(image, ax=bottom, label="kept tokens per head")
+    fig.suptitle(title or "KV cache kept per layer")
+    fig.tight_layout()
+    path_stem.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for suffix in (".png", ".pdf"):
+        fig.savefig(path_stem.with_suffix(suffix), dpi=120)
+        written.append(path_stem.with_suffix(suffix))
+    plt.close(fig)
+    return written
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="+")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--by", choices=("run", "sample"), default="run")
+    args = parser.parse_args(argv)
+    labels, layers, matrix = allocation_rows(find_runs(args.folders), args.by)
+    for path in plot(labels, layers, matrix, Path(args.out) / f"kept_per_layer_by_{args.by}"):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
