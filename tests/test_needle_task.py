@@ -91,7 +91,7 @@ def test_kept_plot_reads_allocations(tmp_path):
             json.dumps({"id": f"s{i}", "score": 1.0, "kept": k, "kept_layers": [5, 11, 17]}) + "\n" for i, k in enumerate(kept)))
     labels, layers, matrix = kept_plot.allocation_rows(kept_plot.find_runs([tmp_path]))
     assert layers == [5, 11, 17]
-    assert labels == ["default/dynamickv_b64", "default/pyramidkv_b64"]
+    assert labels == ["m/dynamickv_b64", "m/pyramidkv_b64"]
     assert matrix.tolist() == [[20, 50, 110], [100, 60, 20]]
     _, _, per_sample = kept_plot.allocation_rows(kept_plot.find_runs([tmp_path]), by="sample")
     assert per_sample.shape == (4, 3)
