@@ -11,7 +11,7 @@ LENGTHS ?= null      # an explicit list such as [1000,2000]; null: task.context_
 DEPTHS ?= 10         # linear depths 0..100 in this many steps
 OVERRIDES ?=
 
-.PHONY: setup test demo needle passkey table clean
+.PHONY: setup test demo needle passkey longbench table clean
 
 setup:
 	@# torch first, pinned to the CPU build on local disk here (a bare `torch` can pull a CUDA build)
@@ -43,8 +43,21 @@ passkey:
 	    task.haystack=$(HAYSTACK) results_dir=$(RESULTS) $(OVERRIDES)
 	$(PYTHON) -m harness.report $(RESULTS)/passkey/$(MODEL) --out $(RESULTS)/passkey/$(MODEL)
 
+# LongBench: make longbench MODEL=llama3 BUDGET=512 [METHODS=...] [DATASETS=a,b] [LIMIT=n per dataset]
+PROTOCOL ?= dynamickv_paper
+DATASETS ?=
+LIMIT ?= null
+LONGBENCH_DIR ?= $(KV_HARNESS_LONGBENCH_DIR)
+longbench:
+	$(PYTHON) -m harness task=longbench model=$(MODEL) protocol=$(PROTOCOL) "methods=[$(METHODS)]" "budgets=[$(BUDGET)]" \
+	    $(if $(DATASETS),"task.datasets=[$(DATASETS)]") task.limit=$(LIMIT) \
+	    $(if $(LONGBENCH_DIR),task.data_dir=$(LONGBENCH_DIR)) results_dir=$(RESULTS) $(OVERRIDES)
+	$(PYTHON) -m harness.table $(RESULTS)/longbench/$(MODEL) --out $(RESULTS)/longbench/$(MODEL)
+
+# The paper-style LongBench table from any set of results folders (FOLDERS=...; default: all of results/).
+FOLDERS ?= $(RESULTS)/longbench
 table:
-	$(PYTHON) -m harness.report $(RESULTS) --out $(RESULTS)
+	$(PYTHON) -m harness.table $(FOLDERS) --out $(RESULTS)/tables
 
 clean:
 	rm -rf $(RESULTS)/hydra

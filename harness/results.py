@@ -34,24 +34,27 @@ def run_name(method: dict) -> str:
     return "_".join(str(p) for p in parts)
 
 
+def predictions_file(folder: Path, group: str | None = None) -> Path:
+    """``predictions.jsonl``, or ``<group>.jsonl`` for tasks that split a run by dataset (LongBench)."""
+    return Path(folder) / (f"{group}.jsonl" if group else PREDICTIONS)
+
+
 def read_predictions(folder: Path) -> list[dict]:
-    """The finished samples of a run. A line cut short by an interruption is ignored (and
-    rewritten when the sample runs again)."""
-    path = Path(folder) / PREDICTIONS
-    if not path.exists():
-        return []
+    """The finished samples of a run (every ``*.jsonl`` of its folder). A line cut short by an
+    interruption is ignored (and rewritten when the sample runs again)."""
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+    for path in sorted(Path(folder).glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
     return rows
 
 
 class PredictionWriter:
-    def __init__(self, folder: Path):
-        self.path = Path(folder) / PREDICTIONS
+    def __init__(self, folder: Path, group: str | None = None):
+        self.path = predictions_file(folder, group)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._repair_tail()
 

@@ -68,11 +68,7 @@ def run_folder(cfg: DictConfig, compressor: methods.KVCompressor) -> Path:
 
 def task_samples(task, task_cfg, lm, chat: bool) -> list[Sample]:
     """The task's samples, with lengths measured on the model input the runner will build."""
-    def count_tokens(prompt_text: str) -> int:
-        probe = Sample(id="", prompt=prompt_text, answers=[], max_new_tokens=1, answer_prefix=task.ANSWER_PREFIX)
-        return encode(probe, lm.tokenizer, chat, "cpu").shape[1]
-
-    return task.build_samples(task_cfg, lm.tokenizer, count_tokens)
+    return task.build_samples(task_cfg, lm.tokenizer, _counter(task, lm, chat), max_input_tokens=lm.max_input_tokens)
 
 
 def _row(task, sample: Sample, out, seconds: float) -> dict:
@@ -98,6 +94,11 @@ def save_positions(folder: Path, sample_id: str, report: dict) -> None:
     torch.save(positions, folder / "kept" / f"{sample_id}.pt")
 
 
+def _stop_ids(lm, sample: Sample) -> list[int]:
+    extra = [lm.tokenizer.encode(text, add_special_tokens=False)[-1] for text in sample.stop_texts]
+    return sorted(set(lm.stop_token_ids) | set(extra))
+
+
 def run(cfg: DictConfig) -> list[dict]:
     """Run (or resume) the configured job; returns one summary per method (also in scores.json)."""
     compressors = build_compressors(cfg)        # bad knobs fail here, before any model loads
@@ -106,18 +107,23 @@ def run(cfg: DictConfig) -> list[dict]:
         torch.set_num_threads(int(cfg.threads))
     lm = _cached_model(OmegaConf.to_yaml(cfg.model, resolve=True))
     chat = use_chat_template(cfg.protocol.chat_template, lm.chat_template, lm.tokenizer)
-    samples = task_samples(task, cfg.task, lm, chat)
+    skip = set(cfg.protocol.get("chat_template_skip") or [])
+    samples = task.build_samples(cfg.task, lm.tokenizer, _counter(task, lm, chat),
+                                 max_input_tokens=lm.max_input_tokens,
+                                 truncation=cfg.protocol.get("truncation", "middle"))
     if cfg.get("limit"):
         samples = samples[: int(cfg.limit)]
     folders = {id(c): run_folder(cfg, c) for c in compressors}
     done = {id(c): {row["id"] for row in results.read_predictions(folders[id(c)])} for c in compressors}
-    writers = {id(c): results.PredictionWriter(folders[id(c)]) for c in compressors}
-    environment = results.environment()
+    writers: dict[tuple, results.PredictionWriter] = {}
+    manifest = {"config": OmegaConf.to_container(cfg, resolve=True), "model": lm.info, "chat_template": chat,
+                "stop_token_ids": lm.stop_token_ids, "environment": results.environment(),
+                "samples": len(samples), "shared_prefill": len(compressors) > 1}
+    if hasattr(task, "checksums"):
+        manifest["data_sha256"] = task.checksums(cfg.task)
     for c in compressors:
-        results.write_json(folders[id(c)] / results.MANIFEST, {
-            "config": OmegaConf.to_container(cfg, resolve=True), "method": {"name": c.name, **c.knobs()},
-            "model": lm.info, "chat_template": chat, "stop_token_ids": lm.stop_token_ids,
-            "environment": environment, "samples": len(samples), "shared_prefill": len(compressors) > 1})
+        folders[id(c)].mkdir(parents=True, exist_ok=True)
+        results.write_json(folders[id(c)] / results.MANIFEST, {**manifest, "method": {"name": c.name, **c.knobs()}})
         log.info("%s: %d of %d samples done -> %s", c.name, len(done[id(c)]), len(samples), folders[id(c)])
     device = next(lm.model.parameters()).device
     stop_strings = list(cfg.task.get("stop_strings") or [])
@@ -125,23 +131,56 @@ def run(cfg: DictConfig) -> list[dict]:
         todo = [c for c in compressors if sample.id not in done[id(c)]]
         if not todo:
             continue
-        input_ids = encode(sample, lm.tokenizer, chat, device)
+        sample_chat = chat and sample.group not in skip
+        input_ids = encode(sample, lm.tokenizer, sample_chat, device)
+        stops = _stop_ids(lm, sample)
         start = time.perf_counter()
         if len(todo) == 1:
-            outs = [generate(lm.model, lm.tokenizer, input_ids, todo[0], sample.max_new_tokens,
-                             lm.stop_token_ids, stop_strings)]
+            outs = [generate(lm.model, lm.tokenizer, input_ids, todo[0], sample.max_new_tokens, stops,
+                             stop_strings, sample.min_new_tokens)]
         else:
-            outs = generate_many(lm.model, lm.tokenizer, input_ids, todo, sample.max_new_tokens,
-                                 lm.stop_token_ids, stop_strings)
+            outs = generate_many(lm.model, lm.tokenizer, input_ids, todo, sample.max_new_tokens, stops,
+                                 stop_strings, sample.min_new_tokens)
         seconds = (time.perf_counter() - start) / len(todo)
         for c, out in zip(todo, outs):
             row = _row(task, sample, out, seconds)
             if cfg.get("save_kept_positions") and out.report is not None:
                 save_positions(folders[id(c)], sample.id, out.report)
-            writers[id(c)].append(row)
+            key = (id(c), sample.group)
+            if key not in writers:
+                writers[key] = results.PredictionWriter(folders[id(c)], sample.group)
+            writers[key].append(row)
             log.info("%-12s %s score=%.2f %r", c.name, sample.id, row["score"], out.text[:50])
     sample_ids = [s.id for s in samples]
-    return [summarize(folders[id(c)], c.name, sample_ids) for c in compressors]
+    summaries = []
+    for c in compressors:
+        summary = summarize(folders[id(c)], c.name, sample_ids)
+        if hasattr(task, "finalize") and summary["samples"]:
+            summary["datasets"] = task.finalize(folders[id(c)])
+            results.write_json(folders[id(c)] / results.SCORES, summary)
+        log_to_wandb(cfg, folders[id(c)], c, summary)
+        summaries.append(summary)
+    return summaries
+
+
+def _counter(task, lm, chat: bool):
+    def count_tokens(prompt_text: str) -> int:
+        probe = Sample(id="", prompt=prompt_text, answers=[], max_new_tokens=1, answer_prefix=task.ANSWER_PREFIX)
+        return encode(probe, lm.tokenizer, chat, "cpu").shape[1]
+    return count_tokens
+
+
+def log_to_wandb(cfg: DictConfig, folder: Path, compressor, summary: dict) -> None:
+    """W&B: config, scores, predictions; offline without an API key; ``wandb=false`` turns it off."""
+    if not cfg.get("wandb", False):
+        return
+    from harness import wandb_log
+    scores = summary.get("datasets") or {cfg.task.name: summary["score"]}
+    rows = [{k: r.get(k) for k in ("id", "dataset", "pred", "answers", "score", "context_length", "depth")}
+            for r in results.read_predictions(folder)]
+    wandb_log.log_run(folder, {**OmegaConf.to_container(cfg, resolve=True),
+                               "method": {"name": compressor.name, **compressor.knobs()}},
+                      scores, [summary | {"folder": str(folder)}], rows, project=cfg.get("wandb_project", "kv-harness"))
 
 
 def summarize(folder: Path, method: str, sample_ids: list[str]) -> dict:

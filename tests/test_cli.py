@@ -20,7 +20,7 @@ SMALL_TASK = ["task.context_lengths=[400,500]", "task.depths=[0,50,100]", "task.
 
 def config(tmp_path, *overrides):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name="config", overrides=["model=tiny_llama", f"results_dir={tmp_path}",
+        return compose(config_name="config", overrides=["model=tiny_llama", f"results_dir={tmp_path}", "wandb=false",
                                                         *SMALL_TASK, *overrides])
 
 

@@ -69,7 +69,7 @@ def test_needle_run_on_tiny_model_writes_cells_and_a_heatmap(tmp_path):
     from harness import heatmap
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
-            "task=needle", "model=tiny_llama", f"results_dir={tmp_path}", "methods=[fullkv,snapkv]", "budgets=[64]",
+            "task=needle", "model=tiny_llama", f"results_dir={tmp_path}", "wandb=false", "methods=[fullkv,snapkv]", "budgets=[64]",
             "task.context_lengths=[600,700]", "task.depths=[0,50,100]", "task.max_new_tokens=4"])
     summaries = runner.run(cfg)
     assert [s["samples"] for s in summaries] == [6, 6]

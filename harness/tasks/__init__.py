@@ -11,9 +11,12 @@ class Sample:
     max_new_tokens: int
     meta: dict = field(default_factory=dict)
     answer_prefix: str = ""     # text the assistant turn starts with (completion-style prompts)
+    group: str | None = None    # results file: <group>.jsonl (LongBench: the dataset); None: predictions.jsonl
+    stop_texts: list[str] = field(default_factory=list)   # extra stop tokens, as text (samsum: newline)
+    min_new_tokens: int = 0
 
 
-TASKS = ("passkey", "needle")
+TASKS = ("passkey", "needle", "longbench")
 
 
 def get_task(name: str):
@@ -23,4 +26,7 @@ def get_task(name: str):
     if name == "needle":
         from harness.tasks import needle
         return needle
+    if name == "longbench":
+        from harness.tasks import longbench
+        return longbench
     raise ValueError(f"unknown task {name!r}; choose one of {TASKS}")

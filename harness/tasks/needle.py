@@ -95,7 +95,7 @@ def insert_needle(tokenizer, haystack_tokens: list[int], needle_tokens: list[int
     return hay[:point] + needle_tokens + hay[point:]
 
 
-def build_samples(cfg, tokenizer, count_tokens=None) -> list[Sample]:
+def build_samples(cfg, tokenizer, count_tokens=None, **_) -> list[Sample]:
     if cfg.needle not in PRESETS:
         raise ValueError(f"task.needle={cfg.needle!r} is not one of {sorted(PRESETS)}")
     preset = PRESETS[cfg.needle]

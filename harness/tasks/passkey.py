@@ -48,7 +48,7 @@ def build_prompt(tokenizer, haystack_tokens: list[int], context_length: int, dep
     return text
 
 
-def build_samples(cfg, tokenizer, count_tokens=None) -> list[Sample]:
+def build_samples(cfg, tokenizer, count_tokens=None, **_) -> list[Sample]:
     """One sample per (repeat, length, depth). ``count_tokens(prompt_text)`` gives the length of
     the model input the runner will build (defaults to the raw prompt + answer prefix with BOS)."""
     if count_tokens is None:
