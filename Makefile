@@ -7,11 +7,15 @@ MODEL ?= smollm2_135m
 BUDGET ?= 128
 METHODS ?= fullkv,streamingllm,h2o,snapkv,pyramidkv,dynamickv
 HAYSTACK ?= synthetic
-LENGTHS ?= null      # an explicit list such as [1000,2000]; null: task.context_range (1K-8K step 1K)
-DEPTHS ?= 10         # linear depths 0..100 in this many steps
+# LENGTHS: an explicit list such as [1000,2000]; null: task.context_range (1K-8K step 1K)
+LENGTHS ?= null
+# DEPTHS: linear depths 0..100 in this many steps
+DEPTHS ?= 10
 OVERRIDES ?=
+# WANDB: false: no W&B logging (offline logging needs no API key or network)
+WANDB ?= true
 
-.PHONY: setup test demo needle passkey longbench table clean
+.PHONY: setup test demo needle passkey longbench table bench clean
 
 setup:
 	@# torch first, pinned to the CPU build on local disk here (a bare `torch` can pull a CUDA build)
@@ -27,8 +31,9 @@ test:
 needle:
 	$(PYTHON) -m harness task=needle model=$(MODEL) "methods=[$(METHODS)]" "budgets=[$(BUDGET)]" \
 	    task.haystack=$(HAYSTACK) "task.context_lengths=$(LENGTHS)" task.depth_grid.count=$(DEPTHS) \
-	    results_dir=$(RESULTS) $(OVERRIDES)
-	$(PYTHON) -m harness.heatmap $(RESULTS)/needle/$(MODEL) --out $(RESULTS)/needle/$(MODEL)/figures
+	    wandb=$(WANDB) results_dir=$(RESULTS) $(OVERRIDES)
+	$(PYTHON) -m harness.heatmap $(RESULTS)/needle/$(MODEL) --out $(RESULTS)/needle/$(MODEL)/figures \
+	    $(if $(filter true,$(WANDB)),--wandb)
 	$(PYTHON) -m harness.report $(RESULTS)/needle/$(MODEL) --out $(RESULTS)/needle/$(MODEL)
 	@echo "figures: $(RESULTS)/needle/$(MODEL)/figures (panel.png, panel.pdf, one heatmap per method)"
 	@echo "table:   $(RESULTS)/needle/$(MODEL)/table.md"
@@ -51,7 +56,7 @@ LONGBENCH_DIR ?= $(KV_HARNESS_LONGBENCH_DIR)
 longbench:
 	$(PYTHON) -m harness task=longbench model=$(MODEL) protocol=$(PROTOCOL) "methods=[$(METHODS)]" "budgets=[$(BUDGET)]" \
 	    $(if $(DATASETS),"task.datasets=[$(DATASETS)]") task.limit=$(LIMIT) \
-	    $(if $(LONGBENCH_DIR),task.data_dir=$(LONGBENCH_DIR)) results_dir=$(RESULTS) $(OVERRIDES)
+	    $(if $(LONGBENCH_DIR),task.data_dir=$(LONGBENCH_DIR)) wandb=$(WANDB) results_dir=$(RESULTS) $(OVERRIDES)
 	$(PYTHON) -m harness.table $(RESULTS)/longbench/$(MODEL) --out $(RESULTS)/longbench/$(MODEL)
 
 # The paper-style LongBench table from any set of results folders (FOLDERS=...; default: all of results/).
@@ -61,3 +66,7 @@ table:
 
 clean:
 	rm -rf $(RESULTS)/hydra
+
+# Prefill / compression / decode cost per method (GPU: Llama-3-8B shape, random weights).
+bench:
+	$(PYTHON) -m harness.bench --out $(RESULTS)/bench $(BENCH_ARGS)

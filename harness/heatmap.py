@@ -191,6 +191,7 @@ def main(argv=None) -> None:
                              "are recomputed from pred/answers where absent)")
     parser.add_argument("--title", help="panel title (default: the folder common to the runs and the score field)")
     parser.add_argument("--pretrained-len", type=int, help="dashed white line after this context length")
+    parser.add_argument("--wandb", action="store_true", help="also log the PNGs to W&B (offline without an API key)")
     args = parser.parse_args(argv)
     runs = find_runs(args.folders)
     if not runs:
@@ -221,6 +222,12 @@ def main(argv=None) -> None:
     written += plot_panel(panel, out / "panel", title, pretrained_len=args.pretrained_len)
     for p in written:
         print(p)
+    if args.wandb:
+        from harness.wandb_log import log_images
+        pngs = {p.stem: p for p in written if p.suffix == ".png"}
+        run_dir = log_images(out, pngs, name=f"heatmaps/{'/'.join(common.parts[-3:])}")
+        if run_dir:
+            print(f"wandb: {run_dir}")
 
 
 if __name__ == "__main__":

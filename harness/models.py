@@ -140,7 +140,8 @@ def load_model(cfg) -> LoadedModel:
     if source == "random":
         config = AutoConfig.for_model(**OmegaConf.to_container(cfg.config, resolve=True))
         torch.manual_seed(int(cfg.get("seed", 0)))
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+        with torch.device(device):  # initialise on the target device (an 8B model in seconds on a GPU)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
         tokenizer = byte_tokenizer() if cfg.get("tokenizer", "bytes") == "bytes" else \
             AutoTokenizer.from_pretrained(cfg.tokenizer)
         origin = "random weights from config"

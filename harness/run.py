@@ -124,7 +124,8 @@ def run(cfg: DictConfig) -> list[dict]:
     for c in compressors:
         folders[id(c)].mkdir(parents=True, exist_ok=True)
         results.write_json(folders[id(c)] / results.MANIFEST, {**manifest, "method": {"name": c.name, **c.knobs()}})
-        log.info("%s: %d of %d samples done -> %s", c.name, len(done[id(c)]), len(samples), folders[id(c)])
+        finished = sum(s.id in done[id(c)] for s in samples)
+        log.info("%s: %d of %d samples already done -> %s", c.name, finished, len(samples), folders[id(c)])
     device = next(lm.model.parameters()).device
     stop_strings = list(cfg.task.get("stop_strings") or [])
     for sample in samples:

@@ -94,3 +94,33 @@ def log_run(folder: Path, config: dict, scores: dict, table_rows: list[dict] | N
             except Exception:  # noqa: BLE001
                 pass
         return None
+
+
+def log_images(folder: Path, images: dict[str, Path], name: str, enabled: bool = True,
+               project: str = PROJECT) -> str | None:
+    """Log figures (e.g. needle heatmaps: ``{"panel": path}``) as one W&B run under ``folder``;
+    same offline and never-fail rules as ``log_run``."""
+    if not enabled or wandb_mode() == "disabled":
+        return None
+    folder = Path(folder)
+    run = None
+    try:
+        import wandb
+
+        folder.mkdir(parents=True, exist_ok=True)
+        run = wandb.init(project=project, dir=str(folder), name=name, job_type="figures", mode=wandb_mode(),
+                         reinit="finish_previous",
+                         settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+        run.log({key: wandb.Image(str(path)) for key, path in images.items()})
+        run_dir = str(Path(run.settings.sync_dir)) if run.settings.sync_dir else str(Path(run.dir).parent)
+        run.finish()
+        return run_dir
+    except Exception as err:  # noqa: BLE001 - logging must never fail a run
+        warnings.warn(f"wandb logging of figures in {folder} failed ({type(err).__name__}: {err})",
+                      RuntimeWarning, stacklevel=2)
+        if run is not None:
+            try:
+                run.finish(exit_code=1)
+            except Exception:  # noqa: BLE001
+                pass
+        return None

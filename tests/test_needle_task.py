@@ -97,3 +97,15 @@ def test_kept_plot_reads_allocations(tmp_path):
     assert per_sample.shape == (4, 3)
     kept_plot.main([str(tmp_path), "--out", str(tmp_path / "fig")])
     assert (tmp_path / "fig" / "kept_per_layer_by_run.png").stat().st_size > 5_000
+
+
+def test_heatmaps_are_logged_to_wandb_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    from harness.wandb_log import log_images
+    import matplotlib.pyplot as plt
+    fig = plt.figure()
+    fig.savefig(tmp_path / "panel.png")
+    run_dir = log_images(tmp_path, {"panel": tmp_path / "panel.png"}, name="heatmaps/test")
+    assert run_dir and Path(run_dir).exists() and "offline-run" in run_dir
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert log_images(tmp_path, {"panel": tmp_path / "panel.png"}, name="x") is None

@@ -62,3 +62,27 @@ def test_gemma3_compresses_only_its_full_attention_layers():
     out = generate(lm.model, lm.tokenizer, ids, build("snapkv", budget=128, window_size=32), 2, [])
     assert [e["model_layer"] for e in out.report["layers"]] == [5, 11, 17]
     assert all(e["kept"] == 128 for e in out.report["layers"])
+
+
+def test_all_six_methods_on_smollm2_and_their_per_layer_allocations():
+    """SmolLM2 (30 layers), passkey at ~2K tokens: every method runs (one shared prefill) and the
+    per-layer report shows PyramidKV's and DynamicKV's different allocations."""
+    from harness.shared import generate_many
+    from harness.tasks.haystack import load_haystack  # noqa: F401  (synthetic haystack: no data needed)
+    lm = real_model("smollm2_135m")
+    chat = use_chat_template("auto", lm.chat_template, lm.tokenizer)
+    task = OmegaConf.create({"context_lengths": [2048], "depths": [50], "haystack": "synthetic",
+                             "max_new_tokens": 8, "seed": 1})
+    sample = task_samples(passkey, task, lm, chat)[0]
+    ids = encode(sample, lm.tokenizer, chat, "cpu")
+    names = ["fullkv", "streamingllm", "h2o", "snapkv", "pyramidkv", "dynamickv"]
+    compressors = [build(name, budget=128, window_size=32) for name in names]
+    outs = dict(zip(names, generate_many(lm.model, lm.tokenizer, ids, compressors, 8, lm.stop_token_ids)))
+    assert passkey.score(outs["fullkv"].text, sample.answers) == 1.0
+    kept = {name: [e["kept"] for e in out.report["layers"]] for name, out in outs.items() if out.report}
+    assert all(len(k) == 30 for k in kept.values())
+    assert kept["snapkv"] == [128] * 30 and kept["h2o"] == [128] * 30 and kept["streamingllm"] == [128] * 30
+    pyramid = kept["pyramidkv"]
+    assert pyramid[0] > pyramid[-1] and all(a >= b for a, b in zip(pyramid, pyramid[1:]))
+    dynamic = kept["dynamickv"]
+    assert len(set(dynamic)) > 3 and dynamic != pyramid

@@ -90,6 +90,9 @@ def data_file(cfg, dataset: str) -> Path:
     if not path.exists():
         from huggingface_hub import hf_hub_download
         archive = hf_hub_download(cfg.hub_repo, "data.zip", repo_type="dataset", revision=cfg.hub_revision)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "SOURCE").write_text(f"{cfg.hub_repo} data.zip, snapshot {Path(archive).parent.name}, "
+                                       f"sha256 {sha256(Path(archive))}\n")
         with zipfile.ZipFile(archive) as z:
             for member in z.namelist():
                 if member.endswith(".jsonl"):
@@ -102,7 +105,9 @@ def data_file(cfg, dataset: str) -> Path:
 
 def checksums(cfg) -> dict[str, str]:
     """sha256 of every data file this task reads (for the manifest); known files are verified."""
-    out = {}
+    source = (_cache_dir() / f"data-{cfg.hub_revision}" / "SOURCE")
+    out = {"_source": str(Path(cfg.data_dir).expanduser()) if cfg.get("data_dir")
+           else (source.read_text().strip() if source.exists() else f"{cfg.hub_repo}@{cfg.hub_revision}")}
     for dataset in cfg.datasets:
         path = data_file(cfg, dataset)
         out[path.name] = digest = sha256(path)
