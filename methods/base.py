@@ -251,7 +251,8 @@ class CompressionSession:
         return {}
 
     def record(self, layer: int, kept: Kept) -> None:
-        self.kept_positions[layer] = None if kept.whole else kept.positions.detach().to("cpu")
+        # kept on the device: copying here would synchronise the GPU once per layer during prefill
+        self.kept_positions[layer] = None if kept.whole else kept.positions.detach()
 
     def report(self) -> dict:
         """Per layer: kept count, distinct kept tokens per head, and the kept positions
@@ -260,6 +261,7 @@ class CompressionSession:
         layers = []
         for layer in range(self.num_layers):
             positions = self.kept_positions.get(layer)
+            positions = None if positions is None else positions.cpu()
             if positions is None:
                 layers.append({"layer": layer, "kept": n, "whole": True, "positions": None})
             else:
