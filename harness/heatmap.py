@@ -115,7 +115,8 @@ def _draw(ax, table: pd.DataFrame, cbar: bool, pretrained_len: int | None, xtick
             ax.axvline(x=inside, color="white", linestyle="--", linewidth=3)
 
 
-def _save(fig, path_stem, dpi: int) -> list[Path]:
+def save_figure(fig, path_stem, dpi: int = 150) -> list[Path]:
+    """``<stem>.png`` and ``<stem>.pdf``; closes the figure."""
     stem = Path(path_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".pdf")]
@@ -141,7 +142,7 @@ def plot_heatmap(cells: pd.DataFrame, title: str, path_stem, pretrained_len: int
     fig, ax = plt.subplots(figsize=_grid_size(table))
     _draw(ax, table, cbar=True, pretrained_len=pretrained_len, xticks=True if table.shape[1] <= 80 else "auto")
     ax.set_title(f"{title}: mean {cells['score'].mean():.2f}")
-    return _save(fig, path_stem, dpi)
+    return save_figure(fig, path_stem, dpi)
 
 
 def plot_panel(runs: list[tuple[str, pd.DataFrame]], path_stem, title: str, max_cols: int = 3,
@@ -170,7 +171,7 @@ def plot_panel(runs: list[tuple[str, pd.DataFrame]], path_stem, title: str, max_
     mesh = axes[0][0].collections[0]
     fig.colorbar(mesh, ax=axes.ravel().tolist(), label="Score", shrink=0.9 if nrows == 1 else 0.5)
     fig.suptitle(title)
-    return _save(fig, path_stem, dpi)
+    return save_figure(fig, path_stem, dpi)
 
 
 def _stems(runs: list[Path]) -> dict[Path, str]:

@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from harness import results  # noqa: E402
+from harness.heatmap import save_figure  # noqa: E402
 from harness.report import find_runs  # noqa: E402
 
 
@@ -60,13 +61,7 @@ def plot(labels, layers, matrix, path_stem: Path, title: str = "") -> list[Path]
     fig.colorbar(image, ax=bottom, label="kept tokens per head")
     fig.suptitle(title or "KV cache kept per layer")
     fig.tight_layout()
-    path_stem.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    for suffix in (".png", ".pdf"):
-        fig.savefig(path_stem.with_suffix(suffix), dpi=120)
-        written.append(path_stem.with_suffix(suffix))
-    plt.close(fig)
-    return written
+    return save_figure(fig, path_stem, dpi=120)
 
 
 def main(argv=None) -> None:

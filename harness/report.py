@@ -18,13 +18,8 @@ from harness import results
 
 
 def find_runs(roots) -> list[Path]:
-    runs = set()
-    for root in roots:
-        root = Path(root)
-        if not root.exists():
-            raise FileNotFoundError(f"results folder {str(root)!r} does not exist")
-        runs.update(p.parent for p in root.rglob(results.PREDICTIONS))
-    return sorted(runs)
+    """Run folders with a ``predictions.jsonl`` at or below ``roots``."""
+    return results.find_runs(roots)
 
 
 def _mean(values) -> float:

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -32,6 +33,22 @@ def run_name(method: dict) -> str:
         if value is not None and key not in _NOT_IN_NAME:
             parts.append(f"{key}{value}".replace("_", ""))
     return "_".join(str(p) for p in parts)
+
+
+def find_runs(roots, marker: str = PREDICTIONS, also: str | None = None) -> list[Path]:
+    """Run folders at or below ``roots``, each once: folders holding ``marker`` (and ``also``)."""
+    found = set()
+    for root in roots:
+        root = Path(root)
+        if not root.exists():
+            raise FileNotFoundError(f"results folder {str(root)!r} does not exist")
+        for path in root.rglob(marker):
+            folder = path.parent.resolve()
+            if also is None or (folder / also).is_file():
+                found.add(folder)
+            else:
+                print(f"skipped {folder}: {marker} without {also}", file=sys.stderr)
+    return sorted(found)
 
 
 def predictions_file(folder: Path, group: str | None = None) -> Path:

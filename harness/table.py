@@ -108,18 +108,7 @@ class Published:
 
 def find_runs(roots) -> list[Path]:
     """Run folders (``manifest.json`` and ``result.json``) at or below the given folders, each once."""
-    found = set()
-    for root in roots:
-        root = Path(root)
-        if not root.exists():
-            raise FileNotFoundError(f"results folder {str(root)!r} does not exist")
-        for result in root.rglob(RESULT):
-            folder = result.parent.resolve()
-            if (folder / results.MANIFEST).is_file():
-                found.add(folder)
-            else:
-                print(f"skipped {folder}: {RESULT} without {results.MANIFEST}", file=sys.stderr)
-    return sorted(found)
+    return results.find_runs(roots, RESULT, also=results.MANIFEST)
 
 
 def _number(value) -> float | None:
@@ -388,13 +377,8 @@ def budget_sweep_plot(runs, path_stem, datasets=DATASETS, dpi: int = 150) -> lis
         ax.set_title(f"{model} / {protocol}")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
-    stem = Path(path_stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".pdf")]
-    for p in paths:
-        fig.savefig(p, dpi=dpi, bbox_inches="tight", facecolor="white")
-    plt.close(fig)
-    return paths
+    from harness.heatmap import save_figure
+    return save_figure(fig, path_stem, dpi)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -56,11 +56,9 @@ def _table(wandb, rows: list[dict], columns=None):
                        allow_mixed_types=True)
 
 
-def log_run(folder: Path, config: dict, scores: dict, table_rows: list[dict] | None = None,
-            predictions: list[dict] | None = None, enabled: bool = True, project: str = PROJECT) -> str | None:
-    """Log one run to wandb; returns the wandb run directory (``<folder>/wandb/<offline-|>run-...``),
-    or None when disabled (``enabled=False`` or ``WANDB_MODE=disabled``) or when wandb failed
-    (a warning says why)."""
+def _logged(folder: Path, name: str, log, enabled: bool, project: str, **init) -> str | None:
+    """Open a wandb run under ``folder``, call ``log(wandb, run)``, finish; returns the run directory,
+    or None when disabled or when wandb failed (a warning says why: logging never fails a run)."""
     if not enabled or wandb_mode() == "disabled":
         return None
     folder = Path(folder)
@@ -69,9 +67,29 @@ def log_run(folder: Path, config: dict, scores: dict, table_rows: list[dict] | N
         import wandb
 
         folder.mkdir(parents=True, exist_ok=True)
-        run = wandb.init(project=project, dir=str(folder), name="/".join(folder.parts[-3:]), config=config,
-                         mode=wandb_mode(), reinit="finish_previous",
-                         settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+        run = wandb.init(project=project, dir=str(folder), name=name, mode=wandb_mode(), reinit="finish_previous",
+                         settings=wandb.Settings(silent=True, console="off", x_disable_stats=True), **init)
+        log(wandb, run)
+        run_dir = str(Path(run.settings.sync_dir)) if run.settings.sync_dir else str(Path(run.dir).parent)
+        run.finish()
+        return run_dir
+    except Exception as err:  # noqa: BLE001 - logging must never fail a run
+        warnings.warn(f"wandb logging of {folder} failed ({type(err).__name__}: {err}); the run's results are "
+                      "unaffected", RuntimeWarning, stacklevel=3)
+        if run is not None:
+            try:
+                run.finish(exit_code=1)
+            except Exception:  # noqa: BLE001
+                pass
+        return None
+
+
+def log_run(folder: Path, config: dict, scores: dict, table_rows: list[dict] | None = None,
+            predictions: list[dict] | None = None, enabled: bool = True, project: str = PROJECT) -> str | None:
+    """Log one run to wandb; returns the wandb run directory (``<folder>/wandb/<offline-|>run-...``),
+    or None when disabled (``enabled=False`` or ``WANDB_MODE=disabled``) or when wandb failed
+    (a warning says why)."""
+    def log(wandb, run):
         flat = _flat_scores(scores)
         run.summary.update(flat)
         logged = {"scores": _table(wandb, [{"dataset": k[len("score/"):], "score": v} for k, v in flat.items()],
@@ -82,45 +100,13 @@ def log_run(folder: Path, config: dict, scores: dict, table_rows: list[dict] | N
             columns = [c for c in PREDICTION_COLUMNS if c != "score" or any("score" in p for p in predictions)]
             logged["predictions"] = _table(wandb, predictions, columns)
         run.log(logged)
-        run_dir = str(Path(run.settings.sync_dir)) if run.settings.sync_dir else str(Path(run.dir).parent)
-        run.finish()
-        return run_dir
-    except Exception as err:  # noqa: BLE001 - logging must never fail a run
-        warnings.warn(f"wandb logging of {folder} failed ({type(err).__name__}: {err}); the run's results are "
-                      "unaffected", RuntimeWarning, stacklevel=2)
-        if run is not None:
-            try:
-                run.finish(exit_code=1)
-            except Exception:  # noqa: BLE001
-                pass
-        return None
+    return _logged(folder, "/".join(Path(folder).parts[-3:]), log, enabled, project, config=config)
 
 
 def log_images(folder: Path, images: dict[str, Path], name: str, enabled: bool = True,
                project: str = PROJECT) -> str | None:
     """Log figures (e.g. needle heatmaps: ``{"panel": path}``) as one W&B run under ``folder``;
     same offline and never-fail rules as ``log_run``."""
-    if not enabled or wandb_mode() == "disabled":
-        return None
-    folder = Path(folder)
-    run = None
-    try:
-        import wandb
-
-        folder.mkdir(parents=True, exist_ok=True)
-        run = wandb.init(project=project, dir=str(folder), name=name, job_type="figures", mode=wandb_mode(),
-                         reinit="finish_previous",
-                         settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+    def log(wandb, run):
         run.log({key: wandb.Image(str(path)) for key, path in images.items()})
-        run_dir = str(Path(run.settings.sync_dir)) if run.settings.sync_dir else str(Path(run.dir).parent)
-        run.finish()
-        return run_dir
-    except Exception as err:  # noqa: BLE001 - logging must never fail a run
-        warnings.warn(f"wandb logging of figures in {folder} failed ({type(err).__name__}: {err})",
-                      RuntimeWarning, stacklevel=2)
-        if run is not None:
-            try:
-                run.finish(exit_code=1)
-            except Exception:  # noqa: BLE001
-                pass
-        return None
+    return _logged(folder, name, log, enabled, project, job_type="figures")
