@@ -70,8 +70,8 @@ def read_predictions(folder: Path) -> list[dict]:
 
 
 class PredictionWriter:
-    def __init__(self, folder: Path, group: str | None = None):
-        self.path = predictions_file(folder, group)
+    def __init__(self, folder: Path, group: str | None = None, suffix: str = ""):
+        self.path = Path(str(predictions_file(folder, group)) + suffix)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._repair_tail()
 

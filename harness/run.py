@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import methods
-from harness import results
+from harness import distributed, results
 from harness.generate import generate
 from harness.models import load_model
 from harness.prompting import encode, use_chat_template
@@ -103,6 +103,7 @@ def run(cfg: DictConfig) -> list[dict]:
     """Run (or resume) the configured job; returns one summary per method (also in scores.json)."""
     compressors = build_compressors(cfg)        # bad knobs fail here, before any model loads
     task = get_task(cfg.task.name)
+    distributed.init()
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     lm = _cached_model(OmegaConf.to_yaml(cfg.model, resolve=True))
@@ -113,17 +114,22 @@ def run(cfg: DictConfig) -> list[dict]:
                                  truncation=cfg.protocol.get("truncation", "middle"))
     if cfg.get("limit"):
         samples = samples[: int(cfg.limit)]
+    rank, world = distributed.world()
     folders = {id(c): run_folder(cfg, c) for c in compressors}
-    done = {id(c): {row["id"] for row in results.read_predictions(folders[id(c)])} for c in compressors}
+    done = {id(c): {row["id"] for row in results.read_predictions(folders[id(c)]) + distributed.read_parts(folders[id(c)])}
+            for c in compressors}
+    all_samples, samples = samples, samples[rank::world]
     writers: dict[tuple, results.PredictionWriter] = {}
     manifest = {"config": OmegaConf.to_container(cfg, resolve=True), "model": lm.info, "chat_template": chat,
                 "stop_token_ids": lm.stop_token_ids, "environment": results.environment(),
-                "samples": len(samples), "shared_prefill": len(compressors) > 1}
+                "samples": len(all_samples), "shared_prefill": len(compressors) > 1}
     if hasattr(task, "checksums"):
         manifest["data_sha256"] = task.checksums(cfg.task)
     for c in compressors:
         folders[id(c)].mkdir(parents=True, exist_ok=True)
-        results.write_json(folders[id(c)] / results.MANIFEST, {**manifest, "method": {"name": c.name, **c.knobs()}})
+        if rank == 0:
+            results.write_json(folders[id(c)] / results.MANIFEST,
+                               {**manifest, "world_size": world, "method": {"name": c.name, **c.knobs()}})
         finished = sum(s.id in done[id(c)] for s in samples)
         log.info("%s: %d of %d samples already done -> %s", c.name, finished, len(samples), folders[id(c)])
     device = next(lm.model.parameters()).device
@@ -149,12 +155,17 @@ def run(cfg: DictConfig) -> list[dict]:
                 save_positions(folders[id(c)], sample.id, out.report)
             key = (id(c), sample.group)
             if key not in writers:
-                writers[key] = results.PredictionWriter(folders[id(c)], sample.group)
+                suffix = distributed.PART.format(rank=rank) if world > 1 else ""
+                writers[key] = results.PredictionWriter(folders[id(c)], sample.group, suffix)
             writers[key].append(row)
             log.info("%-12s %s score=%.2f %r", c.name, sample.id, row["score"], out.text[:50])
-    sample_ids = [s.id for s in samples]
+    sample_ids = [s.id for s in all_samples]
+    distributed.barrier()
+    if rank != 0:
+        return []
     summaries = []
     for c in compressors:
+        distributed.merge(folders[id(c)], {i: k for k, i in enumerate(sample_ids)})
         summary = summarize(folders[id(c)], c.name, sample_ids)
         if hasattr(task, "finalize") and summary["samples"]:
             summary["datasets"] = task.finalize(folders[id(c)])

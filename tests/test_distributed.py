@@ -1,0 +1,70 @@
+"""Data-parallel runs: torchrun with 2 CPU processes (gloo) equals one process; parts resume."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from harness import distributed, results
+
+ARGS = ["model=tiny_llama", "task=passkey", "task.context_lengths=[400,500]", "task.depths=[0,50,100]",
+        "task.max_new_tokens=4", "methods=[fullkv,snapkv]", "budgets=[64]", "wandb=false", "threads=1"]
+
+
+def harness(results_dir, nproc: int):
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+              str(29500 + os.getpid() % 1000)] if nproc > 1 else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([*prefix, "-m", "harness", *ARGS, f"results_dir={results_dir}",
+                          f"hydra.run.dir={results_dir}/hydra"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def lines(folder: Path) -> list[str]:
+    return (folder / results.PREDICTIONS).read_text().splitlines()
+
+
+def strip_timing(line: str) -> dict:
+    row = json.loads(line)
+    row.pop("seconds")
+    return row
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path):
+    harness(tmp_path / "one", 1)
+    harness(tmp_path / "two", 2)
+    for run in ("fullkv", "snapkv_b64_w32_k7_maxpool_qh"):
+        one = tmp_path / "one" / "passkey" / "tiny_llama" / "default" / run
+        two = tmp_path / "two" / "passkey" / "tiny_llama" / "default" / run
+        assert [strip_timing(x) for x in lines(one)] == [strip_timing(x) for x in lines(two)]   # same order too
+        assert not list(two.glob("*.part"))
+        assert json.loads((two / "manifest.json").read_text())["world_size"] == 2
+        assert json.loads((two / "scores.json").read_text())["samples"] == 6
+
+
+def test_parts_of_a_killed_rank_count_as_done_and_merge(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    rows = [{"id": f"s{i}", "pred": str(i), "score": 1.0} for i in range(5)]
+    (folder / "predictions.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    (folder / "predictions.jsonl.rank1.part").write_text(
+        json.dumps(rows[3]) + "\n" + json.dumps(rows[1]) + "\n" + '{"id": "s4", "pr')   # killed mid-write
+    (folder / "predictions.jsonl.rank0.part").write_text(json.dumps(rows[2]) + "\n" + json.dumps(rows[0]) + "\n")
+    done = {r["id"] for r in results.read_predictions(folder) + distributed.read_parts(folder)}
+    assert done == {"s0", "s1", "s2", "s3"}                      # s4 was cut short: it runs again
+    distributed.merge(folder, {f"s{i}": i for i in range(5)})
+    assert [json.loads(x)["id"] for x in lines(folder)] == ["s0", "s1", "s2", "s3"]   # sorted, s0 once
+    assert not list(folder.glob("*.part"))
+
+
+def test_world_defaults_to_one_process(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.world() == (0, 1)
