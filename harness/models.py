@@ -152,12 +152,16 @@ def load_model(cfg) -> LoadedModel:
         model, tokenizer, origin = _load_gguf(path, dtype, attn, bool(cfg.get("dense_cache", True)))
     else:
         remote = bool(cfg.get("trust_remote_code", False))
+        # device_map=auto (accelerate) spreads a model larger than one GPU over all of them
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, attn_implementation=attn,
-                                                     revision=cfg.get("revision"), trust_remote_code=remote)
+                                                     revision=cfg.get("revision"), trust_remote_code=remote,
+                                                     device_map=cfg.get("device_map"))
         tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, revision=cfg.get("revision"),
                                                   trust_remote_code=remote)
         origin = cfg.name_or_path
-    model.to(device).eval()
+    if not cfg.get("device_map"):
+        model.to(device)
+    model.eval()
     stops = stop_token_ids(model, tokenizer, list(cfg.get("extra_stop_tokens", []) or []))
     return LoadedModel(model=model, tokenizer=tokenizer, name=cfg.name, stop_token_ids=stops,
                        max_input_tokens=cfg.get("max_input_tokens"),

@@ -153,7 +153,8 @@ class DynamicKVSession(CompressionSession):
         """Per-layer counts of the global top ``base * H * k`` pooled scores, floor-divided by k,
         with the reference's final-layer top-up."""
         c = self.compressor
-        stacked = torch.stack(self.scores)                      # [k, B, H, n - w]
+        device = self.scores[0].device                          # layers may sit on different GPUs
+        stacked = torch.stack([scores.to(device) for scores in self.scores])   # [k, B, H, n - w]
         k = stacked.shape[0]
         heads = stacked.shape[2]
         flat = stacked.reshape(-1)

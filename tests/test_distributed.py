@@ -68,3 +68,34 @@ def test_world_defaults_to_one_process(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert distributed.world() == (0, 1)
+
+
+def test_multirun_two_methods_by_two_budgets_gives_four_runs_and_one_table(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "harness", "-m", "model=tiny_llama", "method=snapkv,streamingllm",
+                          "method.budget=48,64", "task.context_lengths=[400]", "task.depths=[50]",
+                          "task.max_new_tokens=3", "wandb=false", f"results_dir={tmp_path}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    from harness.report import find_runs, passkey_table
+    runs = find_runs([tmp_path / "passkey", tmp_path / "passkey" / "tiny_llama"])   # overlapping roots: counted once
+    assert sorted(r.name for r in runs) == ["snapkv_b48_w32_k7_maxpool_qh", "snapkv_b64_w32_k7_maxpool_qh",
+                                            "streamingllm_b48_w44_k7_maxpool_qh_sinktokens4",
+                                            "streamingllm_b64_w60_k7_maxpool_qh_sinktokens4"]
+    header, rows = passkey_table(runs)
+    assert len(rows) == 4 and all(row[-1] == 1 for row in rows)
+
+
+def test_slurm_launcher_config_composes_without_a_cluster():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher not installed")
+    out = subprocess.run([sys.executable, "-m", "harness", "hydra/launcher=slurm", "model=llama3", "task=longbench",
+                          "--cfg", "hydra"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "SlurmLauncher" in out.stdout and "gpus_per_node: 1" in out.stdout
+
+
+def test_ray_launcher_config_composes_without_a_cluster():
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher",
+                        reason="hydra-ray-launcher not installed (pip install 'kv-harness[ray]': it brings ray)")
+    out = subprocess.run([sys.executable, "-m", "harness", "hydra/launcher=ray", "--cfg", "hydra"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "RayLauncher" in out.stdout
