@@ -7,6 +7,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from harness import distributed
 from harness.run import run
 from methods import ConfigError
 
@@ -21,6 +22,8 @@ def main(cfg: DictConfig) -> None:
         log.error("%s", error)
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        distributed.finish()
     for line in summary:
         print(json.dumps(line))
 

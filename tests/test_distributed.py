@@ -96,6 +96,6 @@ def test_slurm_launcher_config_composes_without_a_cluster():
 def test_ray_launcher_config_composes_without_a_cluster():
     pytest.importorskip("hydra_plugins.hydra_ray_launcher",
                         reason="hydra-ray-launcher not installed (pip install 'kv-harness[ray]': it brings ray)")
-    out = subprocess.run([sys.executable, "-m", "harness", "hydra/launcher=ray", "--cfg", "hydra"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "harness", "hydra/launcher=ray_cluster", "--cfg", "hydra"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "RayLauncher" in out.stdout
