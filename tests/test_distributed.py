@@ -99,3 +99,20 @@ def test_ray_launcher_config_composes_without_a_cluster():
     out = subprocess.run([sys.executable, "-m", "harness", "hydra/launcher=ray_cluster", "--cfg", "hydra"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "RayLauncher" in out.stdout
+
+
+@pytest.mark.slow
+def test_rerun_after_a_killed_rank_keeps_its_finished_samples(tmp_path):
+    """A previous torchrun left rank 1's part file with two finished samples (and a line cut by the
+    kill); the next torchrun does only the rest and merges everything in sample order."""
+    folder = tmp_path / "passkey" / "tiny_llama" / "default" / "fullkv"
+    folder.mkdir(parents=True)
+    kept = [{"id": "len400_depth50_r0", "pred": "FROM THE KILLED RUN", "answers": ["x"], "score": 0.0},
+            {"id": "len500_depth0_r0", "pred": "FROM THE KILLED RUN", "answers": ["x"], "score": 0.0}]
+    (folder / "predictions.jsonl.rank1.part").write_text(
+        "".join(json.dumps(r) + "\n" for r in kept) + '{"id": "len500_depth100_r0", "pr')
+    harness(tmp_path, 2)
+    rows = [json.loads(x) for x in lines(folder)]
+    assert [r["id"] for r in rows] == [f"len{n}_depth{d}_r0" for n in (400, 500) for d in (0, 50, 100)]
+    assert [r["id"] for r in rows if r["pred"] == "FROM THE KILLED RUN"] == [k["id"] for k in kept]
+    assert not list(folder.glob("*.part"))
