@@ -66,9 +66,10 @@ def run_folder(cfg: DictConfig, compressor: methods.KVCompressor) -> Path:
     return Path(cfg.results_dir) / cfg.task.name / cfg.model.name / cfg.protocol.name / name
 
 
-def task_samples(task, task_cfg, lm, chat: bool) -> list[Sample]:
+def task_samples(task, task_cfg, lm, chat: bool, truncation: str = "middle") -> list[Sample]:
     """The task's samples, with lengths measured on the model input the runner will build."""
-    return task.build_samples(task_cfg, lm.tokenizer, _counter(task, lm, chat), max_input_tokens=lm.max_input_tokens)
+    return task.build_samples(task_cfg, lm.tokenizer, _counter(task, lm, chat), max_input_tokens=lm.max_input_tokens,
+                              truncation=truncation)
 
 
 def _row(task, sample: Sample, out, seconds: float) -> dict:
@@ -109,9 +110,7 @@ def run(cfg: DictConfig) -> list[dict]:
     lm = _cached_model(OmegaConf.to_yaml(cfg.model, resolve=True))
     chat = use_chat_template(cfg.protocol.chat_template, lm.chat_template, lm.tokenizer)
     skip = set(cfg.protocol.get("chat_template_skip") or [])
-    samples = task.build_samples(cfg.task, lm.tokenizer, _counter(task, lm, chat),
-                                 max_input_tokens=lm.max_input_tokens,
-                                 truncation=cfg.protocol.get("truncation", "middle"))
+    samples = task_samples(task, cfg.task, lm, chat, cfg.protocol.get("truncation", "middle"))
     if cfg.get("limit"):
         samples = samples[: int(cfg.limit)]
     rank, world = distributed.world()

@@ -109,3 +109,21 @@ def test_heatmaps_are_logged_to_wandb_offline(tmp_path, monkeypatch):
     assert run_dir and Path(run_dir).exists() and "offline-run" in run_dir
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert log_images(tmp_path, {"panel": tmp_path / "panel.png"}, name="x") is None
+
+
+def test_missing_haystack_folder_names_the_path_and_the_fix(tmp_path):
+    from harness.tasks.haystack import load_haystack
+    with pytest.raises(FileNotFoundError, match=r"task.haystack_dir='.*nowhere' has no .txt files.*task.haystack=synthetic"):
+        load_haystack("essays", str(tmp_path / "nowhere"), 1000)
+    with pytest.raises(ValueError, match="needs task.haystack_dir"):
+        load_haystack("essays", None, 1000)
+    with pytest.raises(ValueError, match=r"task.haystack='books' is not one of"):
+        load_haystack("books", None, 1000)
+
+
+def test_missing_gguf_file_names_the_path(tmp_path):
+    from harness.models import load_model
+    cfg = OmegaConf.create({"name": "x", "source": "gguf", "path": str(tmp_path / "none.gguf"), "dtype": "float32",
+                            "device": "cpu"})
+    with pytest.raises(FileNotFoundError, match="none.gguf' does not exist"):
+        load_model(cfg)
