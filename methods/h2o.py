@@ -42,20 +42,25 @@ def accumulated_attention(queries: torch.Tensor, keys: torch.Tensor, window: int
     n = keys.shape[2]
     prefix = n - window
     total = torch.zeros(*keys.shape[:2], prefix, dtype=torch.float32, device=keys.device)
-    key_index = torch.arange(n, device=keys.device)
     for start in range(0, n, query_chunk):
         stop = min(start + query_chunk, n)
         # causal: keys after the chunk's last query are masked for every row, so they are left out
         # (exactly: their exp() would be 0); reference_2024 lets early queries see every key
         visible = stop if variant == "causal" else n
         logits = attention_logits(queries[:, :, start:stop], keys[:, :, :visible])   # [B, H, c, visible]
-        query_index = torch.arange(start, stop, device=keys.device)[:, None]
-        future = key_index[None, :visible] > query_index                               # [c, visible]
-        if variant == "reference_2024":  # causal only inside the trailing window x window block
-            future &= (query_index >= prefix) & (key_index[None, :] >= prefix)
-        logits.masked_fill_(future, torch.finfo(logits.dtype).min)
+        # only columns from `first` on can be masked: all keys before the chunk are visible to it
+        # (causal), or only the trailing window block is causal (reference_2024)
+        first = start if variant == "causal" else max(prefix, start)
+        if first < visible:
+            query_index = torch.arange(start, stop, device=keys.device)[:, None]
+            key_index = torch.arange(first, visible, device=keys.device)[None, :]
+            future = key_index > query_index                                            # [c, visible - first]
+            if variant == "reference_2024":
+                future &= query_index >= prefix
+            logits[..., first:visible].masked_fill_(future, torch.finfo(logits.dtype).min)
         probs = F.softmax(logits, dim=-1, dtype=torch.float32).to(queries.dtype)
-        total[:, :, : min(visible, prefix)] += probs[:, :, :, :prefix].float().sum(dim=2)
+        del logits
+        total[:, :, : min(visible, prefix)] += probs[:, :, :, :prefix].sum(dim=2, dtype=torch.float32)
     return total.to(queries.dtype)
 
 

@@ -30,8 +30,8 @@ def attention_logits(queries: torch.Tensor, keys: torch.Tensor, scaling: float |
     """``queries [B, H, m, d] @ keys [B, H, n, d]^T`` scaled like the reference (divide by sqrt(d))."""
     logits = torch.matmul(queries, keys.transpose(2, 3))
     if scaling is None:
-        return logits / math.sqrt(queries.shape[-1])
-    return logits * scaling
+        return logits.div_(math.sqrt(queries.shape[-1]))
+    return logits.mul_(scaling)
 
 
 def window_attention_mass(queries: torch.Tensor, keys: torch.Tensor, window: int,
