@@ -84,11 +84,63 @@ def measure(model, compressor, input_ids, repeats: int, decode_tokens: int) -> d
             "decode_ms_per_token": statistics.median(decode[2:] or decode)}
 
 
+def copy_bandwidth_gbs(device: torch.device, gib: float = 1.0) -> float | None:
+    """Device-to-device copy bandwidth, bytes read + written per second (GB/s); None on the CPU."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(5):
+        with Timer(device) as t:
+            dst.copy_(src)
+        times.append(t.ms)
+    del src, dst
+    return 2 * gib * 2**30 / (statistics.median(times) / 1000) / 1e9
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def batched_decode(model, compressor, input_ids, batches: list[int], tokens: int = 8) -> list[dict]:
+    """Decode throughput with the kept cache replicated to each batch size (one prompt prefilled,
+    its cache repeated), up to the largest batch that fits."""
+    device = input_ids.device
+    out = []
+    for batch in batches:
+        try:
+            cache = make_cache(model)
+            with attach(model, compressor):
+                token = prefill(model, input_ids, cache)
+                for layer in cache.layers:
+                    layer.batch_repeat_interleave(batch)
+                token = token.repeat(batch, 1)
+                position, times = input_ids.shape[1], []
+                for _ in range(tokens):
+                    with Timer(device) as t:
+                        token = decode_one(model, token, cache, position)
+                    times.append(t.ms)
+                    position += 1
+            ms = statistics.median(times[2:] or times)
+            out.append({"batch": batch, "ms_per_step": ms, "tokens_per_s": batch / ms * 1000})
+            del cache
+        except torch.cuda.OutOfMemoryError:
+            out.append({"batch": batch, "oom": True})
+            break
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return out
+
+
 def run(model_name: str, contexts: list[int], budget: int, names: list[str], repeats: int, decode_tokens: int,
-        dtype: str, window: int) -> list[dict]:
+        dtype: str, window: int, batches: list[int] = ()) -> list[dict]:
     cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{model_name}.yaml")
     cfg.dtype = dtype
     lm = load_model(cfg)
+    run.weight_bytes = weight_bytes(lm.model)
     device = next(lm.model.parameters()).device
     rows = []
     for n in contexts:
@@ -102,14 +154,22 @@ def run(model_name: str, contexts: list[int], budget: int, names: list[str], rep
             result = measure(lm.model, compressor, ids, repeats, decode_tokens)
             if name == "fullkv":
                 base = result["prefill_ms"]
+            if batches:
+                result["batched_decode"] = batched_decode(lm.model, compressor, ids, batches)
             rows.append({"context": n, "method": name, "budget": None if name == "fullkv" else budget,
                          **result, "overhead_pct": None if base is None else 100 * (result["prefill_ms"] / base - 1)})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-def markdown(rows: list[dict], device: str) -> str:
-    lines = [f"device: {device}", "",
+def markdown(rows: list[dict], device: str, hardware: dict | None = None) -> str:
+    hardware = hardware or {}
+    floor = hardware.get("weight_read_floor_ms")
+    lines = [f"device: {device}"]
+    if floor:
+        lines.append(f"weights {hardware['weight_gb']:.2f} GB, copy bandwidth {hardware['copy_bandwidth_gbs']:.0f} GB/s "
+                     f"(read + write), weight-read floor {floor:.2f} ms/token")
+    lines += ["",
              "| context | method | budget | prefill ms | overhead vs FullKV | peak GiB | KV kept GiB | decode ms/token |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -117,6 +177,17 @@ def markdown(rows: list[dict], device: str) -> str:
         over = "-" if r["overhead_pct"] is None else f"{r['overhead_pct']:+.1f}%"
         lines.append(f"| {r['context']} | {r['method']} | {r['budget'] or 'full'} | {r['prefill_ms']:.1f} | {over} | "
                      f"{peak} | {r['kv_gib']:.3f} | {r['decode_ms_per_token']:.2f} |")
+    batched = [r for r in rows if r.get("batched_decode")]
+    if batched:
+        lines += ["", "| context | method | batch | ms/step | tokens/s | x floor |", "|---|---|---|---|---|---|"]
+        for r in batched:
+            for b in r["batched_decode"]:
+                if b.get("oom"):
+                    lines.append(f"| {r['context']} | {r['method']} | {b['batch']} | out of memory | | |")
+                else:
+                    ratio = f"{b['ms_per_step'] / floor:.1f}" if floor else "-"
+                    lines.append(f"| {r['context']} | {r['method']} | {b['batch']} | {b['ms_per_step']:.2f} | "
+                                 f"{b['tokens_per_s']:.0f} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -130,17 +201,26 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--batches", type=int, nargs="*", default=[],
+                        help="also decode with the kept cache repeated to these batch sizes (stops at the first OOM)")
     parser.add_argument("--out", default="results/bench")
     args = parser.parse_args(argv)
     if args.methods[0] != "fullkv":
         args.methods = ["fullkv"] + [m for m in args.methods if m != "fullkv"]
     rows = run(args.model, args.contexts, args.budget, args.methods, args.repeats, args.decode_tokens, args.dtype,
-               args.window)
+               args.window, args.batches)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    hardware = {}
+    bandwidth = copy_bandwidth_gbs(torch.device("cuda")) if torch.cuda.is_available() else None
+    if bandwidth:
+        weights = run.weight_bytes
+        hardware = {"copy_bandwidth_gbs": bandwidth, "weight_gb": weights / 1e9,
+                    "weight_read_floor_ms": weights / (bandwidth * 1e9) * 1000}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps({"device": device, "args": vars(args), "rows": rows}, indent=1))
-    text = markdown(rows, device)
+    (out / "bench.json").write_text(json.dumps({"device": device, "hardware": hardware, "args": vars(args),
+                                                "rows": rows}, indent=1))
+    text = markdown(rows, device, hardware)
     (out / "bench.md").write_text(text + "\n")
     print(text)
 
