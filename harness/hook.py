@@ -159,6 +159,24 @@ class Controller:
 
 
 @contextlib.contextmanager
+def routed(model, controller):
+    """For the block: the model's attention runs through our wrapper, and the wrapper reports every
+    full-attention module's queries to ``controller`` (anything with ``capture(layer_idx, query)``).
+    Yields the model layer indices of those modules."""
+    modules = attention_modules(model)
+    original = text_config(model.config)._attn_implementation
+    try:
+        _set_attention(model, wrapped_implementation(original))
+        for module in modules.values():
+            _CONTROLLERS[id(module)] = controller
+        yield list(modules)
+    finally:
+        for module in modules.values():
+            _CONTROLLERS.pop(id(module), None)
+        _set_attention(model, original)
+
+
+@contextlib.contextmanager
 def attach(model, compressor: KVCompressor):
     """Hooks ``compressor`` into ``model`` for the block; the model is unchanged afterwards.
 
@@ -170,21 +188,15 @@ def attach(model, compressor: KVCompressor):
     if compressor.is_noop:
         yield controller
         return
-    config = text_config(model.config)
-    original = config._attn_implementation
     handles = []
     try:
-        _set_attention(model, wrapped_implementation(original))
-        for module in modules.values():
-            _CONTROLLERS[id(module)] = controller
-            handles.append(module.register_forward_hook(controller.after_attention, with_kwargs=True))
-        yield controller
+        with routed(model, controller):
+            for module in modules.values():
+                handles.append(module.register_forward_hook(controller.after_attention, with_kwargs=True))
+            yield controller
     finally:
         for handle in handles:
             handle.remove()
-        for module in modules.values():
-            _CONTROLLERS.pop(id(module), None)
-        _set_attention(model, original)
 
 
 def _set_attention(model, name: str) -> None:

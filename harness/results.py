@@ -96,14 +96,15 @@ def write_json(path: Path, data) -> None:
     tmp.replace(path)
 
 
+def package_version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def environment() -> dict:
     """Git commit, package versions and hardware, for the manifest."""
-    def version(pkg):
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return None
-
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
@@ -114,5 +115,5 @@ def environment() -> dict:
     import torch
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"git_commit": commit, "git_dirty": dirty, "python": platform.python_version(),
-            "packages": {p: version(p) for p in ("torch", "transformers", "hydra-core", "numpy")},
+            "packages": {p: package_version(p) for p in ("torch", "transformers", "hydra-core", "numpy")},
             "machine": platform.machine(), "cpu_count": os.cpu_count(), "gpu": gpu}

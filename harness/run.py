@@ -124,6 +124,8 @@ def run(cfg: DictConfig) -> list[dict]:
                 "samples": len(all_samples), "shared_prefill": len(compressors) > 1}
     if hasattr(task, "checksums"):
         manifest["data_sha256"] = task.checksums(cfg.task)
+    if hasattr(task, "environment"):
+        manifest["scorer"] = task.environment()
     for c in compressors:
         folders[id(c)].mkdir(parents=True, exist_ok=True)
         if rank == 0:

@@ -42,28 +42,13 @@ class SharedPrefill:
     prompt_length: int
 
 
-@contextlib.contextmanager
-def _capturing(model, capture: QueryCapture):
-    modules = hook.attention_modules(model)
-    original = hook.text_config(model.config)._attn_implementation
-    try:
-        hook._set_attention(model, hook.wrapped_implementation(original))
-        for module in modules.values():
-            hook._CONTROLLERS[id(module)] = capture
-        yield list(modules)
-    finally:
-        for module in modules.values():
-            hook._CONTROLLERS.pop(id(module), None)
-        hook._set_attention(model, original)
-
-
 def prefill_once(model, input_ids: torch.Tensor, compressors: list[KVCompressor]) -> SharedPrefill:
     """One full prefill, keeping what every compressor in ``compressors`` will read."""
     def needed(n):
         return max([c.query_count(n) for c in compressors if not c.is_noop] or [1])
     capture = QueryCapture(needed)
     cache = make_cache(model)
-    with _capturing(model, capture) as layers:
+    with hook.routed(model, capture) as layers:
         first = prefill(model, input_ids, cache)
     return SharedPrefill(cache, capture.queries, layers, first, input_ids.shape[1])
 

@@ -22,7 +22,7 @@ state on modules and in globals, which silently turned every sample after the fi
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch

@@ -158,5 +158,6 @@ def test_smollm2_on_the_shared_longbench_files(tmp_path):
         assert set(summary["datasets"]) == {"multi_news", "multifieldqa_zh", "passage_retrieval_zh"}
         manifest = json.loads((Path(summary["folder"]) / "manifest.json").read_text())
         assert manifest["data_sha256"]["multi_news.jsonl"] == longbench.KNOWN_SHA256["multi_news.jsonl"]
+        assert manifest["scorer"]["fuzz_backend"] == "python-Levenshtein"
     rows = [json.loads(l) for l in (Path(summaries[1]["folder"]) / "multifieldqa_zh.jsonl").read_text().splitlines()]
     assert rows[0]["truncated"] and rows[0]["prompt_tokens"] <= 1500 + 2

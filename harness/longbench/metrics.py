@@ -22,7 +22,6 @@ import sys
 import threading
 import warnings
 from collections import Counter
-from importlib import metadata
 from typing import Callable, Sequence
 
 import jieba
@@ -293,13 +292,9 @@ def fuzz_backend() -> str:
 
 def scorer_environment() -> dict:
     """Versions of the libraries the numbers depend on, and the fuzzywuzzy backend."""
-    def version(pkg):
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return None
+    from harness.results import package_version
     packages = ("rouge", "jieba", "fuzzywuzzy", "python-Levenshtein", "Levenshtein")
-    return {"fuzz_backend": fuzz_backend(), **{pkg: version(pkg) for pkg in packages}}
+    return {"fuzz_backend": fuzz_backend(), **{pkg: package_version(pkg) for pkg in packages}}
 
 
 # eval.py dataset2metric.

@@ -162,6 +162,11 @@ def build_samples(cfg, tokenizer, count_tokens=None, max_input_tokens: int | Non
     return samples
 
 
+def environment() -> dict:
+    """For the manifest: the scorer's library versions and fuzzywuzzy backend."""
+    return metrics.scorer_environment()
+
+
 def scores(prediction: str, sample: Sample) -> dict:
     return {"score": metrics.sample_score(sample.group, prediction, sample.answers, sample.meta.get("all_classes"))}
 
