@@ -13,7 +13,7 @@ import torch
 
 from harness.cache import make_cache
 from harness.hook import attach
-from methods.base import KVCompressor
+from methods.base import ConfigError, KVCompressor
 
 
 @dataclass
@@ -63,14 +63,27 @@ def decode_loop(model, tokenizer, first_token: torch.Tensor, cache, prompt_lengt
     return tokens, "max_new_tokens"
 
 
+DECODE_MODES = ("batched", "plain")
+
+
+def check_decode(decode: str) -> None:
+    if decode not in DECODE_MODES:
+        raise ConfigError(f"decode={decode!r} is not one of {DECODE_MODES}: 'batched' (fixed-shape slots, CUDA graphs "
+                         "on a GPU; the default) or 'plain' (one model call per token on the growing cache)")
+
+
 def generate(model, tokenizer, input_ids: torch.Tensor, compressor: KVCompressor, max_new_tokens: int,
-             stop_token_ids=(), stop_strings=(), min_new_tokens: int = 0) -> Generation:
+             stop_token_ids=(), stop_strings=(), min_new_tokens: int = 0, decode: str = "batched",
+             cuda_graphs: bool = True) -> Generation:
     """Greedy generation of one prompt ``input_ids [1, n]`` with ``compressor`` attached.
 
     Stops after a stop token (kept out of the text, as ``generate`` + ``skip_special_tokens`` does),
     when the decoded text contains a stop string (the text keeps it, as ``generate(stop_strings=)``
     does), or after ``max_new_tokens``. ``min_new_tokens`` suppresses stopping before that many tokens.
+    ``decode="batched"`` decodes from fixed-shape buffers (``harness.batched``; a CUDA graph per step on
+    a GPU), ``"plain"`` calls the model per token on the growing cache; greedy tokens are the same.
     """
+    check_decode(decode)
     if input_ids.shape[0] != 1:
         raise ValueError(f"generate takes one prompt at a time; got batch {input_ids.shape[0]}")
     if max_new_tokens < 1:
@@ -79,8 +92,13 @@ def generate(model, tokenizer, input_ids: torch.Tensor, compressor: KVCompressor
     cache = make_cache(model)
     with attach(model, compressor) as controller:
         first = prefill(model, input_ids, cache)
-        tokens, stopped_by = decode_loop(model, tokenizer, first, cache, n, max_new_tokens, stop_token_ids,
-                                         stop_strings, min_new_tokens)
+        if decode == "plain":
+            tokens, stopped_by = decode_loop(model, tokenizer, first, cache, n, max_new_tokens, stop_token_ids,
+                                             stop_strings, min_new_tokens)
         report = controller.report
+    if decode == "batched":
+        from harness.batched import decode_caches
+        [(tokens, stopped_by)] = decode_caches(model, tokenizer, first, [cache], n, max_new_tokens, stop_token_ids,
+                                               stop_strings, min_new_tokens, cuda_graphs=cuda_graphs)
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     return Generation(tokens, text, n, stopped_by, report)

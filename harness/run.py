@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import methods
 from harness import distributed, results
-from harness.generate import generate
+from harness.generate import check_decode, generate
 from harness.models import load_model
 from harness.prompting import encode, use_chat_template
 from harness.shared import generate_many
@@ -103,6 +103,7 @@ def _stop_ids(lm, sample: Sample) -> list[int]:
 def run(cfg: DictConfig) -> list[dict]:
     """Run (or resume) the configured job; returns one summary per method (also in scores.json)."""
     compressors = build_compressors(cfg)        # bad knobs fail here, before any model loads
+    check_decode(cfg.get("decode", "batched"))
     task = get_task(cfg.task.name)
     distributed.init()
     if cfg.get("threads"):
@@ -134,6 +135,7 @@ def run(cfg: DictConfig) -> list[dict]:
         finished = sum(s.id in done[id(c)] for s in samples)
         log.info("%s: %d of %d samples already done -> %s", c.name, finished, len(samples), folders[id(c)])
     device = next(lm.model.parameters()).device
+    fast = {"decode": cfg.get("decode", "batched"), "cuda_graphs": bool(cfg.get("cuda_graphs", True))}
     stop_strings = list(cfg.task.get("stop_strings") or [])
     for sample in samples:
         todo = [c for c in compressors if sample.id not in done[id(c)]]
@@ -145,10 +147,11 @@ def run(cfg: DictConfig) -> list[dict]:
         start = time.perf_counter()
         if len(todo) == 1:
             outs = [generate(lm.model, lm.tokenizer, input_ids, todo[0], sample.max_new_tokens, stops,
-                             stop_strings, sample.min_new_tokens)]
+                             stop_strings, sample.min_new_tokens, **fast)]
         else:
             outs = generate_many(lm.model, lm.tokenizer, input_ids, todo, sample.max_new_tokens, stops,
-                                 stop_strings, sample.min_new_tokens)
+                                 stop_strings, sample.min_new_tokens, max_batch=int(cfg.get("decode_batch", 16)),
+                                 **fast)
         seconds = (time.perf_counter() - start) / len(todo)
         for c, out in zip(todo, outs):
             row = _row(task, sample, out, seconds)

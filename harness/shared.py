@@ -18,7 +18,8 @@ import torch
 
 from harness import hook
 from harness.cache import CompressedLayer, make_cache
-from harness.generate import Generation, decode_loop, prefill
+from harness.batched import DecodeStats, decode_caches
+from harness.generate import Generation, check_decode, decode_loop, prefill
 from methods.base import KVCompressor
 
 
@@ -80,9 +81,24 @@ def compressed_cache(shared: SharedPrefill, compressor: KVCompressor):
 
 @torch.no_grad()
 def generate_many(model, tokenizer, input_ids: torch.Tensor, compressors: list[KVCompressor], max_new_tokens: int,
-                  stop_token_ids=(), stop_strings=(), min_new_tokens: int = 0) -> list[Generation]:
-    """Greedy generation of one prompt under every compressor, with one shared prefill."""
+                  stop_token_ids=(), stop_strings=(), min_new_tokens: int = 0, decode: str = "batched",
+                  cuda_graphs: bool = True, max_batch: int = 16, stats: DecodeStats | None = None) -> list[Generation]:
+    """Greedy generation of one prompt under every compressor, with one shared prefill.
+
+    ``decode="batched"`` decodes all variants together from fixed-shape buffers (``harness.batched``,
+    CUDA graphs on a GPU, at most ``max_batch`` rows a group); ``"plain"`` decodes them one at a time
+    with a model call per token. Greedy tokens are the same (tests/test_batched.py).
+    """
+    check_decode(decode)
     shared = prefill_once(model, input_ids, compressors)
+    if decode == "batched":
+        built = [compressed_cache(shared, c) for c in compressors]
+        del shared.cache
+        decoded = decode_caches(model, tokenizer, shared.first_token, [cache for cache, _ in built],
+                                shared.prompt_length, max_new_tokens, stop_token_ids, stop_strings, min_new_tokens,
+                                cuda_graphs=cuda_graphs, max_batch=max_batch, stats=stats)
+        return [Generation(tokens, tokenizer.decode(tokens, skip_special_tokens=True), shared.prompt_length,
+                           stopped_by, report) for (tokens, stopped_by), (_, report) in zip(decoded, built)]
     out = []
     for compressor in compressors:
         cache, report = compressed_cache(shared, compressor)

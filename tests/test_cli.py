@@ -141,3 +141,22 @@ def test_unknown_name_in_methods_list(tmp_path):
     from methods import ConfigError
     with pytest.raises(ConfigError, match=r"unknown method 'snap'; choose from \['dynamickv', 'fullkv', 'h2o'"):
         runner.run(config(tmp_path, "methods=[fullkv,snap]"))
+
+
+def test_unknown_decode_mode_fails_before_the_model_loads(tmp_path):
+    out = cli("model=tiny_llama", "decode=fast", f"results_dir={tmp_path}")
+    assert out.returncode == 2
+    assert "decode='fast' is not one of ('batched', 'plain')" in out.stderr
+    assert not (tmp_path / "passkey").exists()
+
+
+def test_plain_and_batched_decode_write_the_same_predictions(tmp_path):
+    from harness import results
+    rows = {}
+    for mode in ("plain", "batched"):
+        folder = tmp_path / mode
+        runner.run(config(folder, "model=tiny_llama", "methods=[fullkv,snapkv,pyramidkv]", "method.budget=64",
+                          "limit=2", "task.max_new_tokens=12", f"decode={mode}"))
+        rows[mode] = sorted((str(p.parent.relative_to(folder)), r["id"], r["pred"], r["stopped_by"])
+                            for p in folder.rglob("manifest.json") for r in results.read_predictions(p.parent))
+    assert rows["plain"] == rows["batched"] and len(rows["plain"]) == 6

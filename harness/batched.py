@@ -1,0 +1,462 @@
+"""Batched, fixed-shape decoding of many compressed caches of one prompt, with CUDA graphs on a GPU.
+
+After a shared prefill (``harness.shared``) every method and budget has its own cache, and each layer
+of each cache holds a different number of tokens. The plain path decodes them one at a time, one
+model call per token, each call paying Python and kernel-launch overhead on every layer (the
+reference scripts' ``generate`` loop; 25-110 ms/token for an 8B model on an H100 whose weight-read
+floor is about 6 ms). Here the rows are decoded together:
+
+* ``SlotCache``: per model layer one buffer ``[B, H, capacity, d]`` holding every row's kept tokens
+  left-aligned, plus the capacity for the tokens still to come. Row ``b`` of layer ``l`` writes its
+  decode step ``t`` at slot ``start[l, b] + t``; the attention mask of that row is computed from the
+  same numbers (slots ``<= start + t``, and for sliding-window layers also ``> start + t - window``),
+  so rows of different lengths, and layers of different lengths, share one batch. Shapes never change
+  during decoding.
+* ``slot_attention``: the attention of one decode query against its row's valid slots, registered
+  with transformers' ``AttentionInterface`` (and with no mask function, so transformers builds no
+  mask at all). The KV heads are read once per query-head group (no ``repeat_kv`` copy); scores are
+  in the model dtype, softmax in float32 cast back, as transformers' eager attention computes them.
+* ``Decoder``: one greedy step (model forward, argmax, positions and slots advanced) runs eagerly on
+  the CPU and is captured once into a CUDA graph on a GPU, then replayed: a decode step is one graph
+  launch. Graphs (with their buffers) are kept and reused for later prompts whose bucketed shapes
+  match (capacities are rounded up to ``bucket`` slots). Where capture fails the step runs eagerly and
+  the reason is recorded.
+* Rows stop on their own (stop token, stop string, ``max_new_tokens``); a finished row still rides
+  along in the fixed-shape batch until the group finishes, its tokens ignored.
+
+Greedy results equal the plain path (``harness.generate.decode_loop``) token for token on the CPU
+(tests/test_batched.py); on a GPU in bf16 the reductions differ in order, so rare near-ties can flip
+(``python -m harness.bench --divergence`` reports the rate).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from harness.cache import text_config
+from methods.base import repeat_heads
+
+SLOT_ATTENTION = "kvharness_slots"
+_ACTIVE: dict[int, "SlotLayer"] = {}  # id(attention module) -> its layer of the cache being decoded
+
+
+class Segment:
+    """Rows ``[start, stop)`` of the batch that share one buffer layout in one layer."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, fill: torch.Tensor, window: int | None, start: int):
+        self.keys, self.values = keys, values       # [rows, H, capacity, d], zero-filled (finite padding)
+        self.fill = fill                            # [rows] next slot to write (a view into SlotCache.fills)
+        self.window = window                        # sliding window of this layer, None for full attention
+        self.start, self.stop = start, start + keys.shape[0]
+        self.slots = torch.arange(keys.shape[2], device=keys.device)
+
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        rows, heads, _, dim = self.keys.shape
+        if key_states.shape[1] != heads:
+            key_states = repeat_heads(key_states, heads // key_states.shape[1])
+            value_states = repeat_heads(value_states, heads // value_states.shape[1])
+        index = self.fill.view(rows, 1, 1, 1).expand(rows, heads, 1, dim)
+        self.keys.scatter_(2, index, key_states)
+        self.values.scatter_(2, index, value_states)
+
+    def mask(self) -> torch.Tensor:
+        """``[rows, 1, 1, capacity]``: True where the row's current query may attend (after ``write``)."""
+        last = self.fill[:, None]
+        allowed = self.slots[None, :] <= last
+        if self.window is not None:
+            allowed &= self.slots[None, :] > last - self.window
+        return allowed[:, None, None, :]
+
+    def attend(self, query: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+        """``query [rows, Hq, 1, d]`` -> ``[rows, Hq, 1, d]``; each KV head is read once for its group."""
+        rows, hq, q, d = query.shape
+        hc = self.keys.shape[1]
+        grouped = query.reshape(rows, hc, (hq // hc) * q, d)
+        scores = torch.matmul(grouped, self.keys.transpose(-1, -2)) * scale     # [rows, Hc, g, capacity]
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.masked_fill(~self.mask(), float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(self.values.dtype)
+        return torch.matmul(probs, self.values).reshape(rows, hq, q, d)
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+
+class SlotLayer(CacheLayerMixin):
+    """One model layer of a ``SlotCache``: its segments' fixed buffers and per-row write slots."""
+
+    def __init__(self, segments: list[Segment], window: int | None):
+        super().__init__()
+        self.segments = segments
+        self.window = window
+        self.is_sliding = window is not None
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # buffers exist from the start
+        return None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if key_states.shape[2] != 1:
+            raise ValueError(f"a SlotCache decodes one token per row per step; got {key_states.shape[2]} tokens")
+        for seg in self.segments:
+            seg.write(key_states[seg.start:seg.stop], value_states[seg.start:seg.stop])
+        # what the attention function receives; slot_attention reads the segments instead
+        return self.segments[0].keys, self.segments[0].values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.segments[0].keys.shape[2], 0
+
+    def get_seq_length(self) -> int:
+        return 0
+
+    def get_max_length(self) -> int:
+        return max(seg.keys.shape[2] for seg in self.segments)
+
+
+class SlotCache(Cache):
+    """A transformers ``Cache`` of ``SlotLayer``s; ``advance()`` moves every row one slot on."""
+
+    def __init__(self, layers: list[SlotLayer], fills: torch.Tensor, seen: int):
+        super().__init__(layers=layers)
+        self.fills = fills          # [num_layers, B]
+        self.seen = seen            # tokens the model has seen before decoding (for cache_position only)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    def advance(self) -> None:
+        self.fills.add_(1)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(seg.nbytes for layer in self.layers for seg in layer.segments)
+
+
+def slot_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                   softcap: float | None = None, **kwargs):
+    """Attention of one decode query per row over its valid slots, segment by segment (``key`` and
+    ``value`` are ignored, and no mask is built for this implementation: the slots carry both)."""
+    layer = _ACTIVE[id(module)]
+    scale = scaling if scaling is not None else 1 / math.sqrt(query.shape[-1])
+    outs = [seg.attend(query[seg.start:seg.stop], scale, softcap) for seg in layer.segments]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SLOT_ATTENTION, slot_attention)
+
+
+def _all_attention_modules(model) -> dict[int, torch.nn.Module]:
+    found = {}
+    for _, module in model.named_modules():
+        idx = getattr(module, "layer_idx", None)
+        if idx is not None and type(module).__name__.endswith("Attention") and hasattr(module, "config"):
+            found.setdefault(idx, module)
+    return found
+
+
+@contextlib.contextmanager
+def slot_routing(model, cache: SlotCache):
+    """For the block, the model's attention reads ``cache`` through ``slot_attention``."""
+    from harness.hook import _set_attention  # one place that switches implementations
+    modules = _all_attention_modules(model)
+    original = text_config(model.config)._attn_implementation
+    try:
+        _set_attention(model, SLOT_ATTENTION)
+        for idx, module in modules.items():
+            _ACTIVE[id(module)] = cache.layers[idx]
+        yield
+    finally:
+        for module in modules.values():
+            _ACTIVE.pop(id(module), None)
+        _set_attention(model, original)
+
+
+# ---- building slot caches from per-variant caches ------------------------------------------------
+
+def _round_up(n: int, bucket: int) -> int:
+    return -(-n // bucket) * bucket
+
+
+@dataclass
+class RowLayer:
+    keys: torch.Tensor    # [1, H, n, d]
+    values: torch.Tensor
+    window: int | None    # sliding window (the stored tokens are the most recent ones)
+
+
+def row_layers(cache) -> list[RowLayer]:
+    """The stored keys/values of every layer of a prefilled transformers cache (one prompt)."""
+    out = []
+    for layer in cache.layers:
+        if layer.keys is None or layer.keys.numel() == 0:
+            raise ValueError("decoding needs a prefilled cache; a layer is empty")
+        window = getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
+        out.append(RowLayer(layer.keys, layer.values, window))
+    return out
+
+
+def layout(rows: list[list[RowLayer]], segments: list[list[int]], steps: int, bucket: int) -> tuple:
+    """The buffer shapes of one decode batch: per segment, its row count and per layer
+    ``(heads, capacity, head_dim, window)`` (capacity: its longest row plus ``steps``, rounded up)."""
+    out = []
+    for segment in segments:
+        layers = []
+        for layer_rows in zip(*(rows[i] for i in segment)):
+            heads = max(r.keys.shape[1] for r in layer_rows)
+            capacity = _round_up(max(r.keys.shape[2] for r in layer_rows) + steps, bucket)
+            layers.append((heads, capacity, layer_rows[0].keys.shape[3], layer_rows[0].window))
+        out.append((len(segment), tuple(layers)))
+    return tuple(out)
+
+
+def allocate(shape: tuple, dtype, device) -> SlotCache:
+    batch = sum(count for count, _ in shape)
+    num_layers = len(shape[0][1])
+    fills = torch.zeros(num_layers, batch, dtype=torch.long, device=device)
+    layers = []
+    for i in range(num_layers):
+        segments, start = [], 0
+        for count, specs in shape:
+            heads, capacity, dim, window = specs[i]
+            keys = torch.zeros(count, heads, capacity, dim, dtype=dtype, device=device)  # finite padding
+            segments.append(Segment(keys, torch.zeros_like(keys), fills[i, start:start + count], window, start))
+            start += count
+        layers.append(SlotLayer(segments, specs[i][3]))
+    return SlotCache(layers, fills, 0)
+
+
+def load(cache: SlotCache, rows: list[list[RowLayer]], seen: int) -> None:
+    """Copy every row's stored tokens (``rows`` in batch order) to the front of its slots; decode step
+    0 writes right after them."""
+    for i, layer in enumerate(cache.layers):
+        for seg in layer.segments:
+            heads = seg.keys.shape[1]
+            for b in range(seg.start, seg.stop):
+                src = rows[b][i]
+                n, groups = src.keys.shape[2], heads // src.keys.shape[1]
+                seg.keys[b - seg.start, :, :n].copy_(repeat_heads(src.keys, groups)[0])
+                seg.values[b - seg.start, :, :n].copy_(repeat_heads(src.values, groups)[0])
+                seg.fill[b - seg.start] = n
+    cache.seen = seen
+
+
+def group_rows(costs: list[tuple[int, ...]], max_batch: int, waste: float = 2.0) -> list[list[list[int]]]:
+    """Rows (each given its per-layer cost, heads x tokens) into decode batches of at most
+    ``max_batch`` rows, each batch a list of segments. Within a segment every row is padded to the
+    segment's largest per layer, at most ``waste`` times the rows' own sizes; the segments of a batch
+    decode in the same forward (the weights, the bulk of a step's memory traffic, are read once)."""
+    order = sorted(range(len(costs)), key=lambda i: sum(costs[i]))
+    segments, current = [], []
+    for i in order:
+        trial = current + [i]
+        padded = len(trial) * sum(max(costs[j][l] for j in trial) for l in range(len(costs[i])))
+        own = sum(sum(costs[j]) for j in trial)
+        if current and padded > waste * own:
+            segments.append(current)
+            trial = [i]
+        current = trial
+    if current:
+        segments.append(current)
+    batches, batch, size = [], [], 0
+    for segment in segments:
+        while segment:
+            take = segment[:max_batch - size]
+            segment = segment[len(take):]
+            batch.append(take)
+            size += len(take)
+            if size == max_batch:
+                batches.append(batch)
+                batch, size = [], 0
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+# ---- the decode step, eager or as a CUDA graph ---------------------------------------------------
+
+class Decoder:
+    """Fixed buffers (cache, input ids, positions) and one greedy step over them."""
+
+    def __init__(self, cache: SlotCache, batch: int):
+        device = cache.fills.device
+        self.cache = cache
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_error: str | None = None
+
+    def reset(self, first_tokens: torch.Tensor, positions: torch.Tensor) -> None:
+        self.ids.copy_(first_tokens.view(-1, 1))
+        self.positions.copy_(positions.view(-1, 1))
+
+    def _step(self, model) -> None:
+        out = model(input_ids=self.ids, position_ids=self.positions, past_key_values=self.cache,
+                         use_cache=True, logits_to_keep=1)
+        self.ids.copy_(out.logits[:, -1].argmax(dim=-1, keepdim=True))
+        self.positions.add_(1)
+        self.cache.advance()
+
+    def capture(self, model) -> bool:
+        """Record one step into a CUDA graph (after two eager warm-up steps on a side stream, undone)."""
+        saved = self.ids.clone(), self.positions.clone(), self.cache.fills.clone()
+        try:
+            stream = torch.cuda.Stream(device=self.ids.device)
+            stream.wait_stream(torch.cuda.current_stream(self.ids.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._step(model)
+                    self._restore(saved)
+            torch.cuda.current_stream(self.ids.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # a private memory pool per graph
+                self._step(model)
+            self.graph = graph
+        except Exception as error:  # noqa: BLE001 - any capture failure falls back to eager steps
+            self.graph, self.graph_error = None, f"{type(error).__name__}: {error}"
+            torch.cuda.synchronize(self.ids.device)
+        self._restore(saved)
+        return self.graph is not None
+
+    def _restore(self, saved) -> None:
+        self.ids.copy_(saved[0])
+        self.positions.copy_(saved[1])
+        self.cache.fills.copy_(saved[2])
+
+    def step(self, model, graph: bool) -> None:
+        if graph and self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step(model)
+
+
+class DecoderPool:
+    """Decoders (buffers and captured graphs) kept for reuse by later prompts of the same shapes
+    (least recently used first out, at most ``max_entries`` and ``max_bytes`` of cache buffers)."""
+
+    def __init__(self, max_bytes: int = 4 * 2**30, max_entries: int = 8):
+        self.max_bytes, self.max_entries = max_bytes, max_entries
+        self.entries: OrderedDict[tuple, Decoder] = OrderedDict()
+        self.captures = 0
+        self.reuses = 0
+
+    def get(self, key: tuple, make) -> Decoder:
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            self.reuses += 1
+            return self.entries[key]
+        decoder = make()
+        if decoder.cache.nbytes <= self.max_bytes:
+            self.entries[key] = decoder
+            while len(self.entries) > self.max_entries or self._bytes() > self.max_bytes:
+                self.entries.popitem(last=False)
+        return decoder
+
+    def _bytes(self) -> int:
+        return sum(d.cache.nbytes for d in self.entries.values())
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+_POOLS: "weakref.WeakKeyDictionary[torch.nn.Module, DecoderPool]" = weakref.WeakKeyDictionary()
+
+
+def pool_for(model) -> DecoderPool:
+    if model not in _POOLS:
+        _POOLS[model] = DecoderPool()
+    return _POOLS[model]
+
+
+def clear_pools() -> None:
+    """Drop every kept decoder (buffers and graphs), e.g. before measuring peak memory."""
+    for pool in _POOLS.values():
+        pool.clear()
+
+
+@dataclass
+class DecodeStats:
+    groups: list[int] = field(default_factory=list)     # rows per decode batch
+    segments: list[int] = field(default_factory=list)   # buffer layouts (segments) per decode batch
+    graphs: int = 0                                     # groups that replayed a CUDA graph
+    reused: int = 0                                     # groups whose buffers (and graph) an earlier prompt made
+    eager_reason: str | None = None
+
+
+def _stopped(tokens: list[int], stops: set[int], tokenizer, stop_strings, min_new_tokens: int) -> str | None:
+    if len(tokens) <= min_new_tokens:
+        return None
+    if tokens[-1] in stops:
+        return "stop_token"
+    if stop_strings and any(s in tokenizer.decode(tokens, skip_special_tokens=True) for s in stop_strings):
+        return "stop_string"
+    return None
+
+
+@torch.no_grad()
+def decode_caches(model, tokenizer, first_token: torch.Tensor, caches: list, prompt_length: int, max_new_tokens: int,
+                  stop_token_ids=(), stop_strings=(), min_new_tokens: int = 0, cuda_graphs: bool = True,
+                  max_batch: int = 16, bucket: int = 64, stats: DecodeStats | None = None) -> list[tuple[list[int], str]]:
+    """Greedy decoding of every cache in ``caches`` (each prefilled with the same prompt, whose first
+    generated token is ``first_token``); returns ``(tokens, stopped_by)`` per cache, as
+    ``harness.generate.decode_loop`` would for each alone."""
+    stats = stats if stats is not None else DecodeStats()
+    stops = {int(t) for t in stop_token_ids}
+    first = int(first_token.reshape(-1)[0])
+    results: list[tuple[list[int], str] | None] = [None] * len(caches)
+    if max_new_tokens <= 1 or not caches:
+        for i in range(len(caches)):
+            results[i] = ([first], _stopped([first], stops, tokenizer, stop_strings, min_new_tokens) or "max_new_tokens")
+        return results
+    rows = [row_layers(c) for c in caches]
+    costs = [tuple(r.keys.shape[1] * r.keys.shape[2] for r in row) for row in rows]
+    device = rows[0][0].keys.device
+    use_graphs = cuda_graphs and device.type == "cuda"
+    steps = max_new_tokens - 1
+    for segments in group_rows(costs, max_batch):
+        group = [i for segment in segments for i in segment]       # batch order
+        batch_rows = [rows[i] for i in group]
+        shape = layout(rows, segments, steps, bucket)
+        dtype = batch_rows[0][0].keys.dtype
+        batch = len(group)
+        pool = pool_for(model)
+        reused_before = pool.reuses
+        decoder = pool.get((shape, dtype, str(device)), lambda: Decoder(allocate(shape, dtype, device), batch))
+        stats.reused += pool.reuses - reused_before
+        load(decoder.cache, batch_rows, prompt_length)
+        decoder.reset(torch.full((batch,), first, dtype=torch.long, device=device),
+                      torch.full((batch,), prompt_length, dtype=torch.long, device=device))
+        stats.groups.append(batch)
+        stats.segments.append(len(segments))
+        tokens = [[] for _ in group]
+        done: list[str | None] = [None] * batch
+        with slot_routing(model, decoder.cache):
+            if use_graphs and decoder.graph is None and decoder.graph_error is None:
+                decoder.capture(model)
+            if use_graphs and decoder.graph is not None:
+                stats.graphs += 1
+            elif use_graphs:
+                stats.eager_reason = decoder.graph_error
+            current = [first] * batch
+            for step in range(max_new_tokens):
+                for b in range(batch):
+                    if done[b] is None:
+                        tokens[b].append(current[b])
+                        done[b] = _stopped(tokens[b], stops, tokenizer, stop_strings, min_new_tokens)
+                if all(d is not None for d in done) or step + 1 == max_new_tokens:
+                    break
+                decoder.step(model, use_graphs)
+                current = decoder.ids.view(-1).tolist()
+        for b, i in enumerate(group):
+            results[i] = (tokens[b], done[b] or "max_new_tokens")
+    return results
