@@ -15,7 +15,7 @@ OVERRIDES ?=
 # WANDB: false: no W&B logging (offline logging needs no API key or network)
 WANDB ?= true
 
-.PHONY: setup test demo needle passkey longbench table bench clean
+.PHONY: setup test demo needle passkey longbench table bench kvpress-site clean
 
 setup:
 	@# torch first, pinned to the CPU build on local disk here (a bare `torch` can pull a CUDA build)
@@ -67,6 +67,14 @@ table:
 clean:
 	rm -rf $(RESULTS)/hydra
 
-# Prefill / compression / decode cost per method (GPU: Llama-3-8B shape, random weights).
+# What each method costs and saves (GPU: Llama-3-8B shape, random weights); kvpress runs from
+# KVPRESS_SITE when that directory exists (make kvpress-site builds it).
+KVPRESS_SITE ?= .kvsite
 bench:
-	$(PYTHON) -m harness.bench --out $(RESULTS)/bench $(BENCH_ARGS)
+	$(PYTHON) -m harness.bench --out $(RESULTS)/bench $(if $(wildcard $(KVPRESS_SITE)),--kvpress-site $(abspath $(KVPRESS_SITE))) $(BENCH_ARGS)
+
+# kvpress pins transformers<5.3, older than the harness needs: it gets a directory of its own, put
+# alone on PYTHONPATH for the benchmark's kvpress subprocess (with the torch of the running Python).
+kvpress-site:
+	$(PIP) install -q --no-deps --no-compile --target $(KVPRESS_SITE) kvpress==0.5.5 transformers==5.2.0 \
+	    tokenizers==0.22.2 "huggingface-hub>=1.3,<2" cachetools==5.5.2 fire==0.6.0 termcolor xxhash datasets dill multiprocess

@@ -1,20 +1,44 @@
-"""Prefill, compression and decode cost per method: ``python -m harness.bench`` (``make bench``).
+"""What each method costs and saves: ``python -m harness.bench`` (``make bench``).
 
 For a model config (default: Llama-3-8B's shape with random weights; speed does not depend on the
-weight values) and context lengths, per method: prefill + compression time (CUDA events after a
-warm-up, median of repeats), the overhead over FullKV's prefill, peak GPU memory of the prefill,
-the KV bytes kept, and decode ms/token at batch 1 with the kept cache. Writes JSON and a Markdown
-table. On a CPU the same code runs (wall-clock timers, no GPU memory) for tests.
+weight values, and every measured decode runs a fixed number of tokens) it measures, in sections
+(``--sections``, all by default):
 
-Not yet here (see the speed issue): batched decoding of variants, CUDA graphs, the largest-batch
-throughput, the memory-bandwidth floor and the kvpress comparison.
+``methods``     per context length and method: prefill + compression time (CUDA events after a
+                warm-up, median of ``--repeats``), the overhead over FullKV's prefill, peak GPU
+                memory of the prefill, the KV bytes kept, and decode ms/token at batch 1 on the
+                plain path (a model call per token on the growing cache, as the reference scripts
+                decode) and on the fast path (fixed-shape slots, one CUDA graph per step), with the
+                achieved memory bandwidth of the fast step;
+``batches``     fast-path decode throughput with the kept cache repeated to each of ``--batches``
+                rows, up to the largest batch that fits (stops at the first out-of-memory);
+``sweep``       a LongBench-shaped workload (prompt and answer lengths of LongBench's English and code
+                datasets, truncated to the model's input limit like LongBench's ``pred.py``): one
+                FullKV run against the six-method sweep at one budget with one shared prefill per
+                sample and every variant decoded together (``--sweep-plain`` also times the six
+                methods one at a time on the plain path);
+``kvpress``     kvpress (the closest peer) on the same model, contexts and SnapKV setting, in a
+                subprocess with its own transformers (``--kvpress-site``; see
+                ``harness/bench_kvpress.py``): prefill + compression, peak memory and end-to-end
+                time per sample against ours;
+``divergence``  the fast path against the plain path on the same prompts: rows whose greedy tokens
+                differ (bf16 reductions in another order can flip near-ties; on the CPU the paths
+                are token-identical, tests/test_batched.py).
+
+The weight-read floor of a decode step is the model's weight bytes over the GPU's measured
+device-to-device copy bandwidth. Writes ``bench.json``, ``bench.md`` and ``bench.png`` to ``--out``.
+On a CPU the same code runs (wall-clock timers, no GPU memory, no graphs) for tests.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import random
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,12 +46,26 @@ import torch
 from omegaconf import OmegaConf
 
 import methods
-from harness.cache import CompressedLayer, make_cache
-from harness.generate import decode_one, prefill
+from harness import batched
+from harness.cache import make_cache
+from harness.generate import decode_one, generate, prefill
 from harness.hook import attach
 from harness.models import load_model
+from harness.shared import generate_many
 
 ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("methods", "batches", "sweep", "kvpress", "divergence")
+SIX = ["fullkv", "streamingllm", "h2o", "snapkv", "pyramidkv", "dynamickv"]
+
+# LongBench (THUDM/LongBench at 2e00731): English and code datasets -> (max new tokens from pred.py's
+# dataset2maxlen, average length in words from task.md; reference-eval.md lists both).
+LONGBENCH_SHAPE = {
+    "narrativeqa": (128, 18409), "qasper": (128, 3619), "multifieldqa_en": (64, 4559), "hotpotqa": (32, 9151),
+    "2wikimqa": (32, 4887), "musique": (32, 11214), "gov_report": (512, 8734), "qmsum": (512, 10614),
+    "multi_news": (512, 2113), "trec": (64, 5177), "triviaqa": (32, 8209), "samsum": (128, 6258),
+    "passage_count": (32, 11141), "passage_retrieval_en": (32, 9289), "lcc": (64, 1235), "repobench-p": (64, 4206),
+}
+TOKENS_PER_WORD = 1.3   # an approximation for English with Llama-3's tokenizer (whitespace words -> tokens)
 
 
 class Timer:
@@ -52,12 +90,33 @@ class Timer:
             self.ms = 1000 * (time.perf_counter() - self.t0)
 
 
+def wall_ms(device: torch.device, fn) -> tuple[float, object]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - start), out
+
+
 def kv_bytes(cache) -> int:
     return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers
                if getattr(layer, "keys", None) is not None and layer.keys.numel())
 
 
-def measure(model, compressor, input_ids, repeats: int, decode_tokens: int) -> dict:
+def build(name: str, budget: int, window: int, **extra) -> methods.KVCompressor:
+    if name == "fullkv":
+        return methods.build("fullkv")
+    knobs = {"budget": budget, "window_size": window, **extra}
+    if name == "streamingllm":
+        knobs["sink_tokens"] = 4
+    return methods.build(name, **knobs)
+
+
+# ---- methods: prefill, compression, memory, decode at batch 1 ------------------------------------
+
+def prefill_cost(model, compressor, input_ids, repeats: int) -> tuple[dict, object, torch.Tensor]:
     device = input_ids.device
     times, peak = [], None
     for _ in range(repeats + 1):  # the first is a warm-up
@@ -70,19 +129,242 @@ def measure(model, compressor, input_ids, repeats: int, decode_tokens: int) -> d
         times.append(t.ms)
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated() / 2**30
-    kept = kv_bytes(cache)
-    decode = []
+    return {"prefill_ms": statistics.median(times[1:]), "peak_gib": peak, "kv_gib": kv_bytes(cache) / 2**30}, cache, token
+
+
+def plain_decode_ms(model, compressor, cache, token, position: int, tokens: int) -> float:
+    device = token.device
+    times = []
     with attach(model, compressor):
-        position = input_ids.shape[1]
-        for _ in range(decode_tokens):
+        for _ in range(tokens):
             with Timer(device) as t:
                 token = decode_one(model, token, cache, position)
-            decode.append(t.ms)
+            times.append(t.ms)
             position += 1
-    del cache
-    return {"prefill_ms": statistics.median(times[1:]), "peak_gib": peak, "kv_gib": kept / 2**30,
-            "decode_ms_per_token": statistics.median(decode[2:] or decode)}
+    return statistics.median(times[2:] or times)
 
+
+def fast_decode(model, cache, token, position: int, tokens: int, rows: int = 1, repeats: int = 3) -> dict:
+    """The fast decode step (``harness.batched``) with ``cache`` repeated to ``rows`` rows: ms per
+    step (median over ``repeats`` runs of ``tokens`` steps), the bytes it reads, and the capture time."""
+    device = token.device
+    row = batched.row_layers(cache)
+    shape = batched.layout([row] * rows, [list(range(rows))], tokens * repeats + 4, 64)
+    slot = batched.allocate(shape, row[0].keys.dtype, device)
+    batched.load(slot, [row] * rows, position)
+    decoder = batched.Decoder(slot, rows)
+    decoder.reset(token.reshape(-1)[:1].repeat(rows), torch.full((rows,), position, device=device))
+    out = {"rows": rows, "graph": False}
+    with torch.no_grad(), batched.slot_routing(model, slot):
+        if device.type == "cuda":
+            with Timer(device) as t:
+                out["graph"] = decoder.capture(model)
+            out["capture_ms"] = t.ms
+            if not out["graph"]:
+                out["graph_error"] = decoder.graph_error
+        runs = []
+        for _ in range(repeats):
+            with Timer(device) as t:
+                for _ in range(tokens):
+                    decoder.step(model, True)
+            runs.append(t.ms / tokens)
+    out["ms_per_step"] = statistics.median(runs)
+    out["tokens_per_s"] = rows / out["ms_per_step"] * 1000
+    out["kv_read_bytes"] = slot.nbytes
+    del decoder, slot
+    return out
+
+
+def method_rows(lm, contexts, budget, window, names, repeats, decode_tokens, weights: int, bandwidth) -> list[dict]:
+    model = lm.model
+    device = next(model.parameters()).device
+    rows = []
+    for n in contexts:
+        ids = torch.randint(2, min(model.config.vocab_size, 30000), (1, n), device=device,
+                            generator=torch.Generator(device).manual_seed(n))
+        base = None
+        for name in names:
+            compressor = build(name, budget, window)
+            result, cache, token = prefill_cost(model, compressor, ids, repeats)
+            if name == "fullkv":
+                base = result["prefill_ms"]
+            result["decode_plain_ms"] = plain_decode_ms(model, compressor, cache, token, n, decode_tokens)
+            # the same cache, now decode_tokens longer (the fast step's timing does not depend on it)
+            fast = fast_decode(model, cache, token, n + decode_tokens, decode_tokens)
+            result["decode_fast_ms"] = fast["ms_per_step"]
+            result["graph"] = fast["graph"]
+            result["capture_ms"] = fast.get("capture_ms")
+            if bandwidth:
+                result["achieved_gbs"] = (weights + fast["kv_read_bytes"]) / (fast["ms_per_step"] / 1000) / 1e9
+            del cache
+            rows.append({"context": n, "method": name, "budget": None if name == "fullkv" else budget, **result,
+                         "overhead_pct": None if base is None else 100 * (result["prefill_ms"] / base - 1)})
+            print(json.dumps(rows[-1]), flush=True)
+            _free(device)
+    return rows
+
+
+def _fresh(model, compressor, ids):
+    cache = make_cache(model)
+    with torch.no_grad(), attach(model, compressor):
+        token = prefill(model, ids, cache)
+    return cache, token
+
+
+def _free(device) -> None:
+    batched.clear_pools()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def batch_rows(lm, context: int, budget: int, window: int, names, batches, tokens: int) -> list[dict]:
+    """Fast-path throughput with the kept cache of one prompt repeated to each batch size."""
+    model = lm.model
+    device = next(model.parameters()).device
+    ids = torch.randint(2, min(model.config.vocab_size, 30000), (1, context), device=device)
+    out = []
+    for name in names:
+        compressor = build(name, budget, window)
+        cache, token = _fresh(model, compressor, ids)
+        for rows in batches:
+            try:
+                result = fast_decode(model, cache, token, context, tokens, rows=rows, repeats=2)
+                out.append({"context": context, "method": name, "batch": rows, **result})
+            except torch.cuda.OutOfMemoryError:
+                out.append({"context": context, "method": name, "batch": rows, "oom": True})
+                break
+            finally:
+                _free(device)
+            print(json.dumps(out[-1]), flush=True)
+        del cache
+        _free(device)
+    return out
+
+
+# ---- sweep: six methods with one shared prefill against one FullKV run ---------------------------
+
+def longbench_workload(samples: int, max_input: int, seed: int = 0) -> list[tuple[str, int, int]]:
+    """``(dataset, prompt tokens, max new tokens)``: datasets in turn, prompt lengths drawn around each
+    dataset's average (words x ``TOKENS_PER_WORD``, times 0.6-1.4) and truncated to ``max_input``
+    as LongBench's ``pred.py`` truncates in the middle."""
+    rng = random.Random(seed)
+    names = list(LONGBENCH_SHAPE)
+    out = []
+    for i in range(samples):
+        name = names[(i * 5) % len(names)]          # a stride that mixes short and long answers
+        new, words = LONGBENCH_SHAPE[name]
+        length = int(words * TOKENS_PER_WORD * rng.uniform(0.6, 1.4))
+        out.append((name, min(length, max_input), new))
+    return out
+
+
+def sweep(lm, samples: int, budget: int, window: int, max_input: int, plain: bool) -> dict:
+    model, tok = lm.model, lm.tokenizer
+    device = next(model.parameters()).device
+    work = longbench_workload(samples, max_input)
+    compressors = [build(name, budget, window) for name in SIX]
+    fullkv = compressors[0]
+    ids_of = [torch.randint(2, min(model.config.vocab_size, 30000), (1, n), device=device,
+                            generator=torch.Generator(device).manual_seed(i)) for i, (_, n, _) in enumerate(work)]
+    with torch.no_grad():   # warm-up: kernels, allocator, the compressed rows' graphs
+        generate_many(model, tok, ids_of[0][:, :1024], compressors, 4, [])
+        generate(model, tok, ids_of[0][:, :1024], fullkv, 4, [])
+    result = {"samples": [{"dataset": d, "prompt_tokens": n, "new_tokens": m} for d, n, m in work],
+              "budget": budget, "methods": SIX}
+    modes = [("fullkv_run_s", lambda ids, m: [generate(model, tok, ids, fullkv, m, [])]),
+             ("six_method_sweep_s", lambda ids, m: generate_many(model, tok, ids, compressors, m, []))]
+    if plain:
+        modes.append(("six_methods_one_at_a_time_plain_s",
+                      lambda ids, m: [generate(model, tok, ids, c, m, [], decode="plain") for c in compressors]))
+    for key, fn in modes:
+        total = 0.0
+        for ids, (_, _, new) in zip(ids_of, work):
+            ms, outs = wall_ms(device, lambda: fn(ids, new))
+            assert all(len(o.token_ids) == new for o in outs)
+            total += ms / 1000
+        result[key] = total
+        print(key, round(total, 2), flush=True)
+        _free(device)
+    result["sweep_over_fullkv"] = result["six_method_sweep_s"] / result["fullkv_run_s"]
+    if plain:
+        result["plain_over_sweep"] = result["six_methods_one_at_a_time_plain_s"] / result["six_method_sweep_s"]
+    return result
+
+
+# ---- kvpress ----------------------------------------------------------------------------------------
+
+def kvpress_compare(lm, contexts, budget: int, window: int, kernel: int, repeats: int, new_tokens: int,
+                    site: str | None, out: Path) -> dict:
+    """kvpress's SnapKV against ours on the same model config, contexts and setting."""
+    model, tok = lm.model, lm.tokenizer
+    device = next(model.parameters()).device
+    config_file = out / "model_config.json"
+    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_")}
+    config_file.write_text(json.dumps(config))
+    env = dict(os.environ)
+    if site:
+        env["PYTHONPATH"] = site     # kvpress and the transformers it supports, alone on the path
+    result_file = out / "kvpress.json"
+    command = [sys.executable, str(ROOT / "harness" / "bench_kvpress.py"), "--config", str(config_file),
+               "--contexts", *map(str, contexts), "--budget", str(budget), "--window", str(window),
+               "--kernel", str(kernel), "--repeats", str(repeats), "--new-tokens", str(new_tokens),
+               "--out", str(result_file)]
+    # kvpress loads its own copy of the model in its own process: both fit on one 80 GB GPU at 8B
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"error": (done.stderr or done.stdout)[-2000:]}
+    theirs = json.loads(result_file.read_text())
+    ours = []
+    for n in contexts:
+        ids = torch.randint(2, min(model.config.vocab_size, 30000), (1, n), device=device)
+        row = {"context": n}
+        for granularity in ("kv_head", "query_head"):
+            compressor = build("snapkv", budget, window, kernel_size=kernel, granularity=granularity)
+            times = []
+            for _ in range(repeats + 1):
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                ms, gen = wall_ms(device, lambda: generate(model, tok, ids, compressor, new_tokens, []))
+                assert len(gen.token_ids) == new_tokens
+                times.append(ms)
+            row[f"{granularity}_end_to_end_ms"] = statistics.median(times[1:])
+            row[f"{granularity}_first_call_ms"] = times[0]   # includes the graph capture for new shapes
+            if device.type == "cuda":
+                row[f"{granularity}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            _free(device)
+        ours.append(row)
+    return {"kvpress": theirs, "ours": ours}
+
+
+# ---- divergence ----------------------------------------------------------------------------------
+
+def divergence(lm, prompts: int, lengths, budget: int, window: int, tokens: int) -> dict:
+    model, tok = lm.model, lm.tokenizer
+    device = next(model.parameters()).device
+    compressors = [build(name, budget, window) for name in SIX]
+    compared = differing = 0
+    prefix = []
+    per_method = {name: 0 for name in SIX}
+    for i in range(prompts):
+        n = lengths[i % len(lengths)]
+        ids = torch.randint(2, min(model.config.vocab_size, 30000), (1, n), device=device,
+                            generator=torch.Generator(device).manual_seed(1000 + i))
+        fast = generate_many(model, tok, ids, compressors, tokens, [])
+        for name, c, f in zip(SIX, compressors, fast):
+            slow = generate(model, tok, ids, c, tokens, [], decode="plain")
+            same = next((k for k, (a, b) in enumerate(zip(f.token_ids, slow.token_ids)) if a != b), tokens)
+            compared += 1
+            if same < tokens:
+                differing += 1
+                per_method[name] += 1
+            prefix.append(same / tokens)
+        _free(device)
+    return {"rows": compared, "rows_differing": differing, "rate": differing / compared, "tokens": tokens,
+            "mean_identical_prefix": statistics.mean(prefix), "per_method": per_method,
+            "lengths": list(lengths), "prompts": prompts}
+
+
+# ---- hardware ------------------------------------------------------------------------------------
 
 def copy_bandwidth_gbs(device: torch.device, gib: float = 1.0) -> float | None:
     """Device-to-device copy bandwidth, bytes read + written per second (GB/s); None on the CPU."""
@@ -104,125 +386,183 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def batched_decode(model, compressor, input_ids, batches: list[int], tokens: int = 8) -> list[dict]:
-    """Decode throughput with the kept cache replicated to each batch size (one prompt prefilled,
-    its cache repeated), up to the largest batch that fits."""
-    device = input_ids.device
-    out = []
-    for batch in batches:
-        try:
-            cache = make_cache(model)
-            with attach(model, compressor):
-                token = prefill(model, input_ids, cache)
-                for layer in cache.layers:
-                    layer.batch_repeat_interleave(batch)
-                token = token.repeat(batch, 1)
-                position, times = input_ids.shape[1], []
-                for _ in range(tokens):
-                    with Timer(device) as t:
-                        token = decode_one(model, token, cache, position)
-                    times.append(t.ms)
-                    position += 1
-            ms = statistics.median(times[2:] or times)
-            out.append({"batch": batch, "ms_per_step": ms, "tokens_per_s": batch / ms * 1000})
-            del cache
-        except torch.cuda.OutOfMemoryError:
-            out.append({"batch": batch, "oom": True})
-            break
-        finally:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    return out
+# ---- report --------------------------------------------------------------------------------------
 
-
-def run(model_name: str, contexts: list[int], budget: int, names: list[str], repeats: int, decode_tokens: int,
-        dtype: str, window: int, batches: list[int] = ()) -> list[dict]:
-    cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{model_name}.yaml")
-    cfg.dtype = dtype
-    lm = load_model(cfg)
-    run.weight_bytes = weight_bytes(lm.model)
-    device = next(lm.model.parameters()).device
-    rows = []
-    for n in contexts:
-        ids = torch.randint(2, min(lm.model.config.vocab_size, 30000), (1, n), device=device)
-        base = None
-        for name in names:
-            knobs = {} if name == "fullkv" else {"budget": budget, "window_size": window}
-            if name == "streamingllm":
-                knobs = {"budget": budget, "sink_tokens": 4}
-            compressor = methods.build(name, **knobs)
-            result = measure(lm.model, compressor, ids, repeats, decode_tokens)
-            if name == "fullkv":
-                base = result["prefill_ms"]
-            if batches:
-                result["batched_decode"] = batched_decode(lm.model, compressor, ids, batches)
-            rows.append({"context": n, "method": name, "budget": None if name == "fullkv" else budget,
-                         **result, "overhead_pct": None if base is None else 100 * (result["prefill_ms"] / base - 1)})
-            print(json.dumps(rows[-1]), flush=True)
-    return rows
-
-
-def markdown(rows: list[dict], device: str, hardware: dict | None = None) -> str:
-    hardware = hardware or {}
-    floor = hardware.get("weight_read_floor_ms")
-    lines = [f"device: {device}"]
+def markdown(data: dict) -> str:
+    hw = data.get("hardware") or {}
+    floor = hw.get("weight_read_floor_ms")
+    lines = [f"device: {data['device']}; model: {data['args']['model']} ({data['weight_gb']:.2f} GB of weights)"]
     if floor:
-        lines.append(f"weights {hardware['weight_gb']:.2f} GB, copy bandwidth {hardware['copy_bandwidth_gbs']:.0f} GB/s "
-                     f"(read + write), weight-read floor {floor:.2f} ms/token")
-    lines += ["",
-             "| context | method | budget | prefill ms | overhead vs FullKV | peak GiB | KV kept GiB | decode ms/token |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
-        over = "-" if r["overhead_pct"] is None else f"{r['overhead_pct']:+.1f}%"
-        lines.append(f"| {r['context']} | {r['method']} | {r['budget'] or 'full'} | {r['prefill_ms']:.1f} | {over} | "
-                     f"{peak} | {r['kv_gib']:.3f} | {r['decode_ms_per_token']:.2f} |")
-    batched = [r for r in rows if r.get("batched_decode")]
-    if batched:
+        lines.append(f"copy bandwidth {hw['copy_bandwidth_gbs']:.0f} GB/s (read + write), "
+                     f"weight-read floor {floor:.2f} ms/step")
+    rows = data.get("methods") or []
+    if rows:
+        lines += ["", "| context | method | budget | prefill ms | overhead vs FullKV | peak GiB | KV kept GiB | "
+                  "decode plain ms/token | decode fast ms/token | x floor | achieved GB/s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
+            over = "-" if r["overhead_pct"] is None else f"{r['overhead_pct']:+.1f}%"
+            ratio = f"{r['decode_fast_ms'] / floor:.2f}" if floor else "-"
+            achieved = f"{r['achieved_gbs']:.0f}" if r.get("achieved_gbs") else "-"
+            lines.append(f"| {r['context']} | {r['method']} | {r['budget'] or 'full'} | {r['prefill_ms']:.1f} | {over} | "
+                         f"{peak} | {r['kv_gib']:.3f} | {r['decode_plain_ms']:.2f} | {r['decode_fast_ms']:.2f} | "
+                         f"{ratio} | {achieved} |")
+    if data.get("batches"):
         lines += ["", "| context | method | batch | ms/step | tokens/s | x floor |", "|---|---|---|---|---|---|"]
-        for r in batched:
-            for b in r["batched_decode"]:
-                if b.get("oom"):
-                    lines.append(f"| {r['context']} | {r['method']} | {b['batch']} | out of memory | | |")
-                else:
-                    ratio = f"{b['ms_per_step'] / floor:.1f}" if floor else "-"
-                    lines.append(f"| {r['context']} | {r['method']} | {b['batch']} | {b['ms_per_step']:.2f} | "
-                                 f"{b['tokens_per_s']:.0f} | {ratio} |")
+        for b in data["batches"]:
+            if b.get("oom"):
+                lines.append(f"| {b['context']} | {b['method']} | {b['batch']} | out of memory | | |")
+            else:
+                ratio = f"{b['ms_per_step'] / floor:.2f}" if floor else "-"
+                lines.append(f"| {b['context']} | {b['method']} | {b['batch']} | {b['ms_per_step']:.2f} | "
+                             f"{b['tokens_per_s']:.0f} | {ratio} |")
+    s = data.get("sweep")
+    if s:
+        lens = [x["prompt_tokens"] for x in s["samples"]]
+        lines += ["", f"Sweep: {len(lens)} LongBench-shaped samples (prompts {min(lens)}-{max(lens)} tokens, "
+                  f"{sum(x['new_tokens'] for x in s['samples'])} new tokens in all), budget {s['budget']}", "",
+                  "| run | seconds | x FullKV run |", "|---|---|---|",
+                  f"| FullKV alone | {s['fullkv_run_s']:.1f} | 1.00 |",
+                  f"| six methods, shared prefill + batched decode | {s['six_method_sweep_s']:.1f} | "
+                  f"{s['sweep_over_fullkv']:.2f} |"]
+        if "six_methods_one_at_a_time_plain_s" in s:
+            lines.append(f"| six methods one at a time, plain decode | {s['six_methods_one_at_a_time_plain_s']:.1f} | "
+                         f"{s['six_methods_one_at_a_time_plain_s'] / s['fullkv_run_s']:.2f} |")
+    k = data.get("kvpress")
+    if k and "error" not in k:
+        theirs = {r["context"]: r for r in k["kvpress"]["rows"]}
+        lines += ["", f"kvpress {k['kvpress']['kvpress']} (transformers {k['kvpress']['transformers']}), SnapKV "
+                  f"budget {data['args']['budget']}, window {data['args']['window']}, kernel {data['args']['kernel']}, "
+                  f"{k['kvpress']['new_tokens']} new tokens", "",
+                  "| context | kvpress FullKV prefill ms | kvpress SnapKV prefill ms | kvpress peak GiB | "
+                  "kvpress end to end ms | ours end to end ms (kv_head) | ours / kvpress | ours (query_head) | "
+                  "ours peak GiB (kv_head) |", "|---|---|---|---|---|---|---|---|---|"]
+        for o in k["ours"]:
+            t = theirs[o["context"]]
+            peak = t.get("snapkv_peak_gib")
+            ours_peak = o.get("kv_head_peak_gib")
+            lines.append(f"| {o['context']} | {t['fullkv_prefill_ms']:.1f} | {t['snapkv_prefill_ms']:.1f} | "
+                         f"{'-' if peak is None else f'{peak:.1f}'} | {t['snapkv_end_to_end_ms']:.0f} | "
+                         f"{o['kv_head_end_to_end_ms']:.0f} | "
+                         f"{o['kv_head_end_to_end_ms'] / t['snapkv_end_to_end_ms']:.3f} | "
+                         f"{o['query_head_end_to_end_ms']:.0f} | {'-' if ours_peak is None else f'{ours_peak:.1f}'} |")
+    elif k:
+        lines += ["", "kvpress: not run: " + k["error"].strip().splitlines()[-1]]
+    d = data.get("divergence")
+    if d:
+        lines += ["", f"Divergence, fast vs plain decode: {d['rows_differing']} of {d['rows']} rows differ within "
+                  f"{d['tokens']} tokens (rate {d['rate']:.3f}); mean identical prefix {d['mean_identical_prefix']:.3f}; "
+                  f"per method {d['per_method']}"]
     return "\n".join(lines)
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = data.get("methods") or []
+    if not rows:
+        return
+    contexts = sorted({r["context"] for r in rows})
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    width = 0.8 / len(contexts)
+    for k, n in enumerate(contexts):
+        by = {r["method"]: r for r in rows if r["context"] == n}
+        xs = [i + k * width for i in range(len(names))]
+        axes[0].bar(xs, [by[m]["prefill_ms"] for m in names], width, label=f"{n} tokens")
+        axes[1].plot(names, [by[m]["decode_plain_ms"] for m in names], "o--", label=f"plain, {n}")
+        axes[1].plot(names, [by[m]["decode_fast_ms"] for m in names], "s-", label=f"fast, {n}")
+    axes[0].set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
+    axes[0].set_ylabel("prefill + compression, ms")
+    axes[0].set_yscale("log")
+    axes[0].legend()
+    floor = (data.get("hardware") or {}).get("weight_read_floor_ms")
+    if floor:
+        axes[1].axhline(floor, color="k", lw=1, ls=":", label="weight-read floor")
+    axes[1].set_ylabel("decode ms/token, batch 1")
+    axes[1].set_yscale("log")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"{data['args']['model']} on {data['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama3_8b_random", help="a conf/model/*.yaml name")
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 65536])
     parser.add_argument("--budget", type=int, default=512)
     parser.add_argument("--window", type=int, default=32)
-    parser.add_argument("--methods", nargs="+", default=["fullkv", "streamingllm", "h2o", "snapkv", "pyramidkv", "dynamickv"])
+    parser.add_argument("--kernel", type=int, default=7)
+    parser.add_argument("--methods", nargs="+", default=SIX, choices=SIX)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--batches", type=int, nargs="*", default=[],
-                        help="also decode with the kept cache repeated to these batch sizes (stops at the first OOM)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128, 256, 512])
+    parser.add_argument("--batch-methods", nargs="+", default=["fullkv", "snapkv"], choices=SIX)
+    parser.add_argument("--batch-context", type=int, default=32768)
+    parser.add_argument("--sweep-samples", type=int, default=8)
+    parser.add_argument("--sweep-max-input", type=int, default=7950, help="LongBench's limit for Llama-3-8B-Instruct")
+    parser.add_argument("--sweep-plain", action="store_true", help="also time the six methods one at a time, plain")
+    parser.add_argument("--kvpress-site", default=None,
+                        help="a directory with kvpress and a transformers it supports (<5.3), put alone on "
+                             "PYTHONPATH for the kvpress subprocess; default: this Python's own packages")
+    parser.add_argument("--kvpress-tokens", type=int, default=100)
+    parser.add_argument("--divergence-prompts", type=int, default=8)
+    parser.add_argument("--divergence-lengths", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--divergence-tokens", type=int, default=64)
     parser.add_argument("--out", default="results/bench")
     args = parser.parse_args(argv)
-    if args.methods[0] != "fullkv":
-        args.methods = ["fullkv"] + [m for m in args.methods if m != "fullkv"]
-    rows = run(args.model, args.contexts, args.budget, args.methods, args.repeats, args.decode_tokens, args.dtype,
-               args.window, args.batches)
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    hardware = {}
-    bandwidth = copy_bandwidth_gbs(torch.device("cuda")) if torch.cuda.is_available() else None
-    if bandwidth:
-        weights = run.weight_bytes
-        hardware = {"copy_bandwidth_gbs": bandwidth, "weight_gb": weights / 1e9,
-                    "weight_read_floor_ms": weights / (bandwidth * 1e9) * 1000}
+    if "fullkv" not in args.methods:
+        args.methods = ["fullkv", *args.methods]
+    args.methods = ["fullkv"] + [m for m in args.methods if m != "fullkv"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps({"device": device, "hardware": hardware, "args": vars(args),
-                                                "rows": rows}, indent=1))
-    text = markdown(rows, device, hardware)
-    (out / "bench.md").write_text(text + "\n")
-    print(text)
+
+    cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{args.model}.yaml")
+    cfg.dtype = args.dtype
+    lm = load_model(cfg)
+    device = next(lm.model.parameters()).device
+    weights = weight_bytes(lm.model)
+    bandwidth = copy_bandwidth_gbs(device)
+    data = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "args": vars(args),
+            "weight_gb": weights / 1e9, "torch": torch.__version__, "hardware": {}}
+    if bandwidth:
+        data["hardware"] = {"copy_bandwidth_gbs": bandwidth, "weight_gb": weights / 1e9,
+                            "weight_read_floor_ms": weights / (bandwidth * 1e9) * 1000}
+
+    def save():
+        (out / "bench.json").write_text(json.dumps(data, indent=1))
+        (out / "bench.md").write_text(markdown(data) + "\n")
+
+    with torch.no_grad():
+        if "methods" in args.sections:
+            data["methods"] = method_rows(lm, args.contexts, args.budget, args.window, args.methods, args.repeats,
+                                          args.decode_tokens, weights, bandwidth)
+            save()
+        if "batches" in args.sections:
+            data["batches"] = batch_rows(lm, args.batch_context, args.budget, args.window, args.batch_methods,
+                                         args.batches, max(4, args.decode_tokens // 2))
+            save()
+        if "sweep" in args.sections:
+            data["sweep"] = sweep(lm, args.sweep_samples, args.budget, args.window, args.sweep_max_input,
+                                  args.sweep_plain)
+            save()
+        if "kvpress" in args.sections:
+            data["kvpress"] = kvpress_compare(lm, args.contexts, args.budget, args.window, args.kernel, args.repeats,
+                                              args.kvpress_tokens, args.kvpress_site, out)
+            save()
+        if "divergence" in args.sections:
+            data["divergence"] = divergence(lm, args.divergence_prompts, args.divergence_lengths, args.budget,
+                                            args.window, args.divergence_tokens)
+            save()
+    save()
+    plot(data, out / "bench.png")
+    print(markdown(data))
 
 
 if __name__ == "__main__":

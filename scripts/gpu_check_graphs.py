@@ -1,0 +1,56 @@
+"""On a GPU: the fast decode path (CUDA graphs) against the plain path on tiny random models.
+
+    python scripts/gpu_check_graphs.py
+
+float32 (where the two paths should agree token for token, as on the CPU) and bfloat16 (where
+near-ties may flip); a Llama shape and a Gemma 3 shape (sliding-window layers). Prints one line per
+case: rows identical, graphs captured and reused, and any reason capture fell back to eager steps.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from conftest import random_ids, tiny_config  # noqa: E402
+from harness.batched import DecodeStats  # noqa: E402
+from harness.generate import generate  # noqa: E402
+from harness.models import load_model  # noqa: E402
+from harness.shared import generate_many  # noqa: E402
+from methods import build  # noqa: E402
+
+SHAPES = {
+    "llama": tiny_config(),
+    "gemma3": tiny_config(model_type="gemma3_text", num_hidden_layers=6, head_dim=16, num_attention_heads=4,
+                          num_key_value_heads=1, sliding_window=32,
+                          layer_types=["sliding_attention"] * 2 + ["full_attention"] + ["sliding_attention"] * 2
+                          + ["full_attention"]),
+}
+METHODS = [("fullkv", {}), ("streamingllm", {"sink_tokens": 4}), ("snapkv", {}), ("h2o", {}), ("pyramidkv", {}),
+           ("dynamickv", {})]
+
+failures = 0
+for shape, config in SHAPES.items():
+    for dtype in ("float32", "bfloat16"):
+        cfg = OmegaConf.create({"name": "tiny", "source": "random", "seed": 0, "tokenizer": "bytes", "dtype": dtype,
+                                "device": "cuda", "attn_implementation": "sdpa", "config": config})
+        lm = load_model(cfg)
+        compressors = [build(name, budget=40, window_size=8, **knobs) for name, knobs in METHODS]
+        same = total = 0
+        stats = DecodeStats()
+        for seed, n in ((1, 300), (2, 35), (3, 300)):
+            ids = random_ids(n, seed=seed).cuda()
+            fast = generate_many(lm.model, lm.tokenizer, ids, compressors, 40, [], stats=stats)
+            for c, f in zip(compressors, fast):
+                slow = generate(lm.model, lm.tokenizer, ids, c, 40, [], decode="plain")
+                total += 1
+                same += f.token_ids == slow.token_ids
+        print(f"{shape} {dtype}: {same}/{total} rows identical; batches {stats.groups}, graphs {stats.graphs}, "
+              f"reused {stats.reused}, eager reason {stats.eager_reason}", flush=True)
+        if dtype == "float32" and same != total or stats.graphs == 0:
+            failures += 1
+sys.exit(1 if failures else 0)
