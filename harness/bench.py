@@ -505,7 +505,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128, 256, 512])
     parser.add_argument("--batch-methods", nargs="+", default=["fullkv", "snapkv"], choices=SIX)
     parser.add_argument("--batch-context", type=int, default=32768)
-    parser.add_argument("--sweep-samples", type=int, default=8)
+    parser.add_argument("--sweep-samples", type=int, default=16)
     parser.add_argument("--sweep-max-input", type=int, default=7950, help="LongBench's limit for Llama-3-8B-Instruct")
     parser.add_argument("--sweep-plain", action="store_true", help="also time the six methods one at a time, plain")
     parser.add_argument("--kvpress-site", default=None,
