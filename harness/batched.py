@@ -14,8 +14,11 @@ floor is about 6 ms). Here the rows are decoded together:
   during decoding.
 * ``slot_attention``: the attention of one decode query against its row's valid slots, registered
   with transformers' ``AttentionInterface`` (and with no mask function, so transformers builds no
-  mask at all). The KV heads are read once per query-head group (no ``repeat_kv`` copy); scores are
-  in the model dtype, softmax in float32 cast back, as transformers' eager attention computes them.
+  mask at all): PyTorch's ``scaled_dot_product_attention`` with the query heads of each KV head as
+  its query rows, so each KV head is read once (no ``repeat_kv`` copy).
+* Rows sharing a buffer layout form a *segment* (per layer ``[rows, H, capacity, d]``); a batch may
+  hold several (FullKV's long KV-head cache next to the short query-head caches of the compressed
+  methods), all decoded in the same forward, so the weights are read once per step for all rows.
 * ``Decoder``: one greedy step (model forward, argmax, positions and slots advanced) runs eagerly on
   the CPU and is captured once into a CUDA graph on a GPU, then replayed: a decode step is one graph
   launch. Graphs (with their buffers) are kept and reused for later prompts whose bucketed shapes
@@ -38,6 +41,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -76,16 +80,24 @@ class Segment:
         return allowed[:, None, None, :]
 
     def attend(self, query: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
-        """``query [rows, Hq, 1, d]`` -> ``[rows, Hq, 1, d]``; each KV head is read once for its group."""
+        """``query [rows, Hq, 1, d]`` -> ``[rows, Hq, 1, d]``.
+
+        The query heads sharing a KV head are laid out as that head's query rows, so one
+        ``scaled_dot_product_attention`` call (float32 accumulation inside, as the plain path's
+        SDPA) reads each KV head once: no ``repeat_kv`` copy, and no new mask beyond the row's slots.
+        """
         rows, hq, q, d = query.shape
         hc = self.keys.shape[1]
         grouped = query.reshape(rows, hc, (hq // hc) * q, d)
-        scores = torch.matmul(grouped, self.keys.transpose(-1, -2)) * scale     # [rows, Hc, g, capacity]
-        if softcap is not None:
+        if softcap is None:
+            out = F.scaled_dot_product_attention(grouped, self.keys, self.values, attn_mask=self.mask(), scale=scale)
+        else:  # logit soft-capping (Gemma 2): eager, as transformers' eager attention computes it
+            scores = torch.matmul(grouped, self.keys.transpose(-1, -2)) * scale
             scores = torch.tanh(scores / softcap) * softcap
-        scores = scores.masked_fill(~self.mask(), float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(self.values.dtype)
-        return torch.matmul(probs, self.values).reshape(rows, hq, q, d)
+            scores = scores.masked_fill(~self.mask(), float("-inf"))
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(self.values.dtype)
+            out = torch.matmul(probs, self.values)
+        return out.reshape(rows, hq, q, d)
 
     @property
     def nbytes(self) -> int:

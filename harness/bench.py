@@ -338,17 +338,28 @@ def kvpress_compare(lm, contexts, budget: int, window: int, kernel: int, repeats
 
 # ---- divergence ----------------------------------------------------------------------------------
 
-def divergence(lm, prompts: int, lengths, budget: int, window: int, tokens: int) -> dict:
+def divergence(lm, prompts: int, lengths, budget: int, window: int, tokens: int, text_dir: str | None = None) -> dict:
+    """Fast vs plain decoding on the same prompts: random token ids, or (``text_dir``) windows of real
+    text (the files of a directory, e.g. the Paul Graham essays), which a real model continues with
+    confident logits."""
     model, tok = lm.model, lm.tokenizer
     device = next(model.parameters()).device
     compressors = [build(name, budget, window) for name in SIX]
+    corpus = None
+    if text_dir:
+        text = "\n\n".join(p.read_text(errors="ignore") for p in sorted(Path(text_dir).glob("*.txt")))
+        corpus = torch.tensor(tok(text).input_ids, device=device)
     compared = differing = 0
     prefix = []
     per_method = {name: 0 for name in SIX}
     for i in range(prompts):
         n = lengths[i % len(lengths)]
-        ids = torch.randint(2, min(model.config.vocab_size, 30000), (1, n), device=device,
-                            generator=torch.Generator(device).manual_seed(1000 + i))
+        if corpus is not None:
+            start = (i * 7919) % max(1, corpus.numel() - n)
+            ids = corpus[start:start + n][None]
+        else:
+            ids = torch.randint(2, min(model.config.vocab_size, 30000), (1, n), device=device,
+                                generator=torch.Generator(device).manual_seed(1000 + i))
         fast = generate_many(model, tok, ids, compressors, tokens, [])
         for name, c, f in zip(SIX, compressors, fast):
             slow = generate(model, tok, ids, c, tokens, [], decode="plain")
@@ -361,7 +372,7 @@ def divergence(lm, prompts: int, lengths, budget: int, window: int, tokens: int)
         _free(device)
     return {"rows": compared, "rows_differing": differing, "rate": differing / compared, "tokens": tokens,
             "mean_identical_prefix": statistics.mean(prefix), "per_method": per_method,
-            "lengths": list(lengths), "prompts": prompts}
+            "lengths": list(lengths), "prompts": prompts, "prompt_source": text_dir or "random token ids"}
 
 
 # ---- hardware ------------------------------------------------------------------------------------
@@ -451,7 +462,8 @@ def markdown(data: dict) -> str:
         lines += ["", "kvpress: not run: " + k["error"].strip().splitlines()[-1]]
     d = data.get("divergence")
     if d:
-        lines += ["", f"Divergence, fast vs plain decode: {d['rows_differing']} of {d['rows']} rows differ within "
+        lines += ["", f"Divergence, fast vs plain decode ({d['prompts']} prompts of {d['lengths']} tokens from "
+                  f"{d['prompt_source']}, six methods): {d['rows_differing']} of {d['rows']} rows differ within "
                   f"{d['tokens']} tokens (rate {d['rate']:.3f}); mean identical prefix {d['mean_identical_prefix']:.3f}; "
                   f"per method {d['per_method']}"]
     return "\n".join(lines)
@@ -515,6 +527,9 @@ def main(argv=None) -> None:
     parser.add_argument("--divergence-prompts", type=int, default=8)
     parser.add_argument("--divergence-lengths", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--divergence-tokens", type=int, default=64)
+    parser.add_argument("--divergence-text", default=None, help="a directory of .txt files: prompts are windows of it")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides of the model config, e.g. source=gguf path=/tmp/smollm2.gguf")
     parser.add_argument("--out", default="results/bench")
     args = parser.parse_args(argv)
     if "fullkv" not in args.methods:
@@ -525,6 +540,7 @@ def main(argv=None) -> None:
 
     cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{args.model}.yaml")
     cfg.dtype = args.dtype
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(args.set))
     lm = load_model(cfg)
     device = next(lm.model.parameters()).device
     weights = weight_bytes(lm.model)
@@ -558,7 +574,7 @@ def main(argv=None) -> None:
             save()
         if "divergence" in args.sections:
             data["divergence"] = divergence(lm, args.divergence_prompts, args.divergence_lengths, args.budget,
-                                            args.window, args.divergence_tokens)
+                                            args.window, args.divergence_tokens, args.divergence_text)
             save()
     save()
     plot(data, out / "bench.png")
