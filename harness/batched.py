@@ -297,12 +297,31 @@ def group_rows(costs: list[tuple[int, ...]], max_batch: int, waste: float = 2.0)
 
 # ---- the decode step, eager or as a CUDA graph ---------------------------------------------------
 
-class Decoder:
-    """Fixed buffers (cache, input ids, positions) and one greedy step over them."""
+def _logits(model, ids, positions, cache):
+    return model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
 
-    def __init__(self, cache: SlotCache, batch: int):
+
+_compiled_logits = None
+
+
+def compiled_logits():
+    """``_logits`` through ``torch.compile`` (dynamic shapes: one compilation serves every capacity);
+    the whole decoder forward traces as one graph, so the elementwise work between the matmuls
+    (norms, rotary, activations, residuals) fuses into a few kernels."""
+    global _compiled_logits
+    if _compiled_logits is None:
+        _compiled_logits = torch.compile(_logits, dynamic=True)
+    return _compiled_logits
+
+
+class Decoder:
+    """Fixed buffers (cache, input ids, positions) and one greedy step over them; ``compiled``: the
+    forward goes through ``torch.compile`` (then, on a GPU, the compiled step is captured as a graph)."""
+
+    def __init__(self, cache: SlotCache, batch: int, compiled: bool = False):
         device = cache.fills.device
         self.cache = cache
+        self.compiled = compiled
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -313,9 +332,9 @@ class Decoder:
         self.positions.copy_(positions.view(-1, 1))
 
     def _step(self, model) -> None:
-        out = model(input_ids=self.ids, position_ids=self.positions, past_key_values=self.cache,
-                         use_cache=True, logits_to_keep=1)
-        self.ids.copy_(out.logits[:, -1].argmax(dim=-1, keepdim=True))
+        forward = compiled_logits() if self.compiled else _logits
+        logits = forward(model, self.ids, self.positions, self.cache)
+        self.ids.copy_(logits[:, -1].argmax(dim=-1, keepdim=True))
         self.positions.add_(1)
         self.cache.advance()
 
@@ -418,10 +437,12 @@ def _stopped(tokens: list[int], stops: set[int], tokenizer, stop_strings, min_ne
 @torch.no_grad()
 def decode_caches(model, tokenizer, first_token: torch.Tensor, caches: list, prompt_length: int, max_new_tokens: int,
                   stop_token_ids=(), stop_strings=(), min_new_tokens: int = 0, cuda_graphs: bool = True,
-                  max_batch: int = 16, bucket: int = 64, stats: DecodeStats | None = None) -> list[tuple[list[int], str]]:
+                  max_batch: int = 16, bucket: int = 64, stats: DecodeStats | None = None,
+                  compile: bool = False) -> list[tuple[list[int], str]]:
     """Greedy decoding of every cache in ``caches`` (each prefilled with the same prompt, whose first
     generated token is ``first_token``); returns ``(tokens, stopped_by)`` per cache, as
-    ``harness.generate.decode_loop`` would for each alone."""
+    ``harness.generate.decode_loop`` would for each alone. ``compile``: the step's forward goes
+    through ``torch.compile`` (the first call compiles, about a minute for an 8B model)."""
     stats = stats if stats is not None else DecodeStats()
     stops = {int(t) for t in stop_token_ids}
     first = int(first_token.reshape(-1)[0])
@@ -443,7 +464,8 @@ def decode_caches(model, tokenizer, first_token: torch.Tensor, caches: list, pro
         batch = len(group)
         pool = pool_for(model)
         reused_before = pool.reuses
-        decoder = pool.get((shape, dtype, str(device)), lambda: Decoder(allocate(shape, dtype, device), batch))
+        decoder = pool.get((shape, dtype, str(device), compile),
+                           lambda: Decoder(allocate(shape, dtype, device), batch, compiled=compile))
         stats.reused += pool.reuses - reused_before
         load(decoder.cache, batch_rows, prompt_length)
         decoder.reset(torch.full((batch,), first, dtype=torch.long, device=device),

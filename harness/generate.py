@@ -74,7 +74,7 @@ def check_decode(decode: str) -> None:
 
 def generate(model, tokenizer, input_ids: torch.Tensor, compressor: KVCompressor, max_new_tokens: int,
              stop_token_ids=(), stop_strings=(), min_new_tokens: int = 0, decode: str = "batched",
-             cuda_graphs: bool = True) -> Generation:
+             cuda_graphs: bool = True, compile: bool = False) -> Generation:
     """Greedy generation of one prompt ``input_ids [1, n]`` with ``compressor`` attached.
 
     Stops after a stop token (kept out of the text, as ``generate`` + ``skip_special_tokens`` does),
@@ -99,6 +99,7 @@ def generate(model, tokenizer, input_ids: torch.Tensor, compressor: KVCompressor
     if decode == "batched":
         from harness.batched import decode_caches
         [(tokens, stopped_by)] = decode_caches(model, tokenizer, first, [cache], n, max_new_tokens, stop_token_ids,
-                                               stop_strings, min_new_tokens, cuda_graphs=cuda_graphs)
+                                               stop_strings, min_new_tokens, cuda_graphs=cuda_graphs,
+                                               compile=compile)
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     return Generation(tokens, text, n, stopped_by, report)

@@ -135,7 +135,8 @@ def run(cfg: DictConfig) -> list[dict]:
         finished = sum(s.id in done[id(c)] for s in samples)
         log.info("%s: %d of %d samples already done -> %s", c.name, finished, len(samples), folders[id(c)])
     device = next(lm.model.parameters()).device
-    fast = {"decode": cfg.get("decode", "batched"), "cuda_graphs": bool(cfg.get("cuda_graphs", True))}
+    fast = {"decode": cfg.get("decode", "batched"), "cuda_graphs": bool(cfg.get("cuda_graphs", True)),
+            "compile": bool(cfg.get("decode_compile", False))}
     stop_strings = list(cfg.task.get("stop_strings") or [])
     for sample in samples:
         todo = [c for c in compressors if sample.id not in done[id(c)]]

@@ -82,7 +82,8 @@ def compressed_cache(shared: SharedPrefill, compressor: KVCompressor):
 @torch.no_grad()
 def generate_many(model, tokenizer, input_ids: torch.Tensor, compressors: list[KVCompressor], max_new_tokens: int,
                   stop_token_ids=(), stop_strings=(), min_new_tokens: int = 0, decode: str = "batched",
-                  cuda_graphs: bool = True, max_batch: int = 16, stats: DecodeStats | None = None) -> list[Generation]:
+                  cuda_graphs: bool = True, max_batch: int = 16, stats: DecodeStats | None = None,
+                  compile: bool = False) -> list[Generation]:
     """Greedy generation of one prompt under every compressor, with one shared prefill.
 
     ``decode="batched"`` decodes all variants together from fixed-shape buffers (``harness.batched``,
@@ -96,7 +97,7 @@ def generate_many(model, tokenizer, input_ids: torch.Tensor, compressors: list[K
         del shared.cache
         decoded = decode_caches(model, tokenizer, shared.first_token, [cache for cache, _ in built],
                                 shared.prompt_length, max_new_tokens, stop_token_ids, stop_strings, min_new_tokens,
-                                cuda_graphs=cuda_graphs, max_batch=max_batch, stats=stats)
+                                cuda_graphs=cuda_graphs, max_batch=max_batch, stats=stats, compile=compile)
         return [Generation(tokens, tokenizer.decode(tokens, skip_special_tokens=True), shared.prompt_length,
                            stopped_by, report) for (tokens, stopped_by), (_, report) in zip(decoded, built)]
     out = []

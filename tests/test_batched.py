@@ -164,3 +164,12 @@ def test_one_new_token_needs_no_decode(tiny):
     cache = make_cache(tiny.model)
     first = int(prefill(tiny.model, ids, cache))
     assert [o.token_ids for o in outs] == [[first], [first]]
+
+
+def test_compiled_decode_step_equals_plain(tiny):
+    """decode_compile: the step's forward through torch.compile gives the same tokens (CPU, float32)."""
+    compressors = [build(name, budget=40, window_size=8, **knobs) for name, knobs in ALL[:4]]
+    ids = random_ids(300, seed=12)
+    outs = generate_many(tiny.model, tiny.tokenizer, ids, compressors, 12, [], compile=True)
+    for compressor, out in zip(compressors, outs):
+        assert out.token_ids == plain(tiny, ids, compressor, 12).token_ids, compressor.name
