@@ -348,10 +348,14 @@ def kvpress_compare(lm, contexts, budget: int, window: int, kernel: int, repeats
 
 # ---- divergence ----------------------------------------------------------------------------------
 
-def divergence(lm, prompts: int, lengths, budget: int, window: int, tokens: int, text_dir: str | None = None) -> dict:
+def divergence(lm, prompts: int, lengths, budget: int, window: int, tokens: int, text_dir: str | None = None,
+               baseline: bool = False) -> dict:
     """Fast vs plain decoding on the same prompts: random token ids, or (``text_dir``) windows of real
     text (the files of a directory, e.g. the Paul Graham essays), which a real model continues with
-    confident logits."""
+    confident logits. ``baseline``: also the plain path with eager attention against the plain path
+    with SDPA, two faithful implementations whose disagreement is the model's own bf16 tie noise."""
+    from harness.cache import text_config
+    from harness.hook import _set_attention
     model, tok = lm.model, lm.tokenizer
     device = next(model.parameters()).device
     compressors = [build(name, budget, window) for name in SIX]
@@ -362,6 +366,8 @@ def divergence(lm, prompts: int, lengths, budget: int, window: int, tokens: int,
     compared = differing = 0
     prefix = []
     per_method = {name: 0 for name in SIX}
+    base_differing = 0
+    original = text_config(model.config)._attn_implementation
     for i in range(prompts):
         n = lengths[i % len(lengths)]
         if corpus is not None:
@@ -379,10 +385,18 @@ def divergence(lm, prompts: int, lengths, budget: int, window: int, tokens: int,
                 differing += 1
                 per_method[name] += 1
             prefix.append(same / tokens)
+            if baseline:
+                _set_attention(model, "eager")
+                try:
+                    eager = generate(model, tok, ids, c, tokens, [], decode="plain")
+                finally:
+                    _set_attention(model, original)
+                base_differing += eager.token_ids != slow.token_ids
         _free(device)
     return {"rows": compared, "rows_differing": differing, "rate": differing / compared, "tokens": tokens,
             "mean_identical_prefix": statistics.mean(prefix), "per_method": per_method,
-            "lengths": list(lengths), "prompts": prompts, "prompt_source": text_dir or "random token ids"}
+            "lengths": list(lengths), "prompts": prompts, "prompt_source": text_dir or "random token ids",
+            "baseline_rows_differing": base_differing if baseline else None}
 
 
 # ---- hardware ------------------------------------------------------------------------------------
@@ -478,6 +492,9 @@ def markdown(data: dict) -> str:
                   f"{d['prompt_source']}, six methods): {d['rows_differing']} of {d['rows']} rows differ within "
                   f"{d['tokens']} tokens (rate {d['rate']:.3f}); mean identical prefix {d['mean_identical_prefix']:.3f}; "
                   f"per method {d['per_method']}"]
+        if d.get("baseline_rows_differing") is not None:
+            lines.append(f"Baseline, plain decode with eager attention vs with SDPA (both faithful): "
+                         f"{d['baseline_rows_differing']} of {d['rows']} rows differ")
     return "\n".join(lines)
 
 
@@ -541,6 +558,8 @@ def main(argv=None) -> None:
     parser.add_argument("--divergence-lengths", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--divergence-tokens", type=int, default=64)
     parser.add_argument("--divergence-text", default=None, help="a directory of .txt files: prompts are windows of it")
+    parser.add_argument("--divergence-baseline", action="store_true",
+                        help="also compare the plain path with eager attention against the plain path with SDPA")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides of the model config, e.g. source=gguf path=/tmp/smollm2.gguf")
     parser.add_argument("--out", default="results/bench")
@@ -587,7 +606,8 @@ def main(argv=None) -> None:
             save()
         if "divergence" in args.sections:
             data["divergence"] = divergence(lm, args.divergence_prompts, args.divergence_lengths, args.budget,
-                                            args.window, args.divergence_tokens, args.divergence_text)
+                                            args.window, args.divergence_tokens, args.divergence_text,
+                                            args.divergence_baseline)
             save()
     save()
     plot(data, out / "bench.png")

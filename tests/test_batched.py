@@ -173,3 +173,20 @@ def test_compiled_decode_step_equals_plain(tiny):
     outs = generate_many(tiny.model, tiny.tokenizer, ids, compressors, 12, [], compile=True)
     for compressor, out in zip(compressors, outs):
         assert out.token_ids == plain(tiny, ids, compressor, 12).token_ids, compressor.name
+
+
+def test_long_buffer_attention_path_equals_plain(tiny, monkeypatch):
+    """The two-matmul attention used for long buffers (FullKV's) gives the plain path's tokens too."""
+    monkeypatch.setattr(batched, "LONG_BUFFER", 0)          # every segment takes the long-buffer path
+    compressors = [build(name, budget=40, window_size=8, **knobs) for name, knobs in ALL]
+    ids = random_ids(300, seed=13)
+    for compressor, out in zip(compressors, generate_many(tiny.model, tiny.tokenizer, ids, compressors, 16, [])):
+        assert out.token_ids == plain(tiny, ids, compressor, 16).token_ids, compressor.name
+
+
+def test_sliding_window_long_buffer_path(tiny_gemma, monkeypatch):
+    monkeypatch.setattr(batched, "LONG_BUFFER", 0)
+    compressors = [build("fullkv"), build("snapkv", budget=24, window_size=8)]
+    ids = random_ids(150, seed=3)
+    for compressor, out in zip(compressors, generate_many(tiny_gemma.model, tiny_gemma.tokenizer, ids, compressors, 40, [])):
+        assert out.token_ids == plain(tiny_gemma, ids, compressor, 40).token_ids

@@ -28,7 +28,8 @@ def test_bench_batches_sweep_and_divergence_sections(tmp_path):
     bench.main(["--model", "tiny_llama", "--sections", "batches", "sweep", "divergence", "--budget", "64",
                 "--window", "8", "--decode-tokens", "4", "--batches", "1", "4", "--batch-context", "200",
                 "--sweep-samples", "3", "--sweep-max-input", "600", "--sweep-plain", "--divergence-prompts", "2",
-                "--divergence-lengths", "150", "300", "--divergence-tokens", "8", "--out", str(tmp_path)])
+                "--divergence-lengths", "150", "300", "--divergence-tokens", "8", "--divergence-baseline",
+                "--out", str(tmp_path)])
     data = json.loads((tmp_path / "bench.json").read_text())
     assert [(b["method"], b["batch"]) for b in data["batches"]] == [("fullkv", 1), ("fullkv", 4), ("snapkv", 1),
                                                                      ("snapkv", 4)]
@@ -41,6 +42,7 @@ def test_bench_batches_sweep_and_divergence_sections(tmp_path):
     assert sweep["sweep_over_fullkv"] > 0 and sweep["six_methods_one_at_a_time_plain_s"] > 0
     div = data["divergence"]
     assert div["rows"] == 12 and div["rows_differing"] == 0 and div["mean_identical_prefix"] == 1.0  # CPU: identical
+    assert div["baseline_rows_differing"] == 0                  # float32: eager and SDPA agree too
     assert data["hardware"] == {}          # no GPU: no bandwidth floor
     text = (tmp_path / "bench.md").read_text()
     assert "| 200 | snapkv | 4 |" in text and "six methods, shared prefill" in text and "0 of 12 rows differ" in text
