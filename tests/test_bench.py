@@ -42,7 +42,7 @@ def test_bench_batches_sweep_and_divergence_sections(tmp_path):
     assert sweep["sweep_over_fullkv"] > 0 and sweep["six_methods_one_at_a_time_plain_s"] > 0
     div = data["divergence"]
     assert div["rows"] == 12 and div["rows_differing"] == 0 and div["mean_identical_prefix"] == 1.0  # CPU: identical
-    assert div["baseline_rows_differing"] == 0                  # float32: eager and SDPA agree too
+    assert div["baseline_rows_differing"] == 0                  # float32 on the CPU: the backends agree too
     assert data["hardware"] == {}          # no GPU: no bandwidth floor
     text = (tmp_path / "bench.md").read_text()
     assert "| 200 | snapkv | 4 |" in text and "six methods, shared prefill" in text and "0 of 12 rows differ" in text
