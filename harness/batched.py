@@ -225,6 +225,12 @@ def row_layers(cache) -> list[RowLayer]:
     return out
 
 
+def spans_devices(cache) -> bool:
+    """True when the layers of a prefilled cache live on more than one device (``device_map``): the
+    fixed-shape buffers and graphs assume one device, so such models decode on the plain path."""
+    return len({layer.keys.device for layer in cache.layers if getattr(layer, "keys", None) is not None}) > 1
+
+
 def layout(rows: list[list[RowLayer]], segments: list[list[int]], steps: int, bucket: int) -> tuple:
     """The buffer shapes of one decode batch: per segment, its row count and per layer
     ``(heads, capacity, head_dim, window)`` (capacity: its longest row plus ``steps``, rounded up)."""
@@ -385,7 +391,6 @@ class DecoderPool:
     def __init__(self, max_bytes: int = 4 * 2**30, max_entries: int = 8):
         self.max_bytes, self.max_entries = max_bytes, max_entries
         self.entries: OrderedDict[tuple, Decoder] = OrderedDict()
-        self.captures = 0
         self.reuses = 0
 
     def get(self, key: tuple, make) -> Decoder:

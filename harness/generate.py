@@ -92,6 +92,10 @@ def generate(model, tokenizer, input_ids: torch.Tensor, compressor: KVCompressor
     cache = make_cache(model)
     with attach(model, compressor) as controller:
         first = prefill(model, input_ids, cache)
+        if decode == "batched":
+            from harness.batched import spans_devices
+            if spans_devices(cache):   # a model split over devices: the plain path (same tokens)
+                decode = "plain"
         if decode == "plain":
             tokens, stopped_by = decode_loop(model, tokenizer, first, cache, n, max_new_tokens, stop_token_ids,
                                              stop_strings, min_new_tokens)

@@ -18,7 +18,7 @@ import torch
 
 from harness import hook
 from harness.cache import CompressedLayer, make_cache
-from harness.batched import DecodeStats, decode_caches
+from harness.batched import DecodeStats, decode_caches, spans_devices
 from harness.generate import Generation, check_decode, decode_loop, prefill
 from methods.base import KVCompressor
 
@@ -92,6 +92,8 @@ def generate_many(model, tokenizer, input_ids: torch.Tensor, compressors: list[K
     """
     check_decode(decode)
     shared = prefill_once(model, input_ids, compressors)
+    if decode == "batched" and spans_devices(shared.cache):
+        decode = "plain"     # a model split over devices (device_map): one variant at a time, same tokens
     if decode == "batched":
         built = [compressed_cache(shared, c) for c in compressors]
         del shared.cache

@@ -190,3 +190,10 @@ def test_sliding_window_long_buffer_path(tiny_gemma, monkeypatch):
     ids = random_ids(150, seed=3)
     for compressor, out in zip(compressors, generate_many(tiny_gemma.model, tiny_gemma.tokenizer, ids, compressors, 40, [])):
         assert out.token_ids == plain(tiny_gemma, ids, compressor, 40).token_ids
+
+
+def test_caches_split_over_devices_take_the_plain_path():
+    from types import SimpleNamespace
+    layer = lambda device: SimpleNamespace(keys=torch.zeros(1, 1, 2, 2, device=device))  # noqa: E731
+    assert batched.spans_devices(SimpleNamespace(layers=[layer("cpu"), layer("meta")]))
+    assert not batched.spans_devices(SimpleNamespace(layers=[layer("cpu"), layer("cpu")]))
