@@ -47,6 +47,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from harness.cache import text_config
+from harness.generate import stop_reason
 from methods.base import repeat_heads
 
 SLOT_ATTENTION = "kvharness_slots"
@@ -436,16 +437,6 @@ class DecodeStats:
     eager_reason: str | None = None
 
 
-def _stopped(tokens: list[int], stops: set[int], tokenizer, stop_strings, min_new_tokens: int) -> str | None:
-    if len(tokens) <= min_new_tokens:
-        return None
-    if tokens[-1] in stops:
-        return "stop_token"
-    if stop_strings and any(s in tokenizer.decode(tokens, skip_special_tokens=True) for s in stop_strings):
-        return "stop_string"
-    return None
-
-
 @torch.no_grad()
 def decode_caches(model, tokenizer, first_token: torch.Tensor, caches: list, prompt_length: int, max_new_tokens: int,
                   stop_token_ids=(), stop_strings=(), min_new_tokens: int = 0, cuda_graphs: bool = True,
@@ -461,7 +452,7 @@ def decode_caches(model, tokenizer, first_token: torch.Tensor, caches: list, pro
     results: list[tuple[list[int], str] | None] = [None] * len(caches)
     if max_new_tokens <= 1 or not caches:
         for i in range(len(caches)):
-            results[i] = ([first], _stopped([first], stops, tokenizer, stop_strings, min_new_tokens) or "max_new_tokens")
+            results[i] = ([first], stop_reason([first], stops, tokenizer, stop_strings, min_new_tokens) or "max_new_tokens")
         return results
     rows = [row_layers(c) for c in caches]
     costs = [tuple(r.keys.shape[1] * r.keys.shape[2] for r in row) for row in rows]
@@ -498,7 +489,7 @@ def decode_caches(model, tokenizer, first_token: torch.Tensor, caches: list, pro
                 for b in range(batch):
                     if done[b] is None:
                         tokens[b].append(current[b])
-                        done[b] = _stopped(tokens[b], stops, tokenizer, stop_strings, min_new_tokens)
+                        done[b] = stop_reason(tokens[b], stops, tokenizer, stop_strings, min_new_tokens)
                 if all(d is not None for d in done) or step + 1 == max_new_tokens:
                     break
                 decoder.step(model, use_graphs)

@@ -45,6 +45,18 @@ def decode_one(model, token: torch.Tensor, cache, position: int) -> torch.Tensor
     return _greedy(out.logits)
 
 
+def stop_reason(tokens: list[int], stops: set[int], tokenizer, stop_strings=(), min_new_tokens: int = 0) -> str | None:
+    """Why greedy decoding ends after ``tokens`` (``"stop_token"``, ``"stop_string"``), or None to go
+    on; nothing stops it before ``min_new_tokens`` tokens. Shared by the plain and the batched loop."""
+    if len(tokens) <= min_new_tokens:
+        return None
+    if tokens[-1] in stops:
+        return "stop_token"
+    if stop_strings and any(s in tokenizer.decode(tokens, skip_special_tokens=True) for s in stop_strings):
+        return "stop_string"
+    return None
+
+
 def decode_loop(model, tokenizer, first_token: torch.Tensor, cache, prompt_length: int, max_new_tokens: int,
                 stop_token_ids=(), stop_strings=(), min_new_tokens: int = 0) -> tuple[list[int], str]:
     """Greedy decoding from the first generated token; returns the tokens and why it stopped."""
@@ -53,11 +65,9 @@ def decode_loop(model, tokenizer, first_token: torch.Tensor, cache, prompt_lengt
     token = first_token
     for step in range(max_new_tokens):
         tokens.append(int(token))
-        if len(tokens) > min_new_tokens:
-            if tokens[-1] in stops:
-                return tokens, "stop_token"
-            if stop_strings and any(s in tokenizer.decode(tokens, skip_special_tokens=True) for s in stop_strings):
-                return tokens, "stop_string"
+        reason = stop_reason(tokens, stops, tokenizer, stop_strings, min_new_tokens)
+        if reason:
+            return tokens, reason
         if step + 1 < max_new_tokens:
             token = decode_one(model, token, cache, prompt_length + step)
     return tokens, "max_new_tokens"
@@ -83,6 +93,7 @@ def generate(model, tokenizer, input_ids: torch.Tensor, compressor: KVCompressor
     ``decode="batched"`` decodes from fixed-shape buffers (``harness.batched``; a CUDA graph per step on
     a GPU), ``"plain"`` calls the model per token on the growing cache; greedy tokens are the same.
     """
+    from harness import batched   # batched imports this module (stop_reason)
     check_decode(decode)
     if input_ids.shape[0] != 1:
         raise ValueError(f"generate takes one prompt at a time; got batch {input_ids.shape[0]}")
@@ -92,17 +103,14 @@ def generate(model, tokenizer, input_ids: torch.Tensor, compressor: KVCompressor
     cache = make_cache(model)
     with attach(model, compressor) as controller:
         first = prefill(model, input_ids, cache)
-        if decode == "batched":
-            from harness.batched import spans_devices
-            if spans_devices(cache):   # a model split over devices: the plain path (same tokens)
-                decode = "plain"
+        if decode == "batched" and batched.spans_devices(cache):
+            decode = "plain"   # a model split over devices: the plain path (same tokens)
         if decode == "plain":
             tokens, stopped_by = decode_loop(model, tokenizer, first, cache, n, max_new_tokens, stop_token_ids,
                                              stop_strings, min_new_tokens)
         report = controller.report
     if decode == "batched":
-        from harness.batched import decode_caches
-        [(tokens, stopped_by)] = decode_caches(model, tokenizer, first, [cache], n, max_new_tokens, stop_token_ids,
+        [(tokens, stopped_by)] = batched.decode_caches(model, tokenizer, first, [cache], n, max_new_tokens, stop_token_ids,
                                                stop_strings, min_new_tokens, cuda_graphs=cuda_graphs,
                                                compile=compile)
     text = tokenizer.decode(tokens, skip_special_tokens=True)

@@ -96,7 +96,6 @@ def generate_many(model, tokenizer, input_ids: torch.Tensor, compressors: list[K
         decode = "plain"     # a model split over devices (device_map): one variant at a time, same tokens
     if decode == "batched":
         built = [compressed_cache(shared, c) for c in compressors]
-        del shared.cache
         decoded = decode_caches(model, tokenizer, shared.first_token, [cache for cache, _ in built],
                                 shared.prompt_length, max_new_tokens, stop_token_ids, stop_strings, min_new_tokens,
                                 cuda_graphs=cuda_graphs, max_batch=max_batch, stats=stats, compile=compile)
