@@ -76,10 +76,13 @@ def decode_loop(model, tokenizer, first_token: torch.Tensor, cache, prompt_lengt
 DECODE_MODES = ("batched", "plain")
 
 
-def check_decode(decode: str) -> None:
+def check_decode(decode: str, decode_batch=16) -> None:
     if decode not in DECODE_MODES:
         raise ConfigError(f"decode={decode!r} is not one of {DECODE_MODES}: 'batched' (fixed-shape slots, CUDA graphs "
                          "on a GPU; the default) or 'plain' (one model call per token on the growing cache)")
+    if isinstance(decode_batch, bool) or not isinstance(decode_batch, int) or decode_batch < 1:
+        raise ConfigError(f"decode_batch={decode_batch!r} must be a positive integer (the most variants decoded "
+                          "together, e.g. 16)")
 
 
 def generate(model, tokenizer, input_ids: torch.Tensor, compressor: KVCompressor, max_new_tokens: int,

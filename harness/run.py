@@ -103,7 +103,7 @@ def _stop_ids(lm, sample: Sample) -> list[int]:
 def run(cfg: DictConfig) -> list[dict]:
     """Run (or resume) the configured job; returns one summary per method (also in scores.json)."""
     compressors = build_compressors(cfg)        # bad knobs fail here, before any model loads
-    check_decode(cfg.get("decode", "batched"))
+    check_decode(cfg.get("decode", "batched"), cfg.get("decode_batch", 16))
     task = get_task(cfg.task.name)
     distributed.init()
     if cfg.get("threads"):

@@ -90,7 +90,7 @@ def generate_many(model, tokenizer, input_ids: torch.Tensor, compressors: list[K
     CUDA graphs on a GPU, at most ``max_batch`` rows a group); ``"plain"`` decodes them one at a time
     with a model call per token. Greedy tokens are the same (tests/test_batched.py).
     """
-    check_decode(decode)
+    check_decode(decode, max_batch)
     shared = prefill_once(model, input_ids, compressors)
     if decode == "batched" and spans_devices(shared.cache):
         decode = "plain"     # a model split over devices (device_map): one variant at a time, same tokens

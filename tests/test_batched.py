@@ -197,3 +197,8 @@ def test_caches_split_over_devices_take_the_plain_path():
     layer = lambda device: SimpleNamespace(keys=torch.zeros(1, 1, 2, 2, device=device))  # noqa: E731
     assert batched.spans_devices(SimpleNamespace(layers=[layer("cpu"), layer("meta")]))
     assert not batched.spans_devices(SimpleNamespace(layers=[layer("cpu"), layer("cpu")]))
+
+
+def test_bad_decode_batch_names_the_value(tiny):
+    with pytest.raises(ValueError, match="decode_batch=0 must be a positive integer"):
+        generate_many(tiny.model, tiny.tokenizer, random_ids(50), [build("fullkv")], 4, [], max_batch=0)

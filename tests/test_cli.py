@@ -160,3 +160,11 @@ def test_plain_and_batched_decode_write_the_same_predictions(tmp_path):
         rows[mode] = sorted((str(p.parent.relative_to(folder)), r["id"], r["pred"], r["stopped_by"])
                             for p in folder.rglob("manifest.json") for r in results.read_predictions(p.parent))
     assert rows["plain"] == rows["batched"] and len(rows["plain"]) == 6
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "true"])
+def test_bad_decode_batch_fails_before_the_model_loads(tmp_path, value):
+    out = cli("model=tiny_llama", f"decode_batch={value}", f"results_dir={tmp_path}")
+    assert out.returncode == 2
+    assert "decode_batch=" in out.stderr and "must be a positive integer" in out.stderr
+    assert not (tmp_path / "passkey").exists()
