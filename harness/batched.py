@@ -46,7 +46,9 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from harness import compat, hook
 from harness.cache import text_config
+from harness.compat import IntegrationError
 from harness.generate import stop_reason
 from methods.base import repeat_heads
 
@@ -121,6 +123,7 @@ class SlotLayer(CacheLayerMixin):
         self.window = window
         self.is_sliding = window is not None
         self.is_initialized = True
+        self.writes = self.attention_calls = 0    # proof that the model routes through this layer
 
     def lazy_initialization(self, key_states, value_states) -> None:  # buffers exist from the start
         return None
@@ -128,6 +131,7 @@ class SlotLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if key_states.shape[2] != 1:
             raise ValueError(f"a SlotCache decodes one token per row per step; got {key_states.shape[2]} tokens")
+        self.writes += 1
         for seg in self.segments:
             seg.write(key_states[seg.start:seg.stop], value_states[seg.start:seg.stop])
         # what the attention function receives; slot_attention reads the segments instead
@@ -161,12 +165,22 @@ class SlotCache(Cache):
     def nbytes(self) -> int:
         return sum(seg.nbytes for layer in self.layers for seg in layer.segments)
 
+    def verify_routing(self) -> None:
+        """After a decode step ran eagerly (or was captured): every layer's keys were written into its
+        slots and its attention read them through ``slot_attention``; otherwise the model bypassed the
+        slot cache (and would decode from nothing). Raises ``IntegrationError`` naming the layers."""
+        bypassed = [i for i, layer in enumerate(self.layers) if not (layer.writes and layer.attention_calls)]
+        if bypassed:
+            raise IntegrationError(f"batched decoding: layers {bypassed} did not write to their slot buffers or did "
+                                   f"not attend through {SLOT_ATTENTION!r}; the model bypassed the slot cache")
+
 
 def slot_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                    softcap: float | None = None, **kwargs):
     """Attention of one decode query per row over its valid slots, segment by segment (``key`` and
     ``value`` are ignored, and no mask is built for this implementation: the slots carry both)."""
     layer = _ACTIVE[id(module)]
+    layer.attention_calls += 1       # Python side effect: counted when run eagerly or captured, not on replay
     scale = scaling if scaling is not None else 1 / math.sqrt(query.shape[-1])
     outs = [seg.attend(query[seg.start:seg.stop], scale, softcap) for seg in layer.segments]
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
@@ -176,30 +190,23 @@ def slot_attention(module, query, key, value, attention_mask, dropout: float = 0
 AttentionInterface.register(SLOT_ATTENTION, slot_attention)
 
 
-def _all_attention_modules(model) -> dict[int, torch.nn.Module]:
-    found = {}
-    for _, module in model.named_modules():
-        idx = getattr(module, "layer_idx", None)
-        if idx is not None and type(module).__name__.endswith("Attention") and hasattr(module, "config"):
-            found.setdefault(idx, module)
-    return found
-
-
 @contextlib.contextmanager
 def slot_routing(model, cache: SlotCache):
     """For the block, the model's attention reads ``cache`` through ``slot_attention``."""
-    from harness.hook import _set_attention  # one place that switches implementations
-    modules = _all_attention_modules(model)
+    modules = hook.all_attention_modules(model)
+    if sorted(modules) != list(range(len(cache.layers))):
+        raise IntegrationError(f"attention modules found for layers {sorted(modules)}; the slot cache has "
+                               f"{len(cache.layers)} layers")
     original = text_config(model.config)._attn_implementation
     try:
-        _set_attention(model, SLOT_ATTENTION)
+        hook.set_attention(model, SLOT_ATTENTION)
         for idx, module in modules.items():
             _ACTIVE[id(module)] = cache.layers[idx]
         yield
     finally:
         for module in modules.values():
             _ACTIVE.pop(id(module), None)
-        _set_attention(model, original)
+        hook.set_attention(model, original)
 
 
 # ---- building slot caches from per-variant caches ------------------------------------------------
@@ -311,8 +318,8 @@ def group_rows(costs: list[tuple[int, ...]], max_batch: int, waste: float = 2.0)
 
 # ---- the decode step, eager or as a CUDA graph ---------------------------------------------------
 
-def _logits(model, ids, positions, cache):
-    return model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+def _logits(model, ids, positions, kwargs):
+    return model(input_ids=ids, position_ids=positions, **kwargs).logits
 
 
 _compiled_logits = None
@@ -340,6 +347,7 @@ class Decoder:
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_error: str | None = None
+        self.routing_verified = False
 
     def reset(self, first_tokens: torch.Tensor, positions: torch.Tensor) -> None:
         self.ids.copy_(first_tokens.view(-1, 1))
@@ -347,7 +355,7 @@ class Decoder:
 
     def _step(self, model) -> None:
         forward = compiled_logits() if self.compiled else _logits
-        logits = forward(model, self.ids, self.positions, self.cache)
+        logits = forward(model, self.ids, self.positions, compat.forward_kwargs(model, self.cache))
         self.ids.copy_(logits[:, -1].argmax(dim=-1, keepdim=True))
         self.positions.add_(1)
         self.cache.advance()
@@ -493,6 +501,9 @@ def decode_caches(model, tokenizer, first_token: torch.Tensor, caches: list, pro
                 if all(d is not None for d in done) or step + 1 == max_new_tokens:
                     break
                 decoder.step(model, use_graphs)
+                if not decoder.routing_verified:      # once per decoder: its first step ran eagerly or was captured
+                    decoder.cache.verify_routing()
+                    decoder.routing_verified = True
                 current = decoder.ids.view(-1).tolist()
         for b, i in enumerate(group):
             results[i] = (tokens[b], done[b] or "max_new_tokens")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from harness import compat, hook
 from harness.cache import make_cache
 from harness.hook import attach
 from methods.base import ConfigError, KVCompressor
@@ -31,18 +32,28 @@ def _greedy(logits: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def prefill(model, input_ids: torch.Tensor, cache) -> torch.Tensor:
+    """Prefill ``input_ids [1, n]`` into ``cache`` (from ``make_cache``); returns the greedy first token
+    ``[1, 1]``. With a compressor attached (``harness.hook.attach``) the cache is bound to it, compressed
+    layer by layer during the forward, and verified afterwards (``hook.verify_compressed``): a prefill
+    that was not compressed as configured raises ``hook.CompressionNotApplied``."""
     n = input_ids.shape[1]
+    controller = hook.active_controller(model)
+    if controller is not None:
+        controller.bind(cache)
+        sessions_before = controller.sessions_started
     positions = torch.arange(n, device=input_ids.device).unsqueeze(0)
-    out = model(input_ids=input_ids, past_key_values=cache, position_ids=positions, use_cache=True,
-                logits_to_keep=1)
-    return _greedy(out.logits)
+    logits = compat.forward_logits(model, input_ids, positions, cache)
+    hook.verify_prefilled(cache, n)
+    if controller is not None:
+        controller.verify(cache, n, sessions_before)
+    return _greedy(logits)
 
 
 @torch.no_grad()
 def decode_one(model, token: torch.Tensor, cache, position: int) -> torch.Tensor:
+    """One greedy step: ``token [B, 1]`` at ``position`` (the virtual length) -> the next ``[B, 1]``."""
     positions = torch.full((token.shape[0], 1), position, device=token.device, dtype=torch.long)
-    out = model(input_ids=token, past_key_values=cache, position_ids=positions, use_cache=True)
-    return _greedy(out.logits)
+    return _greedy(compat.forward_logits(model, token, positions, cache))
 
 
 def stop_reason(tokens: list[int], stops: set[int], tokenizer, stop_strings=(), min_new_tokens: int = 0) -> str | None:
@@ -63,14 +74,17 @@ def decode_loop(model, tokenizer, first_token: torch.Tensor, cache, prompt_lengt
     stops = set(int(t) for t in stop_token_ids)
     tokens: list[int] = []
     token = first_token
+    reason = "max_new_tokens"
     for step in range(max_new_tokens):
         tokens.append(int(token))
         reason = stop_reason(tokens, stops, tokenizer, stop_strings, min_new_tokens)
         if reason:
-            return tokens, reason
+            break
         if step + 1 < max_new_tokens:
             token = decode_one(model, token, cache, prompt_length + step)
-    return tokens, "max_new_tokens"
+    reason = reason or "max_new_tokens"
+    hook.verify_prefilled(cache, prompt_length + len(tokens) - 1)   # every decode step wrote this cache
+    return tokens, reason
 
 
 DECODE_MODES = ("batched", "plain")

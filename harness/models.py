@@ -4,8 +4,8 @@ weights from a config. Returns the model, its tokenizer and the token ids that s
 from __future__ import annotations
 
 import hashlib
+import json
 import importlib.util
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-log = logging.getLogger(__name__)
 
 SOURCES = ("hub", "gguf", "package", "random")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -38,6 +37,19 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def check_model_config(cfg) -> None:
+    """What can be checked of a model config before loading it: source, dtype and attention backend.
+    Raises ``methods.ConfigError`` naming the value, the allowed values and the fix."""
+    from harness.compat import check_backend
+    from methods import ConfigError
+    if cfg.get("source") not in SOURCES:
+        raise ConfigError(f"model.source={cfg.get('source')!r} is not one of {list(SOURCES)}")
+    dtype = cfg.get("dtype", "auto")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={dtype!r} is not one of {['auto', *DTYPES]}")
+    check_backend(cfg.get("attn_implementation", "sdpa"))
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -83,8 +95,12 @@ def byte_tokenizer():
 
 
 def _dense_copy_dir(gguf_path: Path, dtype: torch.dtype) -> Path:
+    """One dense copy per GGUF file, dtype and transformers version (a checkpoint saved by one version
+    is not guaranteed to load, or to load the same, in another)."""
+    import transformers
     stat = gguf_path.stat()
-    key = hashlib.sha1(f"{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    key = hashlib.sha1(f"{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}:{transformers.__version__}"
+                       .encode()).hexdigest()[:12]
     return cache_root() / "dense" / f"{gguf_path.stem}-{key}-{str(dtype).removeprefix('torch.')}"
 
 
@@ -96,13 +112,61 @@ def _load_gguf(gguf_path: Path, dtype: torch.dtype, attn: str, dense_cache: bool
     dense = _dense_copy_dir(gguf_path, dtype)
     if dense_cache and (dense / "config.json").exists():
         model = AutoModelForCausalLM.from_pretrained(dense, dtype=dtype, attn_implementation=attn)
-        return model, AutoTokenizer.from_pretrained(dense), str(dense)
+        tokenizer = AutoTokenizer.from_pretrained(dense)
+        gguf_bos(tokenizer, gguf_path, gguf_add_bos(gguf_path, dense))
+        return model, tokenizer, str(dense)
     folder, name = gguf_path.parent, gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    add_bos = gguf_add_bos(gguf_path)
+    gguf_bos(tokenizer, gguf_path, add_bos)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype, attn_implementation=attn)
     if dense_cache:
         _save_dense(model, tokenizer, dense)
+        _remember_add_bos(dense, gguf_path, add_bos)
     return model, tokenizer, str(gguf_path)
+
+
+GGUF_MEMO = "kv_harness_gguf.json"
+
+
+def gguf_add_bos(gguf_path: Path, dense: Path | None = None) -> bool | None:
+    """The GGUF file's ``tokenizer.ggml.add_bos_token`` (None where it has none). Parsing a GGUF header
+    takes seconds (Gemma 3's 262K-token vocabulary), so the answer is kept in the dense copy's folder."""
+    import gguf
+    if dense is not None and (dense / GGUF_MEMO).exists():
+        return json.loads((dense / GGUF_MEMO).read_text())["add_bos_token"]
+    field = gguf.GGUFReader(str(gguf_path)).fields.get("tokenizer.ggml.add_bos_token")
+    wanted = bool(field.parts[field.data[0]][0]) if field is not None and field.data else None
+    if dense is not None:
+        _remember_add_bos(dense, gguf_path, wanted)
+    return wanted
+
+
+def _remember_add_bos(dense: Path, gguf_path: Path, add_bos: bool | None) -> None:
+    if dense.is_dir():
+        (dense / GGUF_MEMO).write_text(json.dumps({"add_bos_token": add_bos, "source": str(gguf_path)}))
+
+
+def gguf_bos(tokenizer, gguf_path: Path, wanted: bool | None) -> None:
+    """Make ``tokenizer`` add BOS exactly when the GGUF file says so (``tokenizer.ggml.add_bos_token``).
+
+    transformers 5.18-5.22 drop that flag when converting Gemma 3's GGUF tokenizer, so every prompt
+    loses its ``<bos>`` and the model answers worse (Gemma 3 270M misses a 2K passkey at depth 10 that
+    it finds with ``<bos>``); 5.23 keeps it. The flag is set on the tokenizer when they disagree, and
+    an ``IntegrationError`` is raised if setting it does not help."""
+    from harness.compat import IntegrationError
+    if wanted is None or tokenizer.bos_token_id is None:
+        return
+
+    def adds_bos() -> bool:
+        return tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
+
+    if adds_bos() == wanted:
+        return
+    tokenizer.add_bos_token = wanted
+    if adds_bos() != wanted:
+        raise IntegrationError(f"{gguf_path.name} says add_bos_token={wanted}, and the converted tokenizer "
+                               f"({type(tokenizer).__name__}) cannot be made to follow it")
 
 
 def _save_dense(model, tokenizer, dense: Path) -> None:
@@ -127,15 +191,11 @@ def load_model(cfg) -> LoadedModel:
     """Load what a ``conf/model/*.yaml`` describes (see the keys there)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    check_model_config(cfg)
     source = cfg.source
-    if source not in SOURCES:
-        raise ValueError(f"model.source={source!r} is not one of {SOURCES}")
     device = resolve_device(cfg.get("device", "auto"))
     dtype = resolve_dtype(cfg.get("dtype", "auto"), device)
     attn = cfg.get("attn_implementation", "sdpa")
-    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        log.warning("flash_attn is not installed; using sdpa (PyTorch's FlashAttention backend on GPUs)")
-        attn = "sdpa"
     origin = None
     if source == "random":
         config = AutoConfig.for_model(**OmegaConf.to_container(cfg.config, resolve=True))

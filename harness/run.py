@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 import methods
 from harness import distributed, results
 from harness.generate import check_decode, generate
-from harness.models import load_model
+from harness.models import check_model_config, load_model
 from harness.prompting import encode, use_chat_template
 from harness.shared import generate_many
 from harness.tasks import Sample, get_task
@@ -72,11 +72,13 @@ def task_samples(task, task_cfg, lm, chat: bool, truncation: str = "middle") -> 
                               truncation=truncation)
 
 
-def _row(task, sample: Sample, out, seconds: float) -> dict:
+def _row(task, sample: Sample, out, seconds: float, compressor: methods.KVCompressor) -> dict:
     scores = task.scores(out.text, sample) if hasattr(task, "scores") else {"score": task.score(out.text, sample.answers)}
     row = {"id": sample.id, "pred": out.text, "answers": sample.answers, **scores,
            "prompt_tokens": out.prompt_length, "new_tokens": len(out.token_ids), "stopped_by": out.stopped_by,
            "seconds": round(seconds, 3), **sample.meta}
+    if out.report is None and not compressor.is_noop:   # generate verifies this; a row must never claim otherwise
+        raise RuntimeError(f"{compressor.name}: sample {sample.id} has no compression report")
     if out.report is not None:
         row["kept"] = [layer["kept"] for layer in out.report["layers"]]
         row["kept_distinct_per_head"] = [layer.get("distinct_per_head") for layer in out.report["layers"]]
@@ -104,6 +106,7 @@ def run(cfg: DictConfig) -> list[dict]:
     """Run (or resume) the configured job; returns one summary per method (also in scores.json)."""
     compressors = build_compressors(cfg)        # bad knobs fail here, before any model loads
     check_decode(cfg.get("decode", "batched"), cfg.get("decode_batch", 16))
+    check_model_config(cfg.model)
     task = get_task(cfg.task.name)
     distributed.init()
     if cfg.get("threads"):
@@ -155,7 +158,7 @@ def run(cfg: DictConfig) -> list[dict]:
                                  **fast)
         seconds = (time.perf_counter() - start) / len(todo)
         for c, out in zip(todo, outs):
-            row = _row(task, sample, out, seconds)
+            row = _row(task, sample, out, seconds, c)
             if cfg.get("save_kept_positions") and out.report is not None:
                 save_positions(folders[id(c)], sample.id, out.report)
             key = (id(c), sample.group)

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from harness import hook
-from harness.cache import CompressedLayer, make_cache
+from harness.cache import make_cache, text_config
+from harness.compat import check_query_layout
 from harness.batched import DecodeStats, decode_caches, spans_devices
 from harness.generate import Generation, check_decode, decode_loop, prefill
 from methods.base import KVCompressor
@@ -26,11 +27,13 @@ from methods.base import KVCompressor
 class QueryCapture:
     """Stands in for a hook controller: records the trailing ``count`` queries of each layer."""
 
-    def __init__(self, count_for_length):
+    def __init__(self, count_for_length, query_heads: int):
         self.count_for_length = count_for_length
+        self.query_heads = query_heads
         self.queries: dict[int, torch.Tensor] = {}
 
     def capture(self, layer_idx: int, query: torch.Tensor) -> None:
+        check_query_layout(layer_idx, query, self.query_heads)
         self.queries[layer_idx] = query[:, :, -self.count_for_length(query.shape[2]):]
 
 
@@ -47,10 +50,14 @@ def prefill_once(model, input_ids: torch.Tensor, compressors: list[KVCompressor]
     """One full prefill, keeping what every compressor in ``compressors`` will read."""
     def needed(n):
         return max([c.query_count(n) for c in compressors if not c.is_noop] or [1])
-    capture = QueryCapture(needed)
+    capture = QueryCapture(needed, text_config(model.config).num_attention_heads)
     cache = make_cache(model)
     with hook.routed(model, capture) as layers:
         first = prefill(model, input_ids, cache)
+    unseen = [idx for idx in layers if idx not in capture.queries]
+    if unseen:
+        raise hook.CompressionNotApplied(f"shared prefill: the wrapped attention function never ran for layers {unseen}, "
+                                         "so their queries were not captured and they cannot be compressed")
     return SharedPrefill(cache, capture.queries, layers, first, input_ids.shape[1])
 
 
@@ -70,9 +77,8 @@ def compressed_cache(shared: SharedPrefill, compressor: KVCompressor):
     updates.update(session.finish())
     for position, kept in updates.items():
         if not kept.whole:
-            target = cache.layers[shared.layers[position]]
-            assert isinstance(target, CompressedLayer)
-            target.replace(kept.keys, kept.values)
+            cache.layers[shared.layers[position]].replace(kept.keys, kept.values, kept.positions)
+    hook.verify_compressed(cache, shared.layers, updates, shared.prompt_length, compressor, session)
     report = session.report()
     for entry in report["layers"]:
         entry["model_layer"] = shared.layers[entry["layer"]]
@@ -105,7 +111,9 @@ def generate_many(model, tokenizer, input_ids: torch.Tensor, compressors: list[K
     for compressor in compressors:
         cache, report = compressed_cache(shared, compressor)
         attach = contextlib.nullcontext() if compressor.is_noop else hook.attach(model, compressor)
-        with attach:  # decoding a query-head cache needs the attention wrapper
+        with attach as controller:  # decoding a query-head cache needs the attention wrapper
+            if controller is not None:
+                controller.bind(cache, fresh=False)
             tokens, stopped_by = decode_loop(model, tokenizer, shared.first_token, cache, shared.prompt_length,
                                              max_new_tokens, stop_token_ids, stop_strings, min_new_tokens)
         out.append(Generation(tokens, tokenizer.decode(tokens, skip_special_tokens=True), shared.prompt_length,

@@ -94,6 +94,9 @@ class KVCompressor:
     queries_needed: ClassVar[str] = "window"
     #: FullKV: the hook leaves the model alone.
     is_noop: ClassVar[bool] = False
+    #: False for methods whose session allocates across heads and layers of a whole prompt (DynamicKV):
+    #: a session then takes one prompt at a time, and ``compress_all`` runs a batch row by row.
+    rows_independent: ClassVar[bool] = True
 
     budget: int = 128
     window_size: int = 32
@@ -146,10 +149,20 @@ class KVCompressor:
         keys, values: one tensor per compressed layer, ``[B, Hkv, n, d]``, post-RoPE.
         queries:      one tensor per compressed layer, ``[B, Hq, n, d]``, post-RoPE, all prompt queries.
         Returns one ``(keys, values, positions)`` per layer: ``[B, H, k_l, d]`` twice and ``[B, H, k_l]``.
+
+        Rows of a batch are independent prompts: row ``b`` of the result equals row ``b`` compressed
+        alone. Where a cross-layer method (DynamicKV) gives the rows of one layer different lengths,
+        that layer is right-padded to its longest row: padded entries have position ``-1`` and zero
+        keys and values (``positions >= 0`` selects a row's real entries).
         """
         if not (len(keys) == len(values) == len(queries)):
             raise ValueError(f"keys, values and queries need one tensor per layer; got "
                              f"{len(keys)}, {len(values)}, {len(queries)}")
+        batch = keys[0].shape[0] if keys else 0
+        if batch > 1 and not self.rows_independent:
+            rows = [self.compress_all([k[b:b + 1] for k in keys], [v[b:b + 1] for v in values],
+                                      [q[b:b + 1] for q in queries]) for b in range(batch)]
+            return [_pad_rows([row[layer] for row in rows]) for layer in range(len(keys))]
         session = self.new_session(len(keys))
         kept: dict[int, Kept] = {}
         for layer, (k, v, q) in enumerate(zip(keys, values, queries)):
@@ -221,6 +234,22 @@ class UniformCompressor(KVCompressor):
         count = max(0, min(count, n - self.window_size))
         selected = self.select(layer, num_layers, keys, values, queries, count) if count else None
         return self.keep_selected(keys, values, queries, selected)
+
+
+def _pad_rows(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    """One layer's per-row ``(keys, values, positions)`` (each ``[1, H, k_b, ...]``) as one batch, right-
+    padded to the longest row with zero keys/values and position -1."""
+    longest = max(positions.shape[-1] for _, _, positions in rows)
+
+    def pad(x: torch.Tensor, fill) -> torch.Tensor:
+        missing = longest - x.shape[2]
+        if not missing:
+            return x
+        shape = (*x.shape[:2], missing, *x.shape[3:])
+        return torch.cat([x, x.new_full(shape, fill)], dim=2)
+
+    return (torch.cat([pad(k, 0) for k, _, _ in rows]), torch.cat([pad(v, 0) for _, v, _ in rows]),
+            torch.cat([pad(p, -1) for _, _, p in rows]))
 
 
 class CompressionSession:

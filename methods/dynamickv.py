@@ -50,6 +50,7 @@ class _OutsideReferenceDomain(Exception):
 @dataclass
 class DynamicKV(KVCompressor):
     name = "dynamickv"
+    rows_independent = False     # one allocation per prompt: a session takes a batch of one
     radio_max: float = 10.0   # the code's spelling of ratio_max: cap of one layer, in units of base
     m: int = 4                # re-allocation interval in layers
     variant: str = "reference"
@@ -86,6 +87,9 @@ class DynamicKVSession(CompressionSession):
     def add_layer(self, layer, keys, values, queries):
         c = self.compressor
         n = keys.shape[2]
+        if keys.shape[0] != 1:
+            raise ValueError(f"dynamickv allocates its budget over the heads and layers of one prompt; a session takes "
+                             f"a batch of 1, got {keys.shape[0]} (compress_all compresses a batch row by row)")
         self.prompt_length = n
         if layer == 0:
             self.whole = self._keeps_whole(n)

@@ -24,10 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from methods.base import ConfigError, UniformCompressor, register, repeat_heads
-from methods.scoring import attention_logits, group_mean, window_attention_mass
+from methods.scoring import attention_probs, group_mean, window_attention_mass
 
 VARIANTS = ("causal", "reference_2024", "window")
 
@@ -47,19 +46,22 @@ def accumulated_attention(queries: torch.Tensor, keys: torch.Tensor, window: int
         # causal: keys after the chunk's last query are masked for every row, so they are left out
         # (exactly: their exp() would be 0); reference_2024 lets early queries see every key
         visible = stop if variant == "causal" else n
-        logits = attention_logits(queries[:, :, start:stop], keys[:, :, :visible])   # [B, H, c, visible]
         # only columns from `first` on can be masked: all keys before the chunk are visible to it
         # (causal), or only the trailing window block is causal (reference_2024)
         first = start if variant == "causal" else max(prefix, start)
+        future = None
         if first < visible:
             query_index = torch.arange(start, stop, device=keys.device)[:, None]
             key_index = torch.arange(first, visible, device=keys.device)[None, :]
             future = key_index > query_index                                            # [c, visible - first]
             if variant == "reference_2024":
                 future &= query_index >= prefix
-            logits[..., first:visible].masked_fill_(future, torch.finfo(logits.dtype).min)
-        probs = F.softmax(logits, dim=-1, dtype=torch.float32).to(queries.dtype)
-        del logits
+
+        def mask(logits: torch.Tensor) -> None:                                         # [B, H, c, visible]
+            if future is not None:
+                logits[..., first:visible].masked_fill_(future, torch.finfo(logits.dtype).min)
+
+        probs = attention_probs(queries[:, :, start:stop], keys[:, :, :visible], mask).to(queries.dtype)
         total[:, :, : min(visible, prefix)] += probs[:, :, :, :prefix].sum(dim=2, dtype=torch.float32)
     return total.to(queries.dtype)
 

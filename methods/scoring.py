@@ -14,11 +14,19 @@ plateaus of equal scores and ``torch.topk``'s tie-break then decides which token
 6. 1-D pooling, stride 1, padding ``kernel // 2`` (avg counts the padding).
 
 Only ``w x n`` scores are ever formed: no ``n x n`` attention matrix.
+
+float16 (KVCache-Factory's default dtype) is the one documented exception. The product ``q @ k^T``
+is formed *before* the division by sqrt(d), so a dominant key (|q.k| > 65504) overflows to +inf in
+float16; the float32 softmax of that query row is then NaN, the NaN spreads through the sum to every
+score of the head, and ``topk`` keeps arbitrary tokens. ``attention_probs`` recomputes exactly those
+rows (a +inf left after masking) in float32; every other row keeps the reference's float16 numerics
+bit for bit, and bfloat16 and float32 inputs take the reference path only.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +42,28 @@ def attention_logits(queries: torch.Tensor, keys: torch.Tensor, scaling: float |
     return logits.mul_(scaling)
 
 
+def attention_probs(queries: torch.Tensor, keys: torch.Tensor, mask: Callable[[torch.Tensor], None] | None = None,
+                    scaling: float | None = None) -> torch.Tensor:
+    """``softmax(mask(queries @ keys^T / sqrt(d)))`` over the key axis, in float32, ``[B, H, m, n]``.
+
+    The logits are formed in the model dtype and ``mask`` (which edits them in place, e.g. adding
+    ``finfo.min`` above a diagonal) runs on them before the float32 softmax: the reference numerics.
+    float16 rows holding +inf after masking (the reference's NaN rows) are recomputed from float32
+    logits, with the same mask; nothing synchronises with the host.
+    """
+    logits = attention_logits(queries, keys, scaling)
+    if mask is not None:
+        mask(logits)
+    probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+    if logits.dtype == torch.float16:
+        overflowed = torch.isposinf(logits).any(dim=-1, keepdim=True)            # [B, H, m, 1]
+        exact = attention_logits(queries.float(), keys.float(), scaling)
+        if mask is not None:
+            mask(exact)
+        probs = torch.where(overflowed, F.softmax(exact, dim=-1), probs)
+    return probs
+
+
 def window_attention_mass(queries: torch.Tensor, keys: torch.Tensor, window: int,
                           scaling: float | None = None) -> torch.Tensor:
     """Summed softmax attention of the last ``window`` queries on each prefix key.
@@ -43,11 +73,12 @@ def window_attention_mass(queries: torch.Tensor, keys: torch.Tensor, window: int
     model dtype.
     """
     q = queries[:, :, -window:]
-    logits = attention_logits(q, keys, scaling)  # [B, H, w, n]
-    mask = torch.full((window, window), torch.finfo(logits.dtype).min, device=logits.device, dtype=logits.dtype)
-    mask = torch.triu(mask, diagonal=1)  # 0 on and below the diagonal: causal inside the window
-    logits[:, :, :, -window:] += mask
-    probs = F.softmax(logits, dim=-1, dtype=torch.float32).to(q.dtype)
+
+    def causal_inside_window(logits: torch.Tensor) -> None:   # [B, H, w, n]
+        mask = torch.full((window, window), torch.finfo(logits.dtype).min, device=logits.device, dtype=logits.dtype)
+        logits[:, :, :, -window:] += torch.triu(mask, diagonal=1)   # 0 on and below the diagonal
+
+    probs = attention_probs(q, keys, causal_inside_window, scaling).to(q.dtype)
     return probs[:, :, :, : keys.shape[2] - window].sum(dim=2)
 
 

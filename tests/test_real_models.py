@@ -7,14 +7,14 @@ saying why, where either is absent.
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import ESSAYS, real_model
+from conftest import ESSAYS, ROOT, real_model
 from harness.generate import generate
 from harness.prompting import encode, use_chat_template
 from harness.run import task_samples
 from harness.tasks import passkey
 from methods import build
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.integration]
 
 METHODS = {
     "fullkv": build("fullkv"),
@@ -108,3 +108,17 @@ def test_batched_decode_equals_plain_on_real_models(model_name):
         alone = generate(lm.model, lm.tokenizer, ids, compressor, 20, lm.stop_token_ids, decode="plain")
         assert (out.token_ids, out.stopped_by) == (alone.token_ids, alone.stopped_by), (model_name, compressor.knobs())
     assert sum(len(out.token_ids) for out in fast) > 2 * len(fast)  # real answers, not only a stop token
+
+
+@pytest.mark.parametrize("model_name", ["smollm2_135m", "gemma3_270m"])
+def test_the_tokenizer_adds_bos_exactly_when_the_gguf_file_says_so(model_name):
+    """Read from the GGUF header itself (transformers 5.18-5.22 lose Gemma 3's add_bos_token)."""
+    import gguf
+    from harness.models import package_file
+    cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{model_name}.yaml")
+    field = gguf.GGUFReader(str(package_file(cfg.package, cfg.get("file")))).fields["tokenizer.ggml.add_bos_token"]
+    wanted = bool(field.parts[field.data[0]][0])
+    assert wanted == (model_name == "gemma3_270m")
+    lm = real_model(model_name)
+    ids = lm.tokenizer("The passkey is 12345.").input_ids
+    assert (ids[0] == lm.tokenizer.bos_token_id) == wanted

@@ -8,6 +8,8 @@ from harness.generate import generate
 from harness.shared import generate_many
 from methods import build
 
+pytestmark = pytest.mark.integration
+
 def same_report(a, b) -> bool:
     if a is None or b is None:
         return a is b
