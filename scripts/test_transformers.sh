@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The integration tests (pytest -m integration) on another transformers, in a throw-away virtual
-# environment layered over the current one (--system-site-packages): only transformers, and what that
-# version needs, is installed into it.
+# environment layered over the current one: the venv's own site-packages come first, then the current
+# environment's (added by a .pth file, so this works from a venv too), and only transformers, with what
+# that release needs, is installed into the venv.
 #   scripts/test_transformers.sh oldest   # the lower bound pyproject.toml declares
 #   scripts/test_transformers.sh latest   # the newest release pyproject.toml allows
 #   scripts/test_transformers.sh 5.20.0   # any release
@@ -16,7 +17,13 @@ case "${1:?usage: $0 oldest|latest|VERSION}" in
 esac
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
-$PYTHON -m venv --system-site-packages "$root/venv"
+$PYTHON -m venv "$root/venv"
+$PYTHON - "$("$root/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" <<'PY'
+import site, sys
+outer = [p for p in site.getsitepackages() + [site.getusersitepackages()]]
+with open(f"{sys.argv[1]}/_outer_environment.pth", "w") as f:
+    f.write(f"import site; [site.addsitedir(p) for p in {outer!r}]\n")
+PY
 # --ignore-installed: the release asked for lands in the venv even where the outer environment has it
 "$root/venv/bin/python" -m pip install -q --disable-pip-version-check --ignore-installed --no-deps "$spec"
 "$root/venv/bin/python" -m pip install -q --disable-pip-version-check "$spec"   # what that release needs
