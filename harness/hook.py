@@ -244,15 +244,15 @@ class Controller:
         self.final.update(updates)
         return None
 
-    def verify(self, cache: Cache, prompt_length: int, sessions_before: int) -> dict:
-        """After a prefill: one new session ran and ``cache`` holds what it returned. Returns the report."""
+    def verify(self, cache: Cache, prompt_length: int, sessions_before: int) -> None:
+        """After a prefill: one new session ran and ``cache`` holds what it returned (no host sync: the
+        report, which copies the kept positions to the CPU, is built only when asked for)."""
         if self.sessions_started != sessions_before + 1 or self.session is None:
             raise CompressionNotApplied(
                 f"{_where(self)} is attached, but {self.sessions_started - sessions_before} compression sessions ran "
                 f"during this {prompt_length}-token prefill (expected 1): the forward hook on layer {self.layers[0]} "
                 "never saw the prefill, so the cache was left uncompressed")
         verify_compressed(cache, self.layers, self.final, prompt_length, self.compressor, self.session)
-        return self.report
 
 
 def verify_compressed(cache, layers: list[int], final: dict[int, Kept], prompt_length: int,

@@ -1,10 +1,13 @@
-"""On a GPU: the fast decode path (CUDA graphs) against the plain path on tiny random models.
+"""On a GPU: the fast decode path (CUDA graphs) against the plain path on tiny random models, and
+the eager attention backend against sdpa.
 
     python scripts/gpu_check_graphs.py
 
 float32 (where the two paths should agree token for token, as on the CPU) and bfloat16 (where
 near-ties may flip); a Llama shape and a Gemma 3 shape (sliding-window layers). Prints one line per
 case: rows identical, graphs captured and reused, and any reason capture fell back to eager steps.
+Then, float32, both shapes: every method through the hook on attn_implementation=eager against sdpa
+(tokens and kept positions), which must agree row for row.
 """
 
 import sys
@@ -53,4 +56,23 @@ for shape, config in SHAPES.items():
               f"reused {stats.reused}, eager reason {stats.eager_reason}", flush=True)
         if dtype == "float32" and same != total or stats.graphs == 0:
             failures += 1
+
+for shape, config in SHAPES.items():
+    models = {}
+    for backend in ("sdpa", "eager"):
+        cfg = OmegaConf.create({"name": "tiny", "source": "random", "seed": 0, "tokenizer": "bytes", "dtype": "float32",
+                                "device": "cuda", "attn_implementation": backend, "config": config})
+        models[backend] = load_model(cfg)
+    same = total = 0
+    for name, knobs in METHODS:
+        for granularity in ("query_head", "kv_head"):
+            compressor = build(name, budget=40, window_size=8, granularity=granularity, **knobs)
+            ids = random_ids(300, seed=4).cuda()
+            a, b = (generate(lm.model, lm.tokenizer, ids, compressor, 24, [], decode="plain") for lm in models.values())
+            positions = [[None if e["positions"] is None else e["positions"].tolist() for e in out.report["layers"]]
+                         if out.report else None for out in (a, b)]
+            total += 1
+            same += a.token_ids == b.token_ids and positions[0] == positions[1]
+    print(f"{shape} float32 eager vs sdpa: {same}/{total} method rows identical (tokens and kept positions)", flush=True)
+    failures += same != total
 sys.exit(1 if failures else 0)

@@ -22,7 +22,7 @@ $PYTHON - "$("$root/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_p
 import site, sys
 outer = [p for p in site.getsitepackages() + [site.getusersitepackages()]]
 with open(f"{sys.argv[1]}/_outer_environment.pth", "w") as f:
-    f.write(f"import site; [site.addsitedir(p) for p in {outer!r}]\n")
+    f.write(f"import site; list(map(site.addsitedir, {outer!r}))\n")
 PY
 # --ignore-installed: the release asked for lands in the venv even where the outer environment has it
 "$root/venv/bin/python" -m pip install -q --disable-pip-version-check --ignore-installed --no-deps "$spec"
