@@ -166,9 +166,10 @@ class SlotCache(Cache):
         return sum(seg.nbytes for layer in self.layers for seg in layer.segments)
 
     def verify_routing(self) -> None:
-        """After a decode step ran eagerly (or was captured): every layer's keys were written into its
-        slots and its attention read them through ``slot_attention``; otherwise the model bypassed the
-        slot cache (and would decode from nothing). Raises ``IntegrationError`` naming the layers."""
+        """After a decode step ran eagerly (every call's first step) or was captured into a CUDA graph
+        (whose replays run the captured kernels): every layer's keys were written into its slots and its
+        attention read them through ``slot_attention``; otherwise the model bypassed the slot cache (and
+        would decode from nothing). Raises ``IntegrationError`` naming the layers."""
         bypassed = [i for i, layer in enumerate(self.layers) if not (layer.writes and layer.attention_calls)]
         if bypassed:
             raise IntegrationError(f"batched decoding: layers {bypassed} did not write to their slot buffers or did "
@@ -281,6 +282,7 @@ def load(cache: SlotCache, rows: list[list[RowLayer]], seen: int) -> None:
                 seg.keys[b - seg.start, :, :n].copy_(repeat_heads(src.keys, groups)[0])
                 seg.values[b - seg.start, :, :n].copy_(repeat_heads(src.values, groups)[0])
                 seg.fill[b - seg.start] = n
+        layer.writes = layer.attention_calls = 0
     cache.seen = seen
 
 
@@ -347,7 +349,6 @@ class Decoder:
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_error: str | None = None
-        self.routing_verified = False
 
     def reset(self, first_tokens: torch.Tensor, positions: torch.Tensor) -> None:
         self.ids.copy_(first_tokens.view(-1, 1))
@@ -487,8 +488,10 @@ def decode_caches(model, tokenizer, first_token: torch.Tensor, caches: list, pro
         done: list[str | None] = [None] * batch
         with slot_routing(model, decoder.cache):
             if use_graphs and decoder.graph is None and decoder.graph_error is None:
-                decoder.capture(model)
-            if use_graphs and decoder.graph is not None:
+                if decoder.capture(model):      # the captured step ran eagerly: its routing is the graph's
+                    decoder.cache.verify_routing()
+            replayed = use_graphs and decoder.graph is not None
+            if replayed:
                 stats.graphs += 1
             elif use_graphs:
                 stats.eager_reason = decoder.graph_error
@@ -501,9 +504,8 @@ def decode_caches(model, tokenizer, first_token: torch.Tensor, caches: list, pro
                 if all(d is not None for d in done) or step + 1 == max_new_tokens:
                     break
                 decoder.step(model, use_graphs)
-                if not decoder.routing_verified:      # once per decoder: its first step ran eagerly or was captured
+                if step == 0 and not replayed:     # an eager step: it must have gone through the slot cache
                     decoder.cache.verify_routing()
-                    decoder.routing_verified = True
                 current = decoder.ids.view(-1).tolist()
         for b, i in enumerate(group):
             results[i] = (tokens[b], done[b] or "max_new_tokens")

@@ -185,9 +185,14 @@ def num_layers(config) -> int:
 
 
 def full_attention_layers(config) -> list[int]:
-    """Indices of the layers with global (full) attention; sliding-window layers are excluded."""
+    """Indices of the layers with global (full) attention, decided as transformers decides the layer
+    types of its caches: ``config.layer_types`` where the config has them; otherwise every layer slides
+    when ``sliding_window`` (or ``attention_chunk_size``) is set (Mistral-7B-v0.1), and none does when
+    not. Sliding-window and chunked layers are never compressed."""
     cfg = text_config(config)
     types = getattr(cfg, "layer_types", None)
     if types is None:
+        if getattr(cfg, "sliding_window", None) is not None or getattr(cfg, "attention_chunk_size", None) is not None:
+            return []
         return list(range(cfg.num_hidden_layers))
     return [i for i, t in enumerate(types) if t == "full_attention"]

@@ -43,7 +43,7 @@ def prefill(model, input_ids: torch.Tensor, cache) -> torch.Tensor:
         sessions_before = controller.sessions_started
     positions = torch.arange(n, device=input_ids.device).unsqueeze(0)
     logits = compat.forward_logits(model, input_ids, positions, cache)
-    hook.verify_prefilled(cache, n)
+    hook.verify_seen(cache, n)
     if controller is not None:
         controller.verify(cache, n, sessions_before)
     return _greedy(logits)
@@ -83,7 +83,7 @@ def decode_loop(model, tokenizer, first_token: torch.Tensor, cache, prompt_lengt
         if step + 1 < max_new_tokens:
             token = decode_one(model, token, cache, prompt_length + step)
     reason = reason or "max_new_tokens"
-    hook.verify_prefilled(cache, prompt_length + len(tokens) - 1)   # every decode step wrote this cache
+    hook.verify_seen(cache, prompt_length + len(tokens) - 1)   # every decode step wrote this cache
     return tokens, reason
 
 

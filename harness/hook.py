@@ -298,7 +298,7 @@ def verify_compressed(cache, layers: list[int], final: dict[int, Kept], prompt_l
             raise CompressionNotApplied(f"layer {idx}, {method}: the cache holds {have}, expected {want}")
 
 
-def verify_prefilled(cache, seen: int) -> None:
+def verify_seen(cache, seen: int) -> None:
     """Every layer of a harness cache has seen ``seen`` tokens (the model wrote this cache, not another);
     the layers' write counters start again from zero."""
     for idx, layer in enumerate(cache.layers):
@@ -307,6 +307,16 @@ def verify_prefilled(cache, seen: int) -> None:
                 raise CompressionNotApplied(f"layer {idx}: the harness cache has seen {layer.virtual_length} tokens where "
                                             f"the model has seen {seen}; the model did not write this cache")
             layer.take_written()
+
+
+def require_full_attention(model, compressor: KVCompressor) -> None:
+    """A compressor needs at least one full-attention layer to compress; a model whose every layer
+    slides (or is chunked) would otherwise run as FullKV under the compressor's name."""
+    if not compressor.is_noop and not full_attention_layers(model.config):
+        from methods import ConfigError
+        raise ConfigError(f"method {compressor.name!r}: {type(model).__name__} has no full-attention layer (every layer "
+                          "is sliding-window or chunked), so there is nothing to compress; use method=fullkv, or a "
+                          "model with full-attention layers")
 
 
 def active_controller(model) -> Controller | None:
@@ -348,6 +358,7 @@ def attach(model, compressor: KVCompressor):
     if compressor.is_noop:
         yield controller
         return
+    require_full_attention(model, compressor)
     handles = []
     try:
         with routed(model, controller):

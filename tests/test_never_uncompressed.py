@@ -176,16 +176,36 @@ def test_plain_decoding_into_another_cache_is_caught(tiny):
                 decode_loop(tiny.model, tiny.tokenizer, first, cache, 120, 5)
 
 
-def test_batched_decoding_that_bypasses_the_slot_attention_is_caught(tiny, monkeypatch):
+@pytest.mark.parametrize("pooled", [False, True])
+def test_batched_decoding_that_bypasses_the_slot_attention_is_caught(tiny, monkeypatch, pooled):
+    """Also when the decoder (buffers, and on a GPU the graph) comes from the pool of an earlier call."""
+    compressors = [build("fullkv"), build("snapkv", budget=40, window_size=8)]
+    ids = random_ids(200, seed=9)
+    batched.clear_pools()
+    if pooled:
+        generate_many(tiny.model, tiny.tokenizer, ids, compressors, 6, cuda_graphs=False)
     real = hook.set_attention
     monkeypatch.setattr(hook, "set_attention", lambda model, name: None if name == batched.SLOT_ATTENTION
                         else real(model, name))
-    batched.clear_pools()
-    ids = random_ids(200, seed=9)
     with pytest.raises(IntegrationError, match="bypassed the slot cache"):
-        generate_many(tiny.model, tiny.tokenizer, ids, [build("fullkv"), build("snapkv", budget=40, window_size=8)],
-                      6, cuda_graphs=False)
+        generate_many(tiny.model, tiny.tokenizer, ids, compressors, 6, cuda_graphs=False)
     batched.clear_pools()
+
+
+@pytest.mark.parametrize("config", [
+    tiny_config(model_type="gemma3_text", num_hidden_layers=2, head_dim=16, num_attention_heads=4,
+                num_key_value_heads=1, sliding_window=32),                         # every layer slides
+    tiny_config(model_type="mistral", sliding_window=32),                         # Mistral-7B-v0.1 style
+], ids=["gemma3-all-sliding", "mistral-sliding-window"])
+def test_a_model_with_no_full_attention_layer_refuses_a_compressor(config):
+    lm = make_model(config)
+    ids = random_ids(100, seed=15)
+    assert len(generate(lm.model, lm.tokenizer, ids, build("fullkv"), 4).token_ids) == 4      # FullKV runs
+    compressor = build("snapkv", budget=64, window_size=8)
+    with pytest.raises(ConfigError, match="method 'snapkv'.*no full-attention layer.*method=fullkv"):
+        generate(lm.model, lm.tokenizer, ids, compressor, 4)
+    with pytest.raises(ConfigError, match="no full-attention layer"):
+        generate_many(lm.model, lm.tokenizer, ids, [build("fullkv"), compressor], 4)
 
 
 # ---------------------------------------------------------------- every attention backend
@@ -318,3 +338,50 @@ def test_the_prefill_and_its_check_make_no_host_copy(tiny, name):
         with host_copies_recorded(calls):
             prefill(tiny.model, random_ids(200, seed=14), cache)
     assert calls == []
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("dtype", "fp16", r"model.dtype='fp16' is not one of \['auto', 'float32', 'float16', 'bfloat16'\]; fix"),
+    ("source", "hf", r"model.source='hf' is not one of .*; fix: model.source=hub"),
+    ("device", "gpu", r"model.device='gpu' is not a device .*fix: model.device=auto, cpu, cuda"),
+])
+def test_bad_model_settings_fail_before_loading_with_the_fix(key, value, message):
+    from omegaconf import OmegaConf
+
+    from harness.models import check_model_config
+    cfg = OmegaConf.create({"source": "random", "dtype": "float32", "device": "cpu", "attn_implementation": "sdpa"})
+    cfg[key] = value
+    with pytest.raises(ConfigError, match=message):
+        check_model_config(cfg)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_a_cuda_device_without_cuda_fails_before_loading():
+    from omegaconf import OmegaConf
+
+    from harness.models import check_model_config
+    with pytest.raises(ConfigError, match="sees no CUDA device here; fix: model.device=cpu"):
+        check_model_config(OmegaConf.create({"source": "random", "device": "cuda"}))
+
+
+def test_an_unset_backend_means_sdpa():
+    lm = make_model(tiny_config(), attn_implementation=None)
+    assert lm.info["attn_implementation"] == "sdpa" and lm.model.config._attn_implementation == "sdpa"
+
+
+def test_dense_copies_are_pruned_least_recently_used_first(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from harness import models
+    monkeypatch.setenv("KV_HARNESS_CACHE", str(tmp_path))
+    root = tmp_path / "dense"
+    now = time.time()
+    for i in range(9):
+        (root / f"model-{i}").mkdir(parents=True)
+        os.utime(root / f"model-{i}", (now - 100 * i, now - 100 * i))    # model-0 most recent
+    (root / "model-x.tmp123").mkdir()                                    # a save killed long ago
+    os.utime(root / "model-x.tmp123", (now - 7200, now - 7200))
+    (root / "model-y.tmp456").mkdir()                                    # a save in progress
+    models.prune_dense_copies(keep=6)
+    assert sorted(p.name for p in root.iterdir()) == [f"model-{i}" for i in range(6)] + ["model-y.tmp456"]

@@ -92,6 +92,23 @@ def test_float16_overflow_in_h2o_accumulated_attention():
         torch.testing.assert_close(mass16.float(), mass32, rtol=5e-3, atol=5e-3)
 
 
+def test_float16_rows_that_underflow_to_minus_inf_are_recomputed_too():
+    """Keys sharing a large offset and a query pointing the other way: every logit of that row is -inf
+    in float16, its softmax NaN."""
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 2, 60, 16, generator=g), torch.randn(1, 2, 60, 16, generator=g)
+    k[..., 0] += 300.0
+    q[0, 0, -1, 0] = -300.0
+    q16, k16 = q.half(), k.half()
+    assert torch.isnan(reference_window_mass(q16, k16, 8)).any()
+    ours = window_attention_mass(q16, k16, 8)
+    assert torch.isfinite(ours).all()
+    # float16 rounds logits of magnitude ~75 to 0.06 in the rows kept as the reference computes them
+    torch.testing.assert_close(ours.float(), window_attention_mass(q16.float(), k16.float(), 8), rtol=0.1, atol=0.02)
+    for variant in ("causal", "reference_2024"):
+        assert torch.isfinite(accumulated_attention(q16, k16, 8, variant, query_chunk=16)).all()
+
+
 def test_float16_rows_without_overflow_keep_the_reference_values():
     """Only the overflowing query rows change: the other rows' probabilities are the reference's."""
     q, k, w = dominant_key_case()
