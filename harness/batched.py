@@ -25,8 +25,10 @@ floor is about 6 ms). Here the rows are decoded together:
   launch. Graphs (with their buffers) are kept and reused for later prompts whose bucketed shapes
   match (capacities are rounded up to ``bucket`` slots). Where capture fails the step runs eagerly and
   the reason is recorded.
-* Rows stop on their own (stop token, stop string, ``max_new_tokens``); a finished row still rides
-  along in the fixed-shape batch until the group finishes, its tokens ignored.
+* Rows stop on their own (``harness.stopping.Stopping``: stop token, stop string, ``max_new_tokens``);
+  a finished row still rides along in the fixed-shape batch until the group finishes, its tokens
+  ignored. ``min_new_tokens`` is a bias added to the logits inside the step (-inf at the stop ids
+  while it applies), updated in place between steps, so a captured graph needs no re-capture.
 
 Greedy results equal the plain path (``harness.generate.decode_loop``) token for token on the CPU
 (tests/test_batched.py); on a GPU in bf16 the reductions differ in order, so rare near-ties can flip
@@ -49,7 +51,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from harness import compat, hook
 from harness.cache import text_config
 from harness.compat import IntegrationError
-from harness.generate import stop_reason
+from harness.stopping import Stopping
 from methods.base import repeat_heads
 
 SLOT_ATTENTION = "kvharness_slots"
@@ -341,12 +343,14 @@ class Decoder:
     """Fixed buffers (cache, input ids, positions) and one greedy step over them; ``compiled``: the
     forward goes through ``torch.compile`` (then, on a GPU, the compiled step is captured as a graph)."""
 
-    def __init__(self, cache: SlotCache, batch: int, compiled: bool = False):
+    def __init__(self, cache: SlotCache, batch: int, vocab: int, compiled: bool = False):
         device = cache.fills.device
         self.cache = cache
         self.compiled = compiled
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.bias = torch.zeros(vocab, dtype=torch.float32, device=device)   # -inf at suppressed ids
+        self.suppressing: tuple[int, ...] = ()
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_error: str | None = None
 
@@ -354,10 +358,18 @@ class Decoder:
         self.ids.copy_(first_tokens.view(-1, 1))
         self.positions.copy_(positions.view(-1, 1))
 
+    def suppress(self, ids: list[int]) -> None:
+        """The ids the next steps may not choose (in place: a captured graph reads the same buffer)."""
+        if tuple(ids) != self.suppressing:
+            self.bias.zero_()
+            if ids:
+                self.bias[torch.tensor(ids, device=self.bias.device)] = float("-inf")
+            self.suppressing = tuple(ids)
+
     def _step(self, model) -> None:
         forward = compiled_logits() if self.compiled else _logits
         logits = forward(model, self.ids, self.positions, compat.forward_kwargs(model, self.cache))
-        self.ids.copy_(logits[:, -1].argmax(dim=-1, keepdim=True))
+        self.ids.copy_((logits[:, -1].float() + self.bias).argmax(dim=-1, keepdim=True))
         self.positions.add_(1)
         self.cache.advance()
 
@@ -446,28 +458,33 @@ class DecodeStats:
     eager_reason: str | None = None
 
 
+def vocab_size(model) -> int:
+    """Width of the model's logits (its output projection's rows)."""
+    head = model.get_output_embeddings()
+    return getattr(head, "out_features", None) or head.weight.shape[0]
+
+
 @torch.no_grad()
-def decode_caches(model, tokenizer, first_token: torch.Tensor, caches: list, prompt_length: int, max_new_tokens: int,
-                  stop_token_ids=(), stop_strings=(), min_new_tokens: int = 0, cuda_graphs: bool = True,
-                  max_batch: int = 16, bucket: int = 64, stats: DecodeStats | None = None,
-                  compile: bool = False) -> list[tuple[list[int], str]]:
+def decode_caches(model, first_token: torch.Tensor, caches: list, prompt_length: int, max_new_tokens: int,
+                  stopping: Stopping, cuda_graphs: bool = True, max_batch: int = 16, bucket: int = 64,
+                  stats: DecodeStats | None = None, compile: bool = False) -> list[tuple[list[int], str]]:
     """Greedy decoding of every cache in ``caches`` (each prefilled with the same prompt, whose first
     generated token is ``first_token``); returns ``(tokens, stopped_by)`` per cache, as
     ``harness.generate.decode_loop`` would for each alone. ``compile``: the step's forward goes
     through ``torch.compile`` (the first call compiles, about a minute for an 8B model)."""
     stats = stats if stats is not None else DecodeStats()
-    stops = {int(t) for t in stop_token_ids}
     first = int(first_token.reshape(-1)[0])
     results: list[tuple[list[int], str] | None] = [None] * len(caches)
     if max_new_tokens <= 1 or not caches:
         for i in range(len(caches)):
-            results[i] = ([first], stop_reason([first], stops, tokenizer, stop_strings, min_new_tokens) or "max_new_tokens")
+            results[i] = ([first], stopping.reason([first]) or "max_new_tokens")
         return results
     rows = [row_layers(c) for c in caches]
     costs = [tuple(r.keys.shape[1] * r.keys.shape[2] for r in row) for row in rows]
     device = rows[0][0].keys.device
     use_graphs = cuda_graphs and device.type == "cuda"
     steps = max_new_tokens - 1
+    vocab = vocab_size(model)
     for segments in group_rows(costs, max_batch):
         group = [i for segment in segments for i in segment]       # batch order
         batch_rows = [rows[i] for i in group]
@@ -477,11 +494,12 @@ def decode_caches(model, tokenizer, first_token: torch.Tensor, caches: list, pro
         pool = pool_for(model)
         reused_before = pool.reuses
         decoder = pool.get((shape, dtype, str(device), compile),
-                           lambda: Decoder(allocate(shape, dtype, device), batch, compiled=compile))
+                           lambda: Decoder(allocate(shape, dtype, device), batch, vocab, compiled=compile))
         stats.reused += pool.reuses - reused_before
         load(decoder.cache, batch_rows, prompt_length)
         decoder.reset(torch.full((batch,), first, dtype=torch.long, device=device),
                       torch.full((batch,), prompt_length, dtype=torch.long, device=device))
+        decoder.suppress(stopping.suppressed(1))
         stats.groups.append(batch)
         stats.segments.append(len(segments))
         tokens = [[] for _ in group]
@@ -500,9 +518,10 @@ def decode_caches(model, tokenizer, first_token: torch.Tensor, caches: list, pro
                 for b in range(batch):
                     if done[b] is None:
                         tokens[b].append(current[b])
-                        done[b] = stop_reason(tokens[b], stops, tokenizer, stop_strings, min_new_tokens)
+                        done[b] = stopping.reason(tokens[b])
                 if all(d is not None for d in done) or step + 1 == max_new_tokens:
                     break
+                decoder.suppress(stopping.suppressed(step + 1))    # choosing new token number step + 1
                 decoder.step(model, use_graphs)
                 if step == 0 and not replayed:     # an eager step: it must have gone through the slot cache
                     decoder.cache.verify_routing()

@@ -153,7 +153,7 @@ def fast_decode(model, cache, token, position: int, tokens: int, rows: int = 1, 
     shape = batched.layout([row] * rows, [list(range(rows))], tokens * repeats + 4, 64)
     slot = batched.allocate(shape, row[0].keys.dtype, device)
     batched.load(slot, [row] * rows, position)
-    decoder = batched.Decoder(slot, rows, compiled=compiled)
+    decoder = batched.Decoder(slot, rows, batched.vocab_size(model), compiled=compiled)
     decoder.reset(token.reshape(-1)[:1].repeat(rows), torch.full((rows,), position, device=device))
     out = {"rows": rows, "graph": False}
     with torch.no_grad(), batched.slot_routing(model, slot):

@@ -3,6 +3,12 @@
 The prompt is prefilled in one forward (compression happens inside it, layer by layer); decoding
 then feeds one token at a time with explicit position ids that continue from the original prompt
 length (the compressed cache is shorter, the positions are not).
+
+When to stop follows transformers' ``generate`` exactly (``Stopping``): ``min_new_tokens`` masks the
+stop ids' logits until that many tokens exist (``MinNewTokensLengthLogitsProcessor``; the reference
+scripts' ``min_length=context_length + 1`` is ``min_new_tokens=1``), a stop id ends generation and is
+kept (``EosTokenCriteria``), and stop strings are matched by transformers' own ``StopStringCriteria``
+on the end of the sequence, prompt included, one step at a time.
 """
 
 from __future__ import annotations
@@ -11,9 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from harness import compat, hook
+from harness import batched, compat, hook
 from harness.cache import make_cache
 from harness.hook import attach
+from harness.stopping import Stopping
 from methods.base import ConfigError, KVCompressor
 
 
@@ -26,16 +33,21 @@ class Generation:
     report: dict | None      # what the compressor kept (None for FullKV)
 
 
-def _greedy(logits: torch.Tensor) -> torch.Tensor:
-    return logits[:, -1].argmax(dim=-1, keepdim=True)  # [B, 1]
+def _greedy(logits: torch.Tensor, suppress: list[int] | None = None) -> torch.Tensor:
+    """``logits [B, q, V]`` -> the argmax of the last position ``[B, 1]``, ``suppress`` ids masked."""
+    last = logits[:, -1]
+    if suppress:
+        last = last.index_fill(-1, torch.tensor(suppress, device=last.device), float("-inf"))
+    return last.argmax(dim=-1, keepdim=True)
 
 
 @torch.no_grad()
-def prefill(model, input_ids: torch.Tensor, cache) -> torch.Tensor:
+def prefill(model, input_ids: torch.Tensor, cache, suppress: list[int] | None = None) -> torch.Tensor:
     """Prefill ``input_ids [1, n]`` into ``cache`` (from ``make_cache``); returns the greedy first token
-    ``[1, 1]``. With a compressor attached (``harness.hook.attach``) the cache is bound to it, compressed
-    layer by layer during the forward, and verified afterwards (``hook.verify_compressed``): a prefill
-    that was not compressed as configured raises ``hook.CompressionNotApplied``."""
+    ``[1, 1]`` (``suppress``: ids it may not be, e.g. ``Stopping.suppressed(0)``). With a compressor
+    attached (``harness.hook.attach``) the cache is bound to it, compressed layer by layer during the
+    forward, and verified afterwards (``hook.verify_compressed``): a prefill that was not compressed as
+    configured raises ``hook.CompressionNotApplied``."""
     n = input_ids.shape[1]
     controller = hook.active_controller(model)
     if controller is not None:
@@ -46,45 +58,31 @@ def prefill(model, input_ids: torch.Tensor, cache) -> torch.Tensor:
     hook.verify_seen(cache, n)
     if controller is not None:
         controller.verify(cache, n, sessions_before)
-    return _greedy(logits)
+    return _greedy(logits, suppress)
 
 
 @torch.no_grad()
-def decode_one(model, token: torch.Tensor, cache, position: int) -> torch.Tensor:
+def decode_one(model, token: torch.Tensor, cache, position: int, suppress: list[int] | None = None) -> torch.Tensor:
     """One greedy step: ``token [B, 1]`` at ``position`` (the virtual length) -> the next ``[B, 1]``."""
     positions = torch.full((token.shape[0], 1), position, device=token.device, dtype=torch.long)
-    return _greedy(compat.forward_logits(model, token, positions, cache))
+    return _greedy(compat.forward_logits(model, token, positions, cache), suppress)
 
 
-def stop_reason(tokens: list[int], stops: set[int], tokenizer, stop_strings=(), min_new_tokens: int = 0) -> str | None:
-    """Why greedy decoding ends after ``tokens`` (``"stop_token"``, ``"stop_string"``), or None to go
-    on; nothing stops it before ``min_new_tokens`` tokens. Shared by the plain and the batched loop."""
-    if len(tokens) <= min_new_tokens:
-        return None
-    if tokens[-1] in stops:
-        return "stop_token"
-    if stop_strings and any(s in tokenizer.decode(tokens, skip_special_tokens=True) for s in stop_strings):
-        return "stop_string"
-    return None
-
-
-def decode_loop(model, tokenizer, first_token: torch.Tensor, cache, prompt_length: int, max_new_tokens: int,
-                stop_token_ids=(), stop_strings=(), min_new_tokens: int = 0) -> tuple[list[int], str]:
+def decode_loop(model, first_token: torch.Tensor, cache, prompt_length: int, max_new_tokens: int,
+                stopping: Stopping) -> tuple[list[int], str]:
     """Greedy decoding from the first generated token; returns the tokens and why it stopped."""
-    stops = set(int(t) for t in stop_token_ids)
     tokens: list[int] = []
     token = first_token
-    reason = "max_new_tokens"
+    reason = None
     for step in range(max_new_tokens):
         tokens.append(int(token))
-        reason = stop_reason(tokens, stops, tokenizer, stop_strings, min_new_tokens)
+        reason = stopping.reason(tokens)
         if reason:
             break
         if step + 1 < max_new_tokens:
-            token = decode_one(model, token, cache, prompt_length + step)
-    reason = reason or "max_new_tokens"
+            token = decode_one(model, token, cache, prompt_length + step, stopping.suppressed(step + 1))
     hook.verify_seen(cache, prompt_length + len(tokens) - 1)   # every decode step wrote this cache
-    return tokens, reason
+    return tokens, reason or "max_new_tokens"
 
 
 DECODE_MODES = ("batched", "plain")
@@ -104,31 +102,30 @@ def generate(model, tokenizer, input_ids: torch.Tensor, compressor: KVCompressor
              cuda_graphs: bool = True, compile: bool = False) -> Generation:
     """Greedy generation of one prompt ``input_ids [1, n]`` with ``compressor`` attached.
 
-    Stops after a stop token (kept out of the text, as ``generate`` + ``skip_special_tokens`` does),
-    when the decoded text contains a stop string (the text keeps it, as ``generate(stop_strings=)``
-    does), or after ``max_new_tokens``. ``min_new_tokens`` suppresses stopping before that many tokens.
-    ``decode="batched"`` decodes from fixed-shape buffers (``harness.batched``; a CUDA graph per step on
-    a GPU), ``"plain"`` calls the model per token on the growing cache; greedy tokens are the same.
+    Stops as transformers' ``generate`` would (``Stopping``): after a stop token (special tokens are
+    left out of the text, as ``decode(..., skip_special_tokens=True)`` does), once the sequence ends in
+    a stop string (the text keeps it), or after ``max_new_tokens``; ``min_new_tokens`` masks the stop
+    ids until that many tokens exist. ``decode="batched"`` decodes from fixed-shape buffers
+    (``harness.batched``; a CUDA graph per step on a GPU), ``"plain"`` calls the model per token on the
+    growing cache; greedy tokens are the same.
     """
-    from harness import batched   # batched imports this module (stop_reason)
     check_decode(decode)
     if input_ids.shape[0] != 1:
         raise ValueError(f"generate takes one prompt at a time; got batch {input_ids.shape[0]}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     n = input_ids.shape[1]
+    stopping = Stopping(tokenizer, stop_token_ids, min_new_tokens, stop_strings, input_ids[0].tolist())
     cache = make_cache(model)
     with attach(model, compressor) as controller:
-        first = prefill(model, input_ids, cache)
+        first = prefill(model, input_ids, cache, stopping.suppressed(0))
         if decode == "batched" and batched.spans_devices(cache):
             decode = "plain"   # a model split over devices: the plain path (same tokens)
         if decode == "plain":
-            tokens, stopped_by = decode_loop(model, tokenizer, first, cache, n, max_new_tokens, stop_token_ids,
-                                             stop_strings, min_new_tokens)
+            tokens, stopped_by = decode_loop(model, first, cache, n, max_new_tokens, stopping)
         report = controller.report
     if decode == "batched":
-        [(tokens, stopped_by)] = batched.decode_caches(model, tokenizer, first, [cache], n, max_new_tokens, stop_token_ids,
-                                               stop_strings, min_new_tokens, cuda_graphs=cuda_graphs,
-                                               compile=compile)
+        [(tokens, stopped_by)] = batched.decode_caches(model, first, [cache], n, max_new_tokens, stopping,
+                                                       cuda_graphs=cuda_graphs, compile=compile)
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     return Generation(tokens, text, n, stopped_by, report)

@@ -63,6 +63,10 @@ def check_model_config(cfg) -> None:
     if parsed is not None and parsed.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"model.device={device!r} but torch sees no CUDA device here; fix: model.device=cpu (or auto)")
     check_backend(attention_backend(cfg))
+    template = chat_template_file(cfg)
+    if template is not None and not template.is_file():
+        raise ConfigError(f"model.chat_template_file={cfg.get('chat_template_file')!r}: no such file ({template}); "
+                          "give a Jinja file (a relative path starts at conf/)")
 
 
 def attention_backend(cfg) -> str:
@@ -122,7 +126,7 @@ def _dense_copy_dir(gguf_path: Path, dtype: torch.dtype) -> Path:
     return cache_root() / "dense" / f"{gguf_path.stem}-{key}-{str(dtype).removeprefix('torch.')}"
 
 
-def _load_gguf(gguf_path: Path, dtype: torch.dtype, attn: str, dense_cache: bool):
+def _load_gguf(gguf_path: Path, dtype: torch.dtype, attn: str, dense_cache: bool, prepare=lambda tokenizer: tokenizer):
     """GGUF via transformers (5.18+ converts tokenizers correctly). Dequantising takes ~20 s for
     SmolLM2, so a dense safetensors copy is kept in the cache directory and loaded next time."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -133,14 +137,18 @@ def _load_gguf(gguf_path: Path, dtype: torch.dtype, attn: str, dense_cache: bool
         model = AutoModelForCausalLM.from_pretrained(dense, dtype=dtype, attn_implementation=attn)
         tokenizer = AutoTokenizer.from_pretrained(dense)
         gguf_bos(tokenizer, gguf_path, gguf_add_bos(gguf_path, dense))
-        return model, tokenizer, str(dense)
+        return model, prepare(tokenizer), str(dense)
     folder, name = gguf_path.parent, gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     add_bos = gguf_add_bos(gguf_path)
     gguf_bos(tokenizer, gguf_path, add_bos)
+    saved_template = getattr(tokenizer, "chat_template", None)
+    prepare(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype, attn_implementation=attn)
-    if dense_cache:
+    if dense_cache:   # the copy keeps the file's own template; model.chat_template_file applies at every load
+        configured, tokenizer.chat_template = tokenizer.chat_template, saved_template
         _save_dense(model, tokenizer, dense)
+        tokenizer.chat_template = configured
         _remember_add_bos(dense, gguf_path, add_bos)
     return model, tokenizer, str(gguf_path)
 
@@ -238,27 +246,33 @@ def load_model(cfg) -> LoadedModel:
     dtype = resolve_dtype(cfg.get("dtype", "auto"), device)
     attn = attention_backend(cfg)
     origin = None
+    template: dict = {}
+
+    def prepare(tokenizer):   # the tokenizer is ready before any weights load
+        template.update(chat_template_of(tokenizer, cfg))
+        return tokenizer
+
     if source == "random":
+        tokenizer = prepare(byte_tokenizer() if cfg.get("tokenizer", "bytes") == "bytes" else
+                            AutoTokenizer.from_pretrained(cfg.tokenizer))
         config = AutoConfig.for_model(**OmegaConf.to_container(cfg.config, resolve=True))
         torch.manual_seed(int(cfg.get("seed", 0)))
         with torch.device(device):  # initialise on the target device (an 8B model in seconds on a GPU)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
-        tokenizer = byte_tokenizer() if cfg.get("tokenizer", "bytes") == "bytes" else \
-            AutoTokenizer.from_pretrained(cfg.tokenizer)
         origin = "random weights from config"
     elif source in ("gguf", "package"):
         path = package_file(cfg.package, cfg.get("file")) if source == "package" else Path(cfg.path)
         if not path.exists():
             raise FileNotFoundError(f"model.path={str(path)!r} does not exist; give a .gguf file")
-        model, tokenizer, origin = _load_gguf(path, dtype, attn, bool(cfg.get("dense_cache", True)))
+        model, tokenizer, origin = _load_gguf(path, dtype, attn, bool(cfg.get("dense_cache", True)), prepare)
     else:
         remote = bool(cfg.get("trust_remote_code", False))
+        tokenizer = prepare(AutoTokenizer.from_pretrained(cfg.name_or_path, revision=cfg.get("revision"),
+                                                          trust_remote_code=remote))
         # device_map=auto (accelerate) spreads a model larger than one GPU over all of them
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, attn_implementation=attn,
                                                      revision=cfg.get("revision"), trust_remote_code=remote,
                                                      device_map=cfg.get("device_map"))
-        tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, revision=cfg.get("revision"),
-                                                  trust_remote_code=remote)
         origin = cfg.name_or_path
     if not cfg.get("device_map"):
         model.to(device)
@@ -268,7 +282,38 @@ def load_model(cfg) -> LoadedModel:
                        max_input_tokens=cfg.get("max_input_tokens"),
                        chat_template=bool(cfg.get("chat_template", False)),
                        info={"origin": origin, "dtype": str(dtype).removeprefix("torch."),
-                             "device": str(device), "attn_implementation": attn})
+                             "device": str(device), "attn_implementation": attn, **template})
+
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def chat_template_file(cfg) -> Path | None:
+    """``model.chat_template_file`` as a path (relative paths start at ``conf/``), or None."""
+    name = cfg.get("chat_template_file")
+    if not name:
+        return None
+    path = Path(name).expanduser()
+    return path if path.is_absolute() else CONF / path
+
+
+def chat_template_of(tokenizer, cfg) -> dict:
+    """Apply ``model.chat_template_file`` (a Jinja file that becomes the tokenizer's chat template, for
+    model files that carry none) and check ``model.chat_template``: a chat model must end up with a
+    template. Returns what the manifest records (template source and sha256)."""
+    from methods import ConfigError
+    path = chat_template_file(cfg)
+    if path is not None:
+        tokenizer.chat_template = path.read_text(encoding="utf-8")
+    text = getattr(tokenizer, "chat_template", None)
+    if cfg.get("chat_template", False) and not text:
+        raise ConfigError(f"model.chat_template=true, but the tokenizer of {cfg.get('name')!r} has no chat template "
+                          "(a GGUF file may carry none); fix: model.chat_template_file=<a .jinja file> to supply one, "
+                          "or model.chat_template=false to send raw prompts")
+    if not text:
+        return {"chat_template_source": None}
+    source = str(path) if path is not None else "tokenizer"
+    return {"chat_template_source": source, "chat_template_sha256": hashlib.sha256(text.encode()).hexdigest()}
 
 
 def stop_token_ids(model, tokenizer, extra_tokens: list[str]) -> list[int]:

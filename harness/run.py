@@ -13,10 +13,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import methods
-from harness import distributed, results
+from harness import distributed, generation_rules, results
 from harness.generate import check_decode, generate
 from harness.models import check_model_config, load_model
-from harness.prompting import encode, use_chat_template
+from harness.prompting import check_protocol, encode, special_text, use_chat_template
 from harness.shared import generate_many
 from harness.tasks import Sample, get_task
 
@@ -66,10 +66,11 @@ def run_folder(cfg: DictConfig, compressor: methods.KVCompressor) -> Path:
     return Path(cfg.results_dir) / cfg.task.name / cfg.model.name / cfg.protocol.name / name
 
 
-def task_samples(task, task_cfg, lm, chat: bool, truncation: str = "middle") -> list[Sample]:
+def task_samples(task, task_cfg, lm, chat: bool, truncation: str = "middle",
+                 special_tokens: str = "text") -> list[Sample]:
     """The task's samples, with lengths measured on the model input the runner will build."""
-    return task.build_samples(task_cfg, lm.tokenizer, _counter(task, lm, chat), max_input_tokens=lm.max_input_tokens,
-                              truncation=truncation)
+    return task.build_samples(task_cfg, lm.tokenizer, _counter(task, lm, chat, special_tokens),
+                              max_input_tokens=lm.max_input_tokens, truncation=truncation)
 
 
 def _row(task, sample: Sample, out, seconds: float, compressor: methods.KVCompressor) -> dict:
@@ -97,16 +98,13 @@ def save_positions(folder: Path, sample_id: str, report: dict) -> None:
     torch.save(positions, folder / "kept" / f"{sample_id}.pt")
 
 
-def _stop_ids(lm, sample: Sample) -> list[int]:
-    extra = [lm.tokenizer.encode(text, add_special_tokens=False)[-1] for text in sample.stop_texts]
-    return sorted(set(lm.stop_token_ids) | set(extra))
-
-
 def run(cfg: DictConfig) -> list[dict]:
     """Run (or resume) the configured job; returns one summary per method (also in scores.json)."""
     compressors = build_compressors(cfg)        # bad knobs fail here, before any model loads
     check_decode(cfg.get("decode", "batched"), cfg.get("decode_batch", 16))
     check_model_config(cfg.model)
+    generation_rules.check(cfg.protocol)
+    check_protocol(cfg.protocol, cfg.model)
     task = get_task(cfg.task.name)
     distributed.init()
     if cfg.get("threads"):
@@ -114,7 +112,8 @@ def run(cfg: DictConfig) -> list[dict]:
     lm = _cached_model(OmegaConf.to_yaml(cfg.model, resolve=True))
     chat = use_chat_template(cfg.protocol.chat_template, lm.chat_template, lm.tokenizer)
     skip = set(cfg.protocol.get("chat_template_skip") or [])
-    samples = task_samples(task, cfg.task, lm, chat, cfg.protocol.get("truncation", "middle"))
+    special_tokens = cfg.protocol.get("prompt_special_tokens", "text")
+    samples = task_samples(task, cfg.task, lm, chat, cfg.protocol.get("truncation", "middle"), special_tokens)
     if cfg.get("limit"):
         samples = samples[: int(cfg.limit)]
     rank, world = distributed.world()
@@ -125,7 +124,11 @@ def run(cfg: DictConfig) -> list[dict]:
     writers: dict[tuple, results.PredictionWriter] = {}
     manifest = {"config": OmegaConf.to_container(cfg, resolve=True), "model": lm.info, "chat_template": chat,
                 "stop_token_ids": lm.stop_token_ids, "environment": results.environment(),
-                "samples": len(all_samples), "shared_prefill": len(compressors) > 1}
+                "samples": len(all_samples), "shared_prefill": len(compressors) > 1,
+                "generation": {dataset or "default": {
+                    "stop_token_ids": generation_rules.stop_ids(cfg.protocol, dataset, lm),
+                    "min_new_tokens": generation_rules.min_new_tokens(cfg.protocol, dataset),
+                    "chat_template": chat and dataset not in skip} for dataset in {s.dataset for s in all_samples}}}
     if hasattr(task, "checksums"):
         manifest["data_sha256"] = task.checksums(cfg.task)
     if hasattr(task, "environment"):
@@ -141,20 +144,30 @@ def run(cfg: DictConfig) -> list[dict]:
     fast = {"decode": cfg.get("decode", "batched"), "cuda_graphs": bool(cfg.get("cuda_graphs", True)),
             "compile": bool(cfg.get("decode_compile", False))}
     stop_strings = list(cfg.task.get("stop_strings") or [])
+    warned_specials = False
     for sample in samples:
         todo = [c for c in compressors if sample.id not in done[id(c)]]
         if not todo:
             continue
-        sample_chat = chat and sample.group not in skip
-        input_ids = encode(sample, lm.tokenizer, sample_chat, device)
-        stops = _stop_ids(lm, sample)
+        sample_chat = chat and sample.dataset not in skip
+        input_ids = encode(sample, lm.tokenizer, sample_chat, device, special_tokens)
+        written_specials = special_text(sample.prompt, lm.tokenizer)
+        if written_specials:
+            sample.meta["special_text_in_prompt"] = written_specials
+            if special_tokens == "parse" and not warned_specials:
+                warned_specials = True
+                log.warning("sample %s: the prompt contains special-token text %s, which "
+                            "protocol.prompt_special_tokens=parse turns into control tokens, as the reference "
+                            "scripts do (recorded per sample as special_text_in_prompt)", sample.id, written_specials)
+        stops = generation_rules.stop_ids(cfg.protocol, sample.dataset, lm)
+        min_new = generation_rules.min_new_tokens(cfg.protocol, sample.dataset)
         start = time.perf_counter()
         if len(todo) == 1:
             outs = [generate(lm.model, lm.tokenizer, input_ids, todo[0], sample.max_new_tokens, stops,
-                             stop_strings, sample.min_new_tokens, **fast)]
+                             stop_strings, min_new, **fast)]
         else:
             outs = generate_many(lm.model, lm.tokenizer, input_ids, todo, sample.max_new_tokens, stops,
-                                 stop_strings, sample.min_new_tokens, max_batch=int(cfg.get("decode_batch", 16)),
+                                 stop_strings, min_new, max_batch=int(cfg.get("decode_batch", 16)),
                                  **fast)
         seconds = (time.perf_counter() - start) / len(todo)
         for c, out in zip(todo, outs):
@@ -183,10 +196,10 @@ def run(cfg: DictConfig) -> list[dict]:
     return summaries
 
 
-def _counter(task, lm, chat: bool):
+def _counter(task, lm, chat: bool, special_tokens: str = "text"):
     def count_tokens(prompt_text: str) -> int:
         probe = Sample(id="", prompt=prompt_text, answers=[], max_new_tokens=1, answer_prefix=task.ANSWER_PREFIX)
-        return encode(probe, lm.tokenizer, chat, "cpu").shape[1]
+        return encode(probe, lm.tokenizer, chat, "cpu", special_tokens).shape[1]
     return count_tokens
 
 

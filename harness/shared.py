@@ -21,6 +21,7 @@ from harness.cache import make_cache, text_config
 from harness.compat import check_query_layout
 from harness.batched import DecodeStats, decode_caches, spans_devices
 from harness.generate import Generation, check_decode, decode_loop, prefill
+from harness.stopping import Stopping
 from methods.base import KVCompressor
 
 
@@ -46,14 +47,16 @@ class SharedPrefill:
     prompt_length: int
 
 
-def prefill_once(model, input_ids: torch.Tensor, compressors: list[KVCompressor]) -> SharedPrefill:
-    """One full prefill, keeping what every compressor in ``compressors`` will read."""
+def prefill_once(model, input_ids: torch.Tensor, compressors: list[KVCompressor],
+                 suppress: list[int] | None = None) -> SharedPrefill:
+    """One full prefill, keeping what every compressor in ``compressors`` will read (``suppress``: ids
+    the first token may not be)."""
     def needed(n):
         return max([c.query_count(n) for c in compressors if not c.is_noop] or [1])
     capture = QueryCapture(needed, text_config(model.config).num_attention_heads)
     cache = make_cache(model)
     with hook.routed(model, capture) as layers:
-        first = prefill(model, input_ids, cache)
+        first = prefill(model, input_ids, cache, suppress)
     unseen = [idx for idx in layers if idx not in capture.queries]
     if unseen:
         raise hook.CompressionNotApplied(f"shared prefill: the wrapped attention function never ran for layers {unseen}, "
@@ -99,14 +102,15 @@ def generate_many(model, tokenizer, input_ids: torch.Tensor, compressors: list[K
     check_decode(decode, max_batch)
     for compressor in compressors:
         hook.require_full_attention(model, compressor)
-    shared = prefill_once(model, input_ids, compressors)
+    stopping = Stopping(tokenizer, stop_token_ids, min_new_tokens, stop_strings, input_ids[0].tolist())
+    shared = prefill_once(model, input_ids, compressors, stopping.suppressed(0))
     if decode == "batched" and spans_devices(shared.cache):
         decode = "plain"     # a model split over devices (device_map): one variant at a time, same tokens
     if decode == "batched":
         built = [compressed_cache(shared, c) for c in compressors]
-        decoded = decode_caches(model, tokenizer, shared.first_token, [cache for cache, _ in built],
-                                shared.prompt_length, max_new_tokens, stop_token_ids, stop_strings, min_new_tokens,
-                                cuda_graphs=cuda_graphs, max_batch=max_batch, stats=stats, compile=compile)
+        decoded = decode_caches(model, shared.first_token, [cache for cache, _ in built], shared.prompt_length,
+                                max_new_tokens, stopping, cuda_graphs=cuda_graphs, max_batch=max_batch, stats=stats,
+                                compile=compile)
         return [Generation(tokens, tokenizer.decode(tokens, skip_special_tokens=True), shared.prompt_length,
                            stopped_by, report) for (tokens, stopped_by), (_, report) in zip(decoded, built)]
     out = []
@@ -116,8 +120,8 @@ def generate_many(model, tokenizer, input_ids: torch.Tensor, compressors: list[K
         with attach as controller:  # decoding a query-head cache needs the attention wrapper
             if controller is not None:
                 controller.bind(cache, fresh=False)
-            tokens, stopped_by = decode_loop(model, tokenizer, shared.first_token, cache, shared.prompt_length,
-                                             max_new_tokens, stop_token_ids, stop_strings, min_new_tokens)
+            tokens, stopped_by = decode_loop(model, shared.first_token, cache, shared.prompt_length, max_new_tokens,
+                                             stopping)
         out.append(Generation(tokens, tokenizer.decode(tokens, skip_special_tokens=True), shared.prompt_length,
                               stopped_by, report))
     return out

@@ -1,5 +1,6 @@
 """LongBench preparation (prompts, truncation, stops, chat rule) and the run -> score -> table path."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -20,7 +21,8 @@ PROMPTS = {"samsum": "Summarize the dialogue.\n\n{context}\n\n{input}",
 MAXLEN = {"samsum": 128, "trec": 64, "multi_news": 512}
 
 
-def fake_longbench(tmp_path: Path, rows_per_dataset: int = 3, context_words: int = 60) -> tuple[Path, Path]:
+def fake_longbench(tmp_path: Path, rows_per_dataset: int = 3, context_words: int = 60,
+                   longbench_e: bool = False) -> tuple[Path, Path]:
     data, config = tmp_path / "data", tmp_path / "config"
     data.mkdir()
     config.mkdir()
@@ -35,6 +37,8 @@ def fake_longbench(tmp_path: Path, rows_per_dataset: int = 3, context_words: int
                 "dataset": dataset, "language": "en", "all_classes": ["DESC", "NUM"] if dataset == "trec" else None,
                 "_id": f"{dataset}-{i}"}))
         (data / f"{dataset}.jsonl").write_text("\n".join(lines) + "\n")
+        if longbench_e:   # LongBench-E: the same rows under <dataset>_e.jsonl
+            (data / f"{dataset}_e.jsonl").write_text("\n".join(lines) + "\n")
     return data, config
 
 
@@ -51,8 +55,8 @@ def test_prompts_lengths_and_stops_come_from_the_official_tables(tmp_path):
     assert len(samples) == 9 and [s.group for s in samples[:3]] == ["samsum"] * 3
     assert by_id["samsum-1"].prompt == "Summarize the dialogue.\n\n" + " ".join(["word"] * 60) + " 1\n\nQuestion 1?"
     assert by_id["samsum-0"].max_new_tokens == 128 and by_id["trec-0"].max_new_tokens == 64
-    assert by_id["samsum-0"].stop_texts == ["\n"] and by_id["samsum-0"].min_new_tokens == 1
-    assert by_id["trec-0"].stop_texts == [] and by_id["trec-0"].meta["all_classes"] == ["DESC", "NUM"]
+    assert by_id["samsum-0"].dataset == "samsum" and by_id["trec-0"].dataset == "trec"
+    assert by_id["trec-0"].meta["all_classes"] == ["DESC", "NUM"]
     limited = longbench.build_samples(task_cfg(data, config, limit=1), TOK)
     assert [s.id for s in limited] == ["samsum-0", "trec-0", "multi_news-0"]
 
@@ -119,20 +123,51 @@ def test_run_writes_dataset_files_scores_and_resumes(tmp_path, monkeypatch):
     assert snap["scores"]["trec"] == result["trec"] and snap["budget"] == 64
 
 
-def test_chat_skip_list_and_samsum_newline_stop(tmp_path, monkeypatch):
-    data, config_dir = fake_longbench(tmp_path)
-    seen = []
+def run_recording(monkeypatch, cfg):
+    """Run ``cfg``; returns (dataset, chat) per encoded sample and (stop ids, min_new_tokens) per generation."""
+    seen, stops = [], []
     real_encode = runner.encode
-    monkeypatch.setattr(runner, "encode", lambda sample, tok, chat, device: seen.append((sample.group, chat))
-                        or real_encode(sample, tok, chat, device))
-    stops = []
+    monkeypatch.setattr(runner, "encode", lambda sample, tok, chat, device, special="text":
+                        seen.append((sample.group, chat)) or real_encode(sample, tok, chat, device, special))
     real_generate = runner.generate
     monkeypatch.setattr(runner, "generate", lambda *a, **k: stops.append((a[5], a[7])) or real_generate(*a, **k))
-    runner.run(config(tmp_path, data, config_dir, "method=fullkv", "task.limit=1", "task.datasets=[samsum,trec]"))
-    # tiny_llama has no chat template, so chat is off everywhere; samsum adds the newline stop + 1 min token
-    assert seen == [("samsum", False), ("trec", False)]
+    runner.run(cfg)
+    return seen, stops
+
+
+@pytest.mark.parametrize("protocol, samsum_stops", [
+    ("longbench_official", lambda newline: sorted({TOK.eos_token_id, newline})),   # pred.py: replaced by [eos, "\n"]
+    ("dynamickv_paper", lambda newline: sorted({TOK.eos_token_id, newline})),
+    ("default", lambda newline: sorted({1, newline})),                           # the model's own, plus "\n"
+])
+def test_stop_ids_and_min_new_tokens_follow_the_protocol(tmp_path, monkeypatch, protocol, samsum_stops):
+    data, config_dir = fake_longbench(tmp_path, longbench_e=True)
+    seen, stops = run_recording(monkeypatch, config(tmp_path, data, config_dir, "method=fullkv", "task.limit=1",
+                                                     f"protocol={protocol}",
+                                                     "task.datasets=[samsum,trec,samsum_e,trec_e]"))
     newline = TOK.encode("\n", add_special_tokens=False)[-1]
-    assert newline in stops[0][0] and stops[0][1] == 1 and newline not in stops[1][0] and stops[1][1] == 0
+    # LongBench-E takes the rules of its base dataset, as pred.py compares the base name
+    assert stops == [(samsum_stops(newline), 1), ([1], 0), (samsum_stops(newline), 1), ([1], 0)]
+    manifest = json.loads(next((tmp_path / "results").rglob("manifest.json")).read_text())
+    assert manifest["generation"]["samsum"] == {"stop_token_ids": samsum_stops(newline), "min_new_tokens": 1,
+                                                "chat_template": False}
+
+
+def test_longbench_e_is_skipped_from_the_chat_template_like_its_base_dataset(tmp_path, monkeypatch):
+    """pred.py tests the base name against the skip list, so trec_e goes raw like trec, and qasper-like
+    datasets get the template (tiny_llama given a chat template here)."""
+    data, config_dir = fake_longbench(tmp_path, longbench_e=True)
+    monkeypatch.setattr(longbench, "KNOWN_SHA256", {})          # the fake multi_news is not the official file
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] ")
+    seen, _ = run_recording(monkeypatch, config(
+        tmp_path, data, config_dir, "method=fullkv", "task.limit=1", "model.chat_template=true",
+        f"+model.chat_template_file={template}", "task.datasets=[samsum,trec,multi_news,samsum_e,trec_e,multi_news_e]"))
+    assert seen == [("samsum", False), ("trec", False), ("multi_news", True),
+                    ("samsum_e", False), ("trec_e", False), ("multi_news_e", True)]
+    manifest = json.loads(next((tmp_path / "results").rglob("manifest.json")).read_text())
+    assert manifest["model"]["chat_template_source"] == str(template)
+    assert manifest["model"]["chat_template_sha256"] == hashlib.sha256(template.read_text().encode()).hexdigest()
 
 
 SHARED_LB = SHARED / "data" / "longbench"

@@ -21,6 +21,7 @@ from harness.cache import CompressedLayer, make_cache
 from harness.compat import IntegrationError
 from harness.generate import decode_loop, generate, prefill
 from harness.hook import CompressionNotApplied
+from harness.stopping import Stopping
 from harness.shared import compressed_cache, generate_many, prefill_once
 from methods import ConfigError, build
 
@@ -173,7 +174,7 @@ def test_plain_decoding_into_another_cache_is_caught(tiny):
                 kwargs[keyword] = DynamicCache(config=tiny.model.config)
 
             with attention_calls_with(tiny.model, swap), pytest.raises(CompressionNotApplied):
-                decode_loop(tiny.model, tiny.tokenizer, first, cache, 120, 5)
+                decode_loop(tiny.model, first, cache, 120, 5, Stopping(tiny.tokenizer))
 
 
 @pytest.mark.parametrize("pooled", [False, True])

@@ -12,8 +12,7 @@ class Sample:
     meta: dict = field(default_factory=dict)
     answer_prefix: str = ""     # text the assistant turn starts with (completion-style prompts)
     group: str | None = None    # results file: <group>.jsonl (LongBench: the dataset); None: predictions.jsonl
-    stop_texts: list[str] = field(default_factory=list)   # extra stop tokens, as text (samsum: newline)
-    min_new_tokens: int = 0
+    dataset: str | None = None  # the name the protocol's per-dataset rules use (LongBench's base name; None: default)
 
 
 TASKS = ("passkey", "needle", "longbench")

@@ -40,7 +40,6 @@ KNOWN_SHA256 = {
     "multifieldqa_zh.jsonl": "e5b4fd1a437c53c1c9e4e31eda7a259110b06d14be79c3ec455008c11fb9fab5",
     "passage_retrieval_zh.jsonl": "d71c1f71f9fee4c2108f822e9c58ac3cef94db47902c40ddfe168ecb5aab3cc0",
 }
-NEWLINE_STOP_DATASETS = ("samsum",)
 
 
 def sha256(path: Path) -> str:
@@ -154,9 +153,7 @@ def build_samples(cfg, tokenizer, count_tokens=None, max_input_tokens: int | Non
                 prompt, truncated = middle_truncate(tokenizer, prompt, max_input_tokens)
             samples.append(Sample(
                 id=row["_id"], prompt=prompt, answers=list(row["answers"]),
-                max_new_tokens=int(cfg.get("max_new_tokens") or lengths[base]), group=dataset,
-                stop_texts=["\n"] if base in NEWLINE_STOP_DATASETS else [],
-                min_new_tokens=1 if base in NEWLINE_STOP_DATASETS else 0,
+                max_new_tokens=int(cfg.get("max_new_tokens") or lengths[base]), group=dataset, dataset=base,
                 meta={"dataset": dataset, "all_classes": row.get("all_classes"), "length": row.get("length"),
                       "truncated": truncated}))
     return samples
