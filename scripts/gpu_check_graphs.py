@@ -5,7 +5,9 @@ the eager attention backend against sdpa.
 
 float32 (where the two paths should agree token for token, as on the CPU) and bfloat16 (where
 near-ties may flip); a Llama shape and a Gemma 3 shape (sliding-window layers). Prints one line per
-case: rows identical, graphs captured and reused, and any reason capture fell back to eager steps.
+case: rows identical, graphs captured and reused, and any reason capture fell back to eager steps;
+each prompt runs once without stop ids and once with stop ids under min_new_tokens=3 (the logit bias
+the captured step reads).
 Then, float32, both shapes: every method through the hook on attn_implementation=eager against sdpa
 (tokens and kept positions), which must agree row for row.
 """
@@ -47,11 +49,14 @@ for shape, config in SHAPES.items():
         stats = DecodeStats()
         for seed, n in ((1, 300), (2, 35), (3, 300)):
             ids = random_ids(n, seed=seed).cuda()
-            fast = generate_many(lm.model, lm.tokenizer, ids, compressors, 40, [], stats=stats)
-            for c, f in zip(compressors, fast):
-                slow = generate(lm.model, lm.tokenizer, ids, c, 40, [], decode="plain")
-                total += 1
-                same += f.token_ids == slow.token_ids
+            free = generate(lm.model, lm.tokenizer, ids, compressors[0], 8, [], decode="plain").token_ids
+            # no stops; then the first free tokens as stop ids under min_new_tokens=3 (the bias in the graph)
+            for stops, min_new in (([], 0), (free[:3], 3)):
+                fast = generate_many(lm.model, lm.tokenizer, ids, compressors, 40, stops, (), min_new, stats=stats)
+                for c, f in zip(compressors, fast):
+                    slow = generate(lm.model, lm.tokenizer, ids, c, 40, stops, (), min_new, decode="plain")
+                    total += 1
+                    same += f.token_ids == slow.token_ids
         print(f"{shape} {dtype}: {same}/{total} rows identical; batches {stats.groups}, graphs {stats.graphs}, "
               f"reused {stats.reused}, eager reason {stats.eager_reason}", flush=True)
         if dtype == "float32" and same != total or stats.graphs == 0:
