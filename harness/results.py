@@ -4,6 +4,7 @@ sample and flushed, so an interrupted run loses nothing finished and resumes whe
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -11,13 +12,15 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 PREDICTIONS = "predictions.jsonl"
 MANIFEST = "manifest.json"
 SCORES = "scores.json"
 
 _SHORT = {"query_head": "qh", "kv_head": "kvh"}
 # knobs that change speed or memory, not which tokens are kept: recorded in the manifest, not the name
-_NOT_IN_NAME = {"query_chunk"}
+NOT_IN_NAME = {"query_chunk"}
 
 
 def run_name(method: dict) -> str:
@@ -30,7 +33,7 @@ def run_name(method: dict) -> str:
              knobs.pop("pooling"), _SHORT.get(knobs.get("granularity"), str(knobs.get("granularity")))]
     knobs.pop("granularity", None)
     for key, value in sorted(knobs.items()):
-        if value is not None and key not in _NOT_IN_NAME:
+        if value is not None and key not in NOT_IN_NAME:
             parts.append(f"{key}{value}".replace("_", ""))
     return "_".join(str(p) for p in parts)
 
@@ -56,32 +59,90 @@ def predictions_file(folder: Path, group: str | None = None) -> Path:
     return Path(folder) / (f"{group}.jsonl" if group else PREDICTIONS)
 
 
+def valid_row(row) -> bool:
+    """A finished sample's row: a JSON object with an ``id`` and a numeric ``score``."""
+    return (isinstance(row, dict) and isinstance(row.get("id"), str) and isinstance(row.get("score"), (int, float))
+            and not isinstance(row.get("score"), bool))
+
+
+def parse_rows(path: Path) -> tuple[list[dict], list[str]]:
+    """The valid rows of one predictions file and its invalid lines (corrupt JSON, a line cut short
+    by an interruption, a row without ``id`` or ``score``)."""
+    rows, bad = [], []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            bad.append(line)
+            continue
+        if valid_row(row):
+            rows.append(row)
+        else:
+            bad.append(line)
+    return rows, bad
+
+
 def read_predictions(folder: Path) -> list[dict]:
-    """The finished samples of a run (every ``*.jsonl`` of its folder). A line cut short by an
-    interruption is ignored (and rewritten when the sample runs again)."""
+    """The finished samples of a run (every ``*.jsonl`` of its folder). Invalid lines are not rows;
+    ``quarantine`` moves them aside (and their samples run again)."""
     rows = []
     for path in sorted(Path(folder).glob("*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+        rows += parse_rows(path)[0]
     return rows
+
+
+def file_group(path: Path) -> str | None:
+    """The sample group a predictions or part file holds (``qasper.jsonl.rank1.part`` -> ``qasper``;
+    ``predictions.jsonl`` -> None)."""
+    name = Path(path).name.split(".rank")[0]
+    return None if name == PREDICTIONS else name.removesuffix(".jsonl")
+
+
+def finished(folder: Path) -> dict[tuple[str | None, str], dict]:
+    """Every finished row of a run folder (its ``*.jsonl`` files and any part files of a data-parallel
+    run), keyed by (group, sample id): ids are unique within a group only (LongBench's ``samsum`` and
+    ``samsum_e`` share ids)."""
+    from harness import distributed
+    rows = {}
+    for path in sorted(Path(folder).glob("*.jsonl")) + distributed.part_files(folder):
+        for row in parse_rows(path)[0]:
+            rows.setdefault((file_group(path), row["id"]), row)
+    return rows
+
+
+def quarantine(path: Path) -> int:
+    """Move the invalid lines of a predictions file to ``<file>.bad`` (appended) and rewrite the file
+    with the valid rows only (written aside, then renamed). Returns how many lines moved."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    data = path.read_bytes()
+    rows, bad = parse_rows(path)
+    if not bad and (not data or data.endswith(b"\n")):
+        return 0
+    if bad:
+        with Path(str(path) + ".bad").open("a", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in bad))
+            f.flush()
+            os.fsync(f.fileno())
+    tmp = Path(str(path) + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    if bad:
+        log.warning("%s: %d invalid line(s) moved to %s.bad; their samples run again", path, len(bad), path.name)
+    return len(bad)
 
 
 class PredictionWriter:
     def __init__(self, folder: Path, group: str | None = None, suffix: str = ""):
         self.path = Path(str(predictions_file(folder, group)) + suffix)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._repair_tail()
-
-    def _repair_tail(self) -> None:
-        """Drop a trailing partial line left by a kill mid-write, so appends stay valid JSONL."""
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            self.path.write_bytes(data[: data.rfind(b"\n") + 1])
+        quarantine(self.path)   # a line cut by a kill, or corrupted: moved aside, so appends stay valid JSONL
 
     def append(self, row: dict) -> None:
         with self.path.open("a", encoding="utf-8") as f:
@@ -90,10 +151,35 @@ class PredictionWriter:
             os.fsync(f.fileno())
 
 
-def write_json(path: Path, data) -> None:
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    tmp.replace(path)
+def write_json(path: Path, data, indent: int = 2) -> None:
+    """Write JSON atomically: a temporary file in the same folder, flushed, then renamed over ``path``."""
+    path = Path(path)
+    text = json.dumps(data, indent=indent, ensure_ascii=False, default=str)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class ResultFileError(ValueError):
+    """A results file that cannot be read; the message names the file and what is wrong."""
+
+
+def read_json(path: Path):
+    """Parse a JSON file; a ``ResultFileError`` naming the file, line and column if it is not valid."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ResultFileError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); "
+                              "re-run the step that writes it, or delete it") from None
+    except UnicodeDecodeError as error:
+        raise ResultFileError(f"{path}: not UTF-8 text ({error.reason}); re-run the step that writes it") from None
 
 
 def package_version(pkg: str) -> str | None:

@@ -4,18 +4,22 @@ Every method gets its own results folder; a re-run skips the samples a folder al
 
 from __future__ import annotations
 
+import datetime
 import functools
+import hashlib
 import logging
+import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 import methods
-from harness import distributed, generation_rules, results
+from harness import distributed, generation_rules, identity, results
 from harness.generate import check_decode, generate
-from harness.models import check_model_config, load_model
+from harness.models import check_model_config, load_model, model_identity
 from harness.prompting import check_protocol, encode, special_text, use_chat_template
 from harness.shared import generate_many
 from harness.tasks import Sample, get_task
@@ -62,8 +66,13 @@ def build_compressors(cfg: DictConfig) -> list[methods.KVCompressor]:
 
 
 def run_folder(cfg: DictConfig, compressor: methods.KVCompressor) -> Path:
+    """``<results_dir>/<task>/<model>/<protocol>/<method knobs>``: every component a checked name, and
+    the whole path inside ``results_dir`` (ConfigError otherwise)."""
     name = results.run_name({"name": compressor.name, **compressor.knobs()})
-    return Path(cfg.results_dir) / cfg.task.name / cfg.model.name / cfg.protocol.name / name
+    root = Path(str(cfg.results_dir)).expanduser()
+    parts = [identity.check_name("task.name", cfg.task.name), identity.check_name("model.name", cfg.model.name),
+             identity.check_name("protocol.name", cfg.protocol.name), identity.check_name("method", name)]
+    return identity.inside(root.joinpath(*parts), root)
 
 
 def task_samples(task, task_cfg, lm, chat: bool, truncation: str = "middle",
@@ -89,41 +98,135 @@ def _row(task, sample: Sample, out, seconds: float, compressor: methods.KVCompre
     return row
 
 
+def kept_file(folder: Path, sample_id: str) -> Path:
+    """``kept/<sample id>.pt``; an id that cannot be a file name is written with its unsafe characters
+    replaced and a digest of the id appended (``ab_c-1f2e3d4c.pt``), never outside ``kept/``."""
+    name = sample_id
+    if not identity.SAFE_NAME.fullmatch(name) or ".." in name:
+        name = re.sub(r"[^A-Za-z0-9_+=-]", "_", name)[:80] + "-" + hashlib.sha256(sample_id.encode()).hexdigest()[:8]
+    return identity.inside(Path(folder) / "kept" / f"{name}.pt", folder)
+
+
 def save_positions(folder: Path, sample_id: str, report: dict) -> None:
     """``kept/<sample id>.pt``: {model layer: [B, H, k] int32 original positions, None = whole prompt}."""
     (folder / "kept").mkdir(exist_ok=True)
     positions = {layer.get("model_layer", layer["layer"]):
                  None if layer["positions"] is None else layer["positions"].to(torch.int32)
                  for layer in report["layers"]}
-    torch.save(positions, folder / "kept" / f"{sample_id}.pt")
+    path = kept_file(folder, sample_id)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(positions, tmp)
+    tmp.replace(path)
 
 
-def run(cfg: DictConfig) -> list[dict]:
-    """Run (or resume) the configured job; returns one summary per method (also in scores.json)."""
-    compressors = build_compressors(cfg)        # bad knobs fail here, before any model loads
+@dataclass
+class Plan:
+    """What a run will do, decided and checked before the model loads."""
+    task: object
+    compressors: list
+    folders: dict          # id(compressor) -> results folder
+    identities: dict       # id(compressor) -> run identity
+    stored: dict           # id(compressor) -> the stored manifest it resumes, or None
+    model_identity: dict
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Top-level settings (each a ConfigError naming the value and the fix)."""
+    from harness.tasks import checks
+    checks.positive_int("limit", cfg.get("limit"), allow_none=True)
     check_decode(cfg.get("decode", "batched"), cfg.get("decode_batch", 16))
+    for key in ("cuda_graphs", "decode_compile", "save_kept_positions"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise methods.ConfigError(f"{key}={cfg.get(key)!r} must be true or false")
+    if cfg.get("threads") is not None:
+        checks.positive_int("threads", cfg.get("threads"))
+    timeout = cfg.get("distributed_timeout_s")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise methods.ConfigError(f"distributed_timeout_s={timeout!r} must be a positive number of seconds (or null: "
+                                  f"{distributed.DEFAULT_TIMEOUT_S})")
+    if cfg.get("resume", "auto") not in identity.RESUME_MODES:
+        raise methods.ConfigError(f"resume={cfg.get('resume')!r} is not one of {list(identity.RESUME_MODES)}; fix: "
+                                  "resume=auto (resume a folder with the same settings, refuse otherwise) or resume=new "
+                                  "(a sibling folder)")
+    if not str(cfg.get("results_dir") or "").strip():
+        raise methods.ConfigError("results_dir is empty; fix: results_dir=<folder>")
+
+
+def check_dtype(cfg: DictConfig, model_identity: dict) -> None:
+    """A protocol dtype that the model config overrides (a model yaml with a fixed ``dtype``) is
+    reported: the model runs in its own dtype, which the manifest records."""
+    wanted = cfg.protocol.get("dtype", "auto")
+    if wanted not in ("auto", None) and wanted != model_identity["dtype"]:
+        log.warning("protocol.dtype=%s, but model.dtype=%s (model %s): the model runs in %s; the manifest records "
+                    "%s. Fix, if %s was meant: model.dtype=%s", wanted, cfg.model.get("dtype"), cfg.model.name,
+                    model_identity["dtype"], model_identity["dtype"], wanted, wanted)
+
+
+def plan(cfg: DictConfig) -> Plan:
+    """Every check that needs no model: settings, method knobs, model source, protocol, task data,
+    folder names, and each folder's run identity against the stored one (ConfigError)."""
+    check_settings(cfg)
+    compressors = build_compressors(cfg)        # bad knobs fail here, before any model loads
     check_model_config(cfg.model)
     generation_rules.check(cfg.protocol)
     check_protocol(cfg.protocol, cfg.model)
     task = get_task(cfg.task.name)
-    distributed.init()
+    task.validate(cfg)
+    model_ident = model_identity(cfg.model)
+    check_dtype(cfg, model_ident)
+    data_ident = task.data_identity(cfg)
+    folders, identities, stored = {}, {}, {}
+    for c in compressors:
+        base = run_folder(cfg, c)
+        identities[id(c)] = identity.run_identity(cfg, {"name": c.name, **c.knobs()}, model_ident, data_ident)
+        folders[id(c)], stored[id(c)] = identity.resolve_folder(base, identities[id(c)], cfg.get("resume", "auto"))
+        if folders[id(c)] != base:
+            log.info("%s: resume=new -> %s", c.name, folders[id(c)])
+    if len(set(folders.values())) != len(folders):
+        raise methods.ConfigError("two methods of this run would share one results folder; give each method or "
+                                  "budget once in methods/budgets")
+    return Plan(task, compressors, folders, identities, stored, model_ident)
+
+
+def run(cfg: DictConfig) -> list[dict]:
+    """Run (or resume) the configured job; returns one summary per method (also in scores.json)."""
+    job = plan(cfg)
+    task, compressors, folders = job.task, job.compressors, job.folders
+    distributed.init(cfg.get("distributed_timeout_s"))
+    rank, world = distributed.world()
+    if rank == 0:   # invalid lines go to <file>.bad before anyone counts what is done
+        for folder in folders.values():
+            for path in list(folder.glob("*.jsonl")) + distributed.part_files(folder):
+                results.quarantine(path)
+    distributed.barrier()
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
+    log.info("loading model %s (source %s)", cfg.model.name, cfg.model.source)   # every check above ran first
     lm = _cached_model(OmegaConf.to_yaml(cfg.model, resolve=True))
+    if lm.info["dtype"] != job.model_identity["dtype"]:
+        raise RuntimeError(f"model {cfg.model.name} loaded in {lm.info['dtype']}, not the {job.model_identity['dtype']} "
+                           "its config resolves to; the run identity would be wrong")
     chat = use_chat_template(cfg.protocol.chat_template, lm.chat_template, lm.tokenizer)
     skip = set(cfg.protocol.get("chat_template_skip") or [])
     special_tokens = cfg.protocol.get("prompt_special_tokens", "text")
     samples = task_samples(task, cfg.task, lm, chat, cfg.protocol.get("truncation", "middle"), special_tokens)
     if cfg.get("limit"):
         samples = samples[: int(cfg.limit)]
-    rank, world = distributed.world()
-    folders = {id(c): run_folder(cfg, c) for c in compressors}
-    done = {id(c): {row["id"] for row in results.read_predictions(folders[id(c)]) + distributed.read_parts(folders[id(c)])}
-            for c in compressors}
+    digests = {(s.group, s.id): identity.sample_digest(s) for s in samples}
+    if len(digests) != len(samples):
+        raise RuntimeError(f"task {cfg.task.name} built {len(samples)} samples with {len(digests)} distinct ids")
+    done = {}
+    for c in compressors:
+        rows = results.finished(folders[id(c)])
+        identity.check_samples(folders[id(c)], rows, digests)
+        done[id(c)] = set(rows)
     all_samples, samples = samples, samples[rank::world]
     writers: dict[tuple, results.PredictionWriter] = {}
-    manifest = {"config": OmegaConf.to_container(cfg, resolve=True), "model": lm.info, "chat_template": chat,
-                "stop_token_ids": lm.stop_token_ids, "environment": results.environment(),
+    session = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "config": OmegaConf.to_container(cfg, resolve=True), "environment": results.environment(),
+               "world_size": world, "samples": len(all_samples)}
+    manifest = {"config": session["config"], "model": lm.info, "dtype": lm.info["dtype"], "chat_template": chat,
+                "stop_token_ids": lm.stop_token_ids, "environment": session["environment"],
                 "samples": len(all_samples), "shared_prefill": len(compressors) > 1,
                 "generation": {dataset or "default": {
                     "stop_token_ids": generation_rules.stop_ids(cfg.protocol, dataset, lm),
@@ -136,9 +239,14 @@ def run(cfg: DictConfig) -> list[dict]:
     for c in compressors:
         folders[id(c)].mkdir(parents=True, exist_ok=True)
         if rank == 0:
-            results.write_json(folders[id(c)] / results.MANIFEST,
-                               {**manifest, "world_size": world, "method": {"name": c.name, **c.knobs()}})
-        finished = sum(s.id in done[id(c)] for s in samples)
+            stored = job.stored[id(c)]
+            if stored is not None:   # the same identity: keep the first session's record, add this one
+                record = {**stored, "sessions": [*stored.get("sessions", []), session]}
+            else:
+                record = {**manifest, "world_size": world, "method": {"name": c.name, **c.knobs()},
+                          "identity": job.identities[id(c)], "sessions": [session]}
+            results.write_json(folders[id(c)] / results.MANIFEST, record)
+        finished = sum((s.group, s.id) in done[id(c)] for s in samples)
         log.info("%s: %d of %d samples already done -> %s", c.name, finished, len(samples), folders[id(c)])
     device = next(lm.model.parameters()).device
     fast = {"decode": cfg.get("decode", "batched"), "cuda_graphs": bool(cfg.get("cuda_graphs", True)),
@@ -146,7 +254,7 @@ def run(cfg: DictConfig) -> list[dict]:
     stop_strings = list(cfg.task.get("stop_strings") or [])
     warned_specials = False
     for sample in samples:
-        todo = [c for c in compressors if sample.id not in done[id(c)]]
+        todo = [c for c in compressors if (sample.group, sample.id) not in done[id(c)]]
         if not todo:
             continue
         sample_chat = chat and sample.dataset not in skip
@@ -171,7 +279,7 @@ def run(cfg: DictConfig) -> list[dict]:
                                  **fast)
         seconds = (time.perf_counter() - start) / len(todo)
         for c, out in zip(todo, outs):
-            row = _row(task, sample, out, seconds, c)
+            row = _row(task, sample, out, seconds, c) | {"sample_sha256": digests[(sample.group, sample.id)]}
             if cfg.get("save_kept_positions") and out.report is not None:
                 save_positions(folders[id(c)], sample.id, out.report)
             key = (id(c), sample.group)
@@ -180,14 +288,14 @@ def run(cfg: DictConfig) -> list[dict]:
                 writers[key] = results.PredictionWriter(folders[id(c)], sample.group, suffix)
             writers[key].append(row)
             log.info("%-12s %s score=%.2f %r", c.name, sample.id, row["score"], out.text[:50])
-    sample_ids = [s.id for s in all_samples]
+    sample_keys = [(s.group, s.id) for s in all_samples]
     distributed.barrier()
     if rank != 0:
         return []
     summaries = []
     for c in compressors:
-        distributed.merge(folders[id(c)], {i: k for k, i in enumerate(sample_ids)})
-        summary = summarize(folders[id(c)], c.name, sample_ids)
+        distributed.merge(folders[id(c)], {key: k for k, key in enumerate(sample_keys)})
+        summary = summarize(folders[id(c)], c.name, sample_keys)
         if hasattr(task, "finalize") and summary["samples"]:
             summary["datasets"] = task.finalize(folders[id(c)])
             results.write_json(folders[id(c)] / results.SCORES, summary)
@@ -216,10 +324,13 @@ def log_to_wandb(cfg: DictConfig, folder: Path, compressor, summary: dict) -> No
                       scores, [summary | {"folder": str(folder)}], rows, project=cfg.get("wandb_project", "kv-harness"))
 
 
-def summarize(folder: Path, method: str, sample_ids: list[str]) -> dict:
-    rows = {r["id"]: r for r in results.read_predictions(folder)}
-    rows = [rows[i] for i in sample_ids if i in rows]
+def summarize(folder: Path, method: str, sample_keys: list[tuple]) -> dict:
+    """Mean score over the finished samples of this run's sample list (keys: (group, id)); scores.json
+    is written only when there is at least one."""
+    rows = results.finished(folder)
+    rows = [rows[key] for key in sample_keys if key in rows]
     mean = sum(r["score"] for r in rows) / len(rows) if rows else float("nan")
     summary = {"method": method, "folder": str(folder), "samples": len(rows), "score": round(100 * mean, 2)}
-    results.write_json(Path(folder) / results.SCORES, summary)
+    if rows:   # a run with no finished sample never replaces a summary
+        results.write_json(Path(folder) / results.SCORES, summary)
     return summary

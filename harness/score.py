@@ -18,6 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
+from harness import results
 from harness.longbench import metrics
 
 RESULT = "result.json"
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
         return 2
     for line in summary_lines(scores):
         print(line)
-    (args.folder / RESULT).write_text(json.dumps(scores, ensure_ascii=False, indent=4), encoding="utf-8")
+    results.write_json(args.folder / RESULT, scores, indent=4)   # as eval.py
     print(json.dumps(scores, ensure_ascii=False))
     return 0
 

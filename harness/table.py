@@ -124,7 +124,7 @@ def _budget(method: str, budget) -> int | None:
 
 def load_run(folder) -> Run:
     folder = Path(folder)
-    manifest = json.loads((folder / results.MANIFEST).read_text(encoding="utf-8"))
+    manifest = results.read_json(folder / results.MANIFEST)
     try:
         method = manifest["method"]
         model = manifest["config"]["model"]["name"]
@@ -133,7 +133,7 @@ def load_run(folder) -> Run:
     except (KeyError, TypeError) as err:
         raise ValueError(f"{folder / results.MANIFEST}: no {err} field; a LongBench manifest needs method.name, "
                          "method.budget, config.model.name and config.protocol.name") from None
-    raw = json.loads((folder / RESULT).read_text(encoding="utf-8"))
+    raw = results.read_json(folder / RESULT)
     scores = {dataset: score for dataset, score in ((d, _number(v)) for d, v in raw.items()) if score is not None}
     return Run(folder, str(model), str(protocol), str(name), _budget(name, method.get("budget")), scores)
 
@@ -172,7 +172,7 @@ def load_reference(path) -> list[Published]:
     files = sorted(path.glob("*.json")) if path.is_dir() else [path]
     entries = []
     for file in files:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        data = results.read_json(file)
         label = file.stem + (" (unofficial)" if data.get("unofficial") else "")
         for e in data["entries"]:
             entries.append(Published(label, e["model"], e["method"], _budget(e["method"], e.get("budget")),

@@ -59,7 +59,8 @@ def test_parts_of_a_killed_rank_count_as_done_and_merge(tmp_path):
     (folder / "predictions.jsonl.rank0.part").write_text(json.dumps(rows[2]) + "\n" + json.dumps(rows[0]) + "\n")
     done = {r["id"] for r in results.read_predictions(folder) + distributed.read_parts(folder)}
     assert done == {"s0", "s1", "s2", "s3"}                      # s4 was cut short: it runs again
-    distributed.merge(folder, {f"s{i}": i for i in range(5)})
+    assert set(results.finished(folder)) == {(None, f"s{i}") for i in range(4)}
+    distributed.merge(folder, {(None, f"s{i}"): i for i in range(5)})
     assert [json.loads(x)["id"] for x in lines(folder)] == ["s0", "s1", "s2", "s3"]   # sorted, s0 once
     assert not list(folder.glob("*.part"))
 
@@ -105,10 +106,13 @@ def test_ray_launcher_config_composes_without_a_cluster():
 def test_rerun_after_a_killed_rank_keeps_its_finished_samples(tmp_path):
     """A previous torchrun left rank 1's part file with two finished samples (and a line cut by the
     kill); the next torchrun does only the rest and merges everything in sample order."""
+    harness(tmp_path, 1)
     folder = tmp_path / "passkey" / "tiny_llama" / "default" / "fullkv"
-    folder.mkdir(parents=True)
-    kept = [{"id": "len400_depth50_r0", "pred": "FROM THE KILLED RUN", "answers": ["x"], "score": 0.0},
-            {"id": "len500_depth0_r0", "pred": "FROM THE KILLED RUN", "answers": ["x"], "score": 0.0}]
+    finished = {json.loads(x)["id"]: json.loads(x) for x in lines(folder)}
+    (folder / "predictions.jsonl").unlink()
+    (folder / "scores.json").unlink()
+    kept = [finished["len400_depth50_r0"] | {"pred": "FROM THE KILLED RUN"},
+            finished["len500_depth0_r0"] | {"pred": "FROM THE KILLED RUN"}]
     (folder / "predictions.jsonl.rank1.part").write_text(
         "".join(json.dumps(r) + "\n" for r in kept) + '{"id": "len500_depth100_r0", "pr')
     harness(tmp_path, 2)
@@ -116,3 +120,5 @@ def test_rerun_after_a_killed_rank_keeps_its_finished_samples(tmp_path):
     assert [r["id"] for r in rows] == [f"len{n}_depth{d}_r0" for n in (400, 500) for d in (0, 50, 100)]
     assert [r["id"] for r in rows if r["pred"] == "FROM THE KILLED RUN"] == [k["id"] for k in kept]
     assert not list(folder.glob("*.part"))
+    assert (folder / "predictions.jsonl.rank1.part.bad").read_text() == '{"id": "len500_depth100_r0", "pr\n'
+    assert len(json.loads((folder / "manifest.json").read_text())["sessions"]) == 2

@@ -13,6 +13,7 @@ import harness.run as runner
 from conftest import ROOT, SHARED
 from harness.models import byte_tokenizer
 from harness.tasks import longbench
+from methods import ConfigError
 
 TOK = byte_tokenizer()
 PROMPTS = {"samsum": "Summarize the dialogue.\n\n{context}\n\n{input}",
@@ -72,9 +73,9 @@ def test_bad_dataset_and_missing_files_fail_clearly(tmp_path):
     data, config = fake_longbench(tmp_path)
     with pytest.raises(ValueError, match="unknown dataset 'hotpot'"):
         longbench.build_samples(task_cfg(data, config, datasets=["hotpot"]), TOK)
-    with pytest.raises(FileNotFoundError, match="has no qasper.jsonl"):
+    with pytest.raises(ConfigError, match="has no qasper.jsonl"):
         longbench.data_file(task_cfg(data, config), "qasper")
-    with pytest.raises(FileNotFoundError, match="has no dataset2prompt.json"):
+    with pytest.raises(ConfigError, match="has no dataset2prompt.json"):
         longbench.config_tables(task_cfg(data, tmp_path))
 
 

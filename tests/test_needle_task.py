@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from harness.models import byte_tokenizer
 from harness.tasks import needle
 from harness.tasks.haystack import load_haystack
+from methods import ConfigError
 
 TOK = byte_tokenizer()
 HAY = TOK(load_haystack("synthetic", None, 20_000), add_special_tokens=False).input_ids
@@ -113,7 +114,7 @@ def test_heatmaps_are_logged_to_wandb_offline(tmp_path, monkeypatch):
 
 def test_missing_haystack_folder_names_the_path_and_the_fix(tmp_path):
     from harness.tasks.haystack import load_haystack
-    with pytest.raises(FileNotFoundError, match=r"task.haystack_dir='.*nowhere' has no .txt files.*task.haystack=synthetic"):
+    with pytest.raises(ConfigError, match=r"task.haystack_dir='.*nowhere' is not a folder.*task.haystack=synthetic"):
         load_haystack("essays", str(tmp_path / "nowhere"), 1000)
     with pytest.raises(ValueError, match="needs task.haystack_dir"):
         load_haystack("essays", None, 1000)
@@ -125,5 +126,5 @@ def test_missing_gguf_file_names_the_path(tmp_path):
     from harness.models import load_model
     cfg = OmegaConf.create({"name": "x", "source": "gguf", "path": str(tmp_path / "none.gguf"), "dtype": "float32",
                             "device": "cpu"})
-    with pytest.raises(FileNotFoundError, match="none.gguf' does not exist"):
+    with pytest.raises(ConfigError, match="none.gguf' is not a file"):
         load_model(cfg)

@@ -28,4 +28,5 @@ def get_task(name: str):
     if name == "longbench":
         from harness.tasks import longbench
         return longbench
-    raise ValueError(f"unknown task {name!r}; choose one of {TASKS}")
+    from methods import ConfigError
+    raise ConfigError(f"task={name!r} is not one of {TASKS}; fix: task=passkey, task=needle or task=longbench")

@@ -4,7 +4,10 @@ synthetic filler for runs with no data at all."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+
+from methods import ConfigError
 
 # The filler of the passkey test in Landmark Attention (Mohtashami & Jaggi, 2023).
 SYNTHETIC_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -20,15 +23,48 @@ def load_haystack(kind: str, directory: str | None, min_chars: int) -> str:
     """
     if kind == "synthetic":
         return SYNTHETIC_FILLER * (min_chars // len(SYNTHETIC_FILLER) + 1)
-    if kind != "essays":
-        raise ValueError(f"task.haystack={kind!r} is not one of ('essays', 'synthetic')")
+    text = "".join(f.read_text(encoding="utf-8") for f in haystack_files(kind, directory))
+    return text * (min_chars // max(len(text), 1) + 1)
+
+
+KINDS = ("essays", "synthetic")
+
+
+def haystack_files(kind: str, directory: str | None) -> list[Path]:
+    """The essay files (sorted), checked: ConfigError for an unknown kind, a missing folder, a folder
+    without ``.txt`` files, empty or non-UTF-8 text. ``[]`` for the synthetic haystack."""
+    if kind not in KINDS:
+        raise ConfigError(f"task.haystack={kind!r} is not one of {KINDS}; fix: task.haystack=synthetic (built in) or "
+                          "task.haystack=essays with task.haystack_dir=<a folder of .txt files>")
+    if kind == "synthetic":
+        return []
     if not directory:
-        raise ValueError("task.haystack=essays needs task.haystack_dir (a folder of .txt files, e.g. "
-                         f"the Paul Graham essays from {ESSAYS_URL}); or use task.haystack=synthetic")
-    folder = Path(directory).expanduser()
+        raise ConfigError("task.haystack=essays needs task.haystack_dir (a folder of .txt files, e.g. the Paul "
+                          f"Graham essays from {ESSAYS_URL}); fix: task.haystack_dir=<folder>, or the environment "
+                          "variable KV_HARNESS_HAYSTACK_DIR, or task.haystack=synthetic")
+    folder = Path(str(directory)).expanduser()
     files = sorted(folder.glob("*.txt")) if folder.is_dir() else []
     if not files:
-        raise FileNotFoundError(f"task.haystack_dir={str(folder)!r} has no .txt files; download the essays "
-                                f"from {ESSAYS_URL} or use task.haystack=synthetic")
-    text = "".join(f.read_text(encoding="utf-8") for f in files)
-    return text * (min_chars // max(len(text), 1) + 1)
+        raise ConfigError(f"task.haystack_dir={str(folder)!r} " + ("has no .txt files" if folder.is_dir() else
+                          "is not a folder") + f"; fix: download the essays from {ESSAYS_URL} into it, or "
+                          "task.haystack=synthetic")
+    size = 0
+    for path in files:
+        try:
+            size += len(path.read_text(encoding="utf-8").strip())
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{path}: not UTF-8 text ({error.reason}); fix: convert it or remove it from "
+                              "task.haystack_dir") from None
+    if size == 0:
+        raise ConfigError(f"task.haystack_dir={str(folder)!r}: every .txt file is empty; fix: give the essays")
+    return files
+
+
+def haystack_identity(kind: str, directory: str | None) -> dict:
+    """For the run identity: the kind and, for essays, the sha256 of the files in reading order."""
+    if kind == "synthetic":
+        return {"haystack": "synthetic"}
+    digest = hashlib.sha256()
+    for path in haystack_files(kind, directory):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return {"haystack": kind, "haystack_sha256": digest.hexdigest()}

@@ -22,12 +22,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
+import string
 import urllib.request
 import zipfile
 from pathlib import Path
 
+from harness import results
 from harness.longbench import metrics
-from harness.tasks import Sample
+from harness.tasks import Sample, checks
+from methods import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -56,50 +61,167 @@ def _cache_dir() -> Path:
 
 
 def config_tables(cfg) -> dict[str, dict]:
-    """The official prompt and length tables, from ``config_dir`` or the pinned official commit."""
+    """The official prompt and length tables, from ``config_dir`` or the pinned official commit
+    (downloaded once into the cache: written aside and renamed, under a lock)."""
     folder = Path(cfg.config_dir).expanduser() if cfg.get("config_dir") else _cache_dir() / f"config-{cfg.config_commit}"
     tables = {}
     for name in CONFIG_FILES:
         path = folder / name
         if not path.exists():
             if cfg.get("config_dir"):
-                raise FileNotFoundError(f"task.config_dir={str(folder)!r} has no {name}; give the folder holding "
-                                        f"the official LongBench config files, or set task.config_dir=null to "
-                                        f"download them from {CONFIG_URL.format(commit=cfg.config_commit, name='')}")
-            folder.mkdir(parents=True, exist_ok=True)
-            url = CONFIG_URL.format(commit=cfg.config_commit, name=name)
-            log.info("downloading %s", url)
-            urllib.request.urlretrieve(url, path)
-        tables[name.removesuffix(".json")] = json.loads(path.read_text(encoding="utf-8"))
+                raise ConfigError(f"task.config_dir={str(folder)!r} has no {name}; give the folder holding "
+                                  f"the official LongBench config files, or set task.config_dir=null to "
+                                  f"download them from {CONFIG_URL.format(commit=cfg.config_commit, name='')}")
+            _download(CONFIG_URL.format(commit=cfg.config_commit, name=name), path)
+        try:
+            tables[name.removesuffix(".json")] = results.read_json(path)
+        except results.ResultFileError as error:
+            raise ConfigError(f"{error}") from None
     return tables
 
 
+def _download(url: str, path: Path) -> None:
+    """``url`` to ``path``: into a temporary file, renamed into place; concurrent runs wait on a lock."""
+    from filelock import FileLock
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            return
+        log.info("downloading %s", url)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            urllib.request.urlretrieve(url, tmp)
+        except OSError as error:
+            tmp.unlink(missing_ok=True)
+            raise ConfigError(f"could not download {url} ({error}); fix: give the official files with "
+                              "task.config_dir=<folder with dataset2prompt.json and dataset2maxlen.json> "
+                              "(or KV_HARNESS_LONGBENCH_CONFIG)") from None
+        tmp.replace(path)
+
+
 def data_file(cfg, dataset: str) -> Path:
-    """The official jsonl of ``dataset``, from ``data_dir`` or the hub's data.zip (cached)."""
+    """The official jsonl of ``dataset``, from ``data_dir`` or the hub's data.zip (cached: unpacked into
+    a temporary folder and renamed into place, under a lock)."""
     name = f"{dataset}.jsonl"
     if cfg.get("data_dir"):
         path = Path(cfg.data_dir).expanduser() / name
-        if not path.exists():
-            raise FileNotFoundError(f"task.data_dir={str(path.parent)!r} has no {name}; it needs the official "
-                                    f"LongBench files (data.zip of the hub dataset {cfg.hub_repo}), or set "
-                                    "task.data_dir=null to download them, or choose task.datasets among the files there")
+        if not path.is_file():
+            raise ConfigError(f"task.data_dir={str(path.parent)!r} has no {name}; it needs the official "
+                              f"LongBench files (data.zip of the hub dataset {cfg.hub_repo}); fix: put them there, "
+                              "or task.data_dir=null to download them, or choose task.datasets among the files there")
         return path
     folder = _cache_dir() / f"data-{cfg.hub_revision}"
     path = folder / name
-    if not path.exists():
+    if not folder.is_dir():
+        from filelock import FileLock
         from huggingface_hub import hf_hub_download
-        archive = hf_hub_download(cfg.hub_repo, "data.zip", repo_type="dataset", revision=cfg.hub_revision)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "SOURCE").write_text(f"{cfg.hub_repo} data.zip, snapshot {Path(archive).parent.name}, "
-                                       f"sha256 {sha256(Path(archive))}\n")
-        with zipfile.ZipFile(archive) as z:
-            for member in z.namelist():
-                if member.endswith(".jsonl"):
-                    folder.mkdir(parents=True, exist_ok=True)
-                    (folder / Path(member).name).write_bytes(z.read(member))
-        if not path.exists():
-            raise FileNotFoundError(f"{name} is not in {cfg.hub_repo} data.zip at {cfg.hub_revision}")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(folder) + ".lock"):
+            if not folder.is_dir():
+                try:
+                    archive = hf_hub_download(cfg.hub_repo, "data.zip", repo_type="dataset", revision=cfg.hub_revision)
+                except Exception as error:   # offline, unknown revision, ...: the hub's own message
+                    raise ConfigError(f"could not get data.zip of {cfg.hub_repo} at {cfg.hub_revision} "
+                                      f"({type(error).__name__}: {str(error)[:200]}); fix: task.data_dir=<folder with "
+                                      "the official jsonl files> (or KV_HARNESS_LONGBENCH_DIR)") from None
+                tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+                (tmp / "SOURCE").write_text(f"{cfg.hub_repo} data.zip, snapshot {Path(archive).parent.name}, "
+                                            f"sha256 {sha256(Path(archive))}\n")
+                with zipfile.ZipFile(archive) as z:
+                    for member in z.namelist():
+                        if member.endswith(".jsonl"):
+                            (tmp / Path(member).name).write_bytes(z.read(member))
+                tmp.rename(folder)
+    if not path.exists():
+        raise ConfigError(f"{name} is not in {cfg.hub_repo} data.zip at {cfg.hub_revision}; fix: choose "
+                          f"task.datasets among {sorted(p.stem for p in folder.glob('*.jsonl'))}")
     return path
+
+
+def read_rows(path: Path, dataset: str, fields: tuple[str, ...] = ()) -> list[dict]:
+    """The rows of one official data file, checked: ConfigError naming ``file:line`` for an empty
+    file, a line that is not a JSON object, a missing or mistyped field, or a repeated ``_id``."""
+    base = dataset.removesuffix("_e")
+    needs = ["_id", "answers", *fields]
+    if metrics.DATASET_METRIC.get(base) is metrics.classification_score:
+        needs.append("all_classes")
+    if dataset.endswith("_e"):
+        needs.append("length")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text ({error.reason}); fix: re-download the official file") from None
+    rows, seen = [], {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{where}: not valid JSON ({error.msg}, column {error.colno}); fix: repair or "
+                              "re-download the file") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{where}: a line must be a JSON object (a LongBench row), got {type(row).__name__}")
+        missing = [key for key in needs if key not in row]
+        if missing:
+            raise ConfigError(f"{where}: missing field(s) {', '.join(missing)}; a {dataset} row needs "
+                              f"{', '.join(needs)} (the official files have them); fix: re-download the file")
+        if not isinstance(row["_id"], str) or not row["_id"]:
+            raise ConfigError(f"{where}: _id={row['_id']!r} must be a non-empty string")
+        if row["_id"] in seen:
+            raise ConfigError(f"{where}: _id {row['_id']!r} repeats line {seen[row['_id']]}; sample ids must be unique "
+                              "(results are resumed by id)")
+        seen[row["_id"]] = number
+        if not isinstance(row["answers"], list) or not all(isinstance(a, str) for a in row["answers"]):
+            raise ConfigError(f"{where}: answers must be a list of strings, got {row['answers']!r:.80}")
+        rows.append(row)
+    if not rows:
+        raise ConfigError(f"{path}: no rows (the file is empty); fix: re-download the official {path.name}, or "
+                          f"leave {dataset} out of task.datasets")
+    return rows
+
+
+def template_fields(template: str) -> tuple[str, ...]:
+    """The row fields a prompt template formats (``{context}``, ``{input}``)."""
+    return tuple(sorted({name for _, name, _, _ in string.Formatter().parse(template) if name}))
+
+
+def check_datasets(names) -> list[str]:
+    known = metrics.known_datasets()
+    names = checks._plain(names)
+    if isinstance(names, str) or not names or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"task.datasets={names!r} must be a non-empty list of dataset names; fix: e.g. "
+                          "task.datasets=[qasper,trec]")
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"task.datasets: unknown dataset {name!r}; choose from {known}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"task.datasets={list(names)} names a dataset twice")
+    return list(names)
+
+
+def validate(cfg) -> None:
+    """Before the model loads: settings, the official config tables, and every data file (exists,
+    rows valid, fields present, ids unique)."""
+    task = cfg.task
+    datasets = check_datasets(task.get("datasets"))
+    checks.positive_int("task.limit", task.get("limit"), allow_none=True)
+    checks.positive_int("task.max_new_tokens", task.get("max_new_tokens"), allow_none=True)
+    prompts = config_tables(task)["dataset2prompt"]
+    for dataset in datasets:
+        read_rows(data_file(task, dataset), dataset, template_fields(prompts[dataset.removesuffix("_e")]))
+
+
+def data_identity(cfg) -> dict:
+    """For the run identity: sha256 of each data file and of the two official config tables."""
+    task = cfg.task
+    sums = {name: digest for name, digest in checksums(task).items() if name != "_source"}
+    folder = Path(task.config_dir).expanduser() if task.get("config_dir") else _cache_dir() / f"config-{task.config_commit}"
+    sums.update({name: sha256(folder / name) for name in CONFIG_FILES})
+    return sums
 
 
 def checksums(cfg) -> dict[str, str]:
@@ -112,7 +234,7 @@ def checksums(cfg) -> dict[str, str]:
         out[path.name] = digest = sha256(path)
         expected = KNOWN_SHA256.get(path.name)
         if expected and digest != expected:
-            raise ValueError(f"{path}: sha256 {digest} differs from the official file's {expected}; "
+            raise ConfigError(f"{path}: sha256 {digest} differs from the official file's {expected}; "
                              "re-download data.zip")
     return out
 
@@ -133,17 +255,16 @@ def middle_truncate(tokenizer, prompt: str, max_input_tokens: int | None) -> tup
 def build_samples(cfg, tokenizer, count_tokens=None, max_input_tokens: int | None = None,
                   truncation: str = "middle", **_) -> list[Sample]:
     if truncation not in ("middle", "none"):
-        raise ValueError(f"protocol.truncation={truncation!r} is not one of ('middle', 'none')")
+        raise ConfigError(f"protocol.truncation={truncation!r} is not one of ('middle', 'none')")
     tables = config_tables(cfg)
     prompts, lengths = tables["dataset2prompt"], tables["dataset2maxlen"]
     known = metrics.known_datasets()
     samples = []
     for dataset in cfg.datasets:
         base = dataset.removesuffix("_e")
-        if base not in prompts or base not in known:
-            raise ValueError(f"task.datasets: unknown dataset {dataset!r}; choose from {sorted(prompts)} "
-                             "(add _e for LongBench-E)")
-        rows = [json.loads(line) for line in data_file(cfg, dataset).read_text(encoding="utf-8").splitlines() if line.strip()]
+        if base not in prompts or dataset not in known:
+            raise ConfigError(f"task.datasets: unknown dataset {dataset!r}; choose from {known}")
+        rows = read_rows(data_file(cfg, dataset), dataset, template_fields(prompts[base]))
         if cfg.get("limit"):
             rows = rows[: int(cfg.limit)]
         for row in rows:
@@ -172,5 +293,5 @@ def finalize(folder: Path) -> dict:
     """Score the run folder with the official semantics; writes result.json like LongBench's eval.py."""
     from harness import score
     result = score.score_dir(folder)
-    (Path(folder) / "result.json").write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
+    results.write_json(Path(folder) / "result.json", result, indent=1)
     return result

@@ -25,9 +25,9 @@ from __future__ import annotations
 import math
 import random
 
-from harness.tasks import Sample
+from harness.tasks import Sample, checks
 from harness.tasks import needle_scores
-from harness.tasks.haystack import load_haystack
+from harness.tasks.haystack import haystack_files, haystack_identity, load_haystack
 
 PAPER_PROMPT = ("<|im_start|> This is a very long story book: <book> {context} </book>.\n"
                 " Based on the content of the book, Question: {question}\nAnswer:")
@@ -118,6 +118,42 @@ def build_samples(cfg, tokenizer, count_tokens=None, **_) -> list[Sample]:
                                   meta={"context_length": length, "depth": depth, "needle": needle.strip(),
                                         "context_tokens": len(context)}))
     return samples
+
+
+def validate(cfg) -> None:
+    """Before the model loads: every task setting (``cfg`` is the whole run config)."""
+    task = cfg.task
+    if task.get("needle") not in PRESETS:
+        raise checks.ConfigError(f"task.needle={task.get('needle')!r} is not one of {sorted(PRESETS)}; fix: "
+                                 "task.needle=san_francisco (the original needle) or passkey")
+    buffer = task.get("buffer", 200)
+    if not checks._is_int(buffer) or buffer < 0:
+        raise checks.ConfigError(f"task.buffer={buffer!r} must be an integer >= 0 (tokens left for the prompt frame)")
+    if task.get("context_lengths") is None:
+        spec = task.get("context_range")
+        keys = ("start", "stop", "step")
+        if spec is None or any(not checks._is_int(spec.get(k)) or spec.get(k) < 1 for k in keys) \
+                or spec.start > spec.stop:
+            raise checks.ConfigError(f"task.context_range={spec!r} needs positive integers start <= stop and step; "
+                                     "fix: e.g. task.context_range={start: 1000, stop: 8000, step: 1000}, or "
+                                     "task.context_lengths=[1000,2000]")
+    limit, why = checks.model_limit(cfg)
+    checks.int_list("task.context_lengths", context_lengths(task), minimum=buffer + 32, maximum=limit, maximum_why=why)
+    if task.get("depths") is not None:
+        checks.percent_list("task.depths", task.depths)
+    else:
+        grid = task.get("depth_grid") or {}
+        if grid.get("kind") not in ("linear", "sigmoid"):
+            raise checks.ConfigError(f"task.depth_grid.kind={grid.get('kind')!r} is not one of ('linear', 'sigmoid')")
+        checks.positive_int("task.depth_grid.count", grid.get("count"))
+    checks.positive_int("task.max_new_tokens", task.get("max_new_tokens"))
+    if not checks._is_int(task.get("seed", 0)):
+        raise checks.ConfigError(f"task.seed={task.get('seed')!r} must be an integer; fix: task.seed=0")
+    haystack_files(task.haystack, task.get("haystack_dir"))
+
+
+def data_identity(cfg) -> dict:
+    return haystack_identity(cfg.task.haystack, cfg.task.get("haystack_dir"))
 
 
 def postprocess(text: str) -> str:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import random
 
-from harness.tasks import Sample
-from harness.tasks.haystack import load_haystack
+from harness.tasks import Sample, checks
+from harness.tasks.haystack import haystack_files, haystack_identity, load_haystack
 
 INSTRUCTION = ("There is an important piece of information hidden inside a lot of irrelevant text. "
                "Find it and memorize it. I will quiz you about the important information there.\n\n")
@@ -69,6 +69,23 @@ def build_samples(cfg, tokenizer, count_tokens=None, **_) -> list[Sample]:
                                       max_new_tokens=int(cfg.max_new_tokens), answer_prefix=ANSWER_PREFIX,
                                       meta={"context_length": length, "depth": depth}))
     return samples
+
+
+def validate(cfg) -> None:
+    """Before the model loads: every task setting (``cfg`` is the whole run config)."""
+    task = cfg.task
+    limit, why = checks.model_limit(cfg)
+    checks.int_list("task.context_lengths", task.get("context_lengths"), minimum=16, maximum=limit, maximum_why=why)
+    checks.percent_list("task.depths", task.get("depths"))
+    checks.positive_int("task.samples_per_cell", task.get("samples_per_cell", 1))
+    checks.positive_int("task.max_new_tokens", task.get("max_new_tokens"))
+    if not checks._is_int(task.get("seed", 0)):
+        raise checks.ConfigError(f"task.seed={task.get('seed')!r} must be an integer; fix: task.seed=0")
+    haystack_files(task.haystack, task.get("haystack_dir"))
+
+
+def data_identity(cfg) -> dict:
+    return haystack_identity(cfg.task.haystack, cfg.task.get("haystack_dir"))
 
 
 def score(prediction: str, answers: list[str]) -> float:
