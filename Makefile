@@ -1,6 +1,7 @@
 # make setup demo     set up, then run the main job (needle heatmaps on SmolLM2-135M-Instruct, CPU)
 # make setup test     set up, then run the test suite (pinned versions: constraints.txt)
 # make test-compat    the integration tests on the oldest and the newest transformers pyproject.toml allows
+# make reliability    the kill -9 campaign and the bad-input matrix (CPU, ~10 min; not part of make test)
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 RESULTS ?= results
@@ -20,7 +21,7 @@ WANDB ?= true
 # refreshed on purpose with `make lock`, never by an install
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: setup test test-compat test-oldest test-latest lock demo needle passkey longbench table bench kvpress-site clean
+.PHONY: reliability setup test test-compat test-oldest test-latest lock demo needle passkey longbench table bench kvpress-site clean
 
 setup:
 	@# torch first, pinned to the CPU build on local disk here (a bare `torch` can pull a CUDA build)
@@ -94,6 +95,12 @@ table:
 
 clean:
 	rm -rf "$(RESULTS)/hydra"
+
+# The kill -9 campaign (single process and 2-process torchrun, KILLS each) and the bad-input matrix, on
+# the CPU with a tiny random model (~10 minutes on 2 cores); the table goes to $(RESULTS)/reliability.
+KILLS ?= 10
+reliability:
+	$(PYTHON) scripts/reliability.py --kills $(KILLS) --out "$(RESULTS)/reliability"
 
 # What each method costs and saves (GPU: Llama-3-8B shape, random weights); kvpress runs from
 # KVPRESS_SITE when that directory exists (make kvpress-site builds it).

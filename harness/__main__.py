@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -30,6 +31,23 @@ def report_error(error: BaseException) -> None:
             handler.handle(record)
 
 
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = ("model", "task", "method", "protocol")
+
+
+def check_group_choices(argv: list[str]) -> str | None:
+    """A config-group choice on the command line (``model=nope``) that has no ``conf/<group>/*.yaml``:
+    the error message (Hydra's own would exit with code 1 and a long explanation), else None."""
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if sep and key in GROUPS and value and "," not in value and not value.startswith(("[", "$", "'", '"')):
+            choices = sorted(p.stem for p in (CONF / key).glob("*.yaml"))
+            if value not in choices:
+                return (f"{key}={value!r} is not one of {choices}; fix: {key}=<one of them>, or add "
+                        f"conf/{key}/{value}.yaml")
+    return None
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     debug = bool(cfg.get("debug", False)) or os.environ.get("KV_HARNESS_DEBUG", "") not in ("", "0")
@@ -47,4 +65,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    problem = check_group_choices(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()

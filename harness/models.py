@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import importlib.util
 import os
 import re
@@ -17,6 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 
+log = logging.getLogger(__name__)
 SOURCES = ("hub", "gguf", "package", "random")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -260,10 +262,11 @@ def _convert_gguf(gguf_path: Path, dtype: torch.dtype, attn: str, dense: Path | 
 
     if dense is not None and (dense / "config.json").exists():
         os.utime(dense)   # most recently used (prune_dense_copies)
-        model = AutoModelForCausalLM.from_pretrained(dense, dtype=dtype, attn_implementation=attn)
         tokenizer = AutoTokenizer.from_pretrained(dense)
         gguf_bos(tokenizer, gguf_path, gguf_add_bos(gguf_path, dense))
-        return model, prepare(tokenizer), str(dense)
+        prepare(tokenizer)
+        model = AutoModelForCausalLM.from_pretrained(dense, dtype=dtype, attn_implementation=attn)
+        return model, tokenizer, str(dense)
     folder, name = gguf_path.parent, gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     add_bos = gguf_add_bos(gguf_path)
@@ -362,8 +365,12 @@ def prune_dense_copies(keep: int = DENSE_COPIES_KEPT) -> None:
             shutil.rmtree(partial, ignore_errors=True)
 
 
-def load_model(cfg) -> LoadedModel:
-    """Load what a ``conf/model/*.yaml`` describes (see the keys there)."""
+def load_model(cfg, on_tokenizer=None) -> LoadedModel:
+    """Load what a ``conf/model/*.yaml`` describes (see the keys there).
+
+    ``on_tokenizer(tokenizer)`` runs once the tokenizer is ready and before any weights load (the
+    runner builds and checks the task's samples there, so a setting that only the tokenizer can judge
+    fails in seconds, not after an 8B model has loaded)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     check_model_config(cfg)
@@ -376,6 +383,9 @@ def load_model(cfg) -> LoadedModel:
 
     def prepare(tokenizer):   # the tokenizer is ready before any weights load
         template.update(chat_template_of(tokenizer, cfg))
+        if on_tokenizer is not None:
+            on_tokenizer(tokenizer)
+        log.info("loading model weights: %s (%s)", cfg.get("name"), source)
         return tokenizer
 
     if source == "random":

@@ -182,6 +182,22 @@ def read_json(path: Path):
         raise ResultFileError(f"{path}: not UTF-8 text ({error.reason}); re-run the step that writes it") from None
 
 
+def run_cli(main) -> None:
+    """Run a command-line ``main``: a user error (a message given to ``SystemExit``, an unreadable
+    results file, a missing folder) prints one ``error:`` line and exits with code 2."""
+    try:
+        main()
+    except SystemExit as exit_:
+        if isinstance(exit_.code, str):
+            text = exit_.code
+            print(text if text.startswith("error:") else f"error: {text}", file=sys.stderr)
+            sys.exit(2)
+        raise
+    except (ResultFileError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
 def package_version(pkg: str) -> str | None:
     try:
         return metadata.version(pkg)

@@ -5,12 +5,12 @@ Every method gets its own results folder; a re-run skips the samples a folder al
 from __future__ import annotations
 
 import datetime
-import functools
 import hashlib
 import logging
 import re
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from pathlib import Path
 
 import torch
@@ -28,10 +28,18 @@ log = logging.getLogger(__name__)
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-@functools.lru_cache(maxsize=1)
-def _cached_model(model_yaml: str):
-    """One model per process: a multirun over methods loads it once."""
-    return load_model(OmegaConf.create(model_yaml))
+_MODEL: dict = {}
+
+
+def _cached_model(model_yaml: str, on_tokenizer=None):
+    """One model per process: a multirun over methods loads it once. ``on_tokenizer`` runs before the
+    weights load (or on the cached model's tokenizer)."""
+    if model_yaml not in _MODEL:
+        _MODEL.clear()
+        _MODEL[model_yaml] = load_model(OmegaConf.create(model_yaml), on_tokenizer=on_tokenizer)
+    elif on_tokenizer is not None:
+        on_tokenizer(_MODEL[model_yaml].tokenizer)
+    return _MODEL[model_yaml]
 
 
 def method_configs(cfg: DictConfig) -> list[dict]:
@@ -201,15 +209,23 @@ def run(cfg: DictConfig) -> list[dict]:
     distributed.barrier()
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
+    skip = set(cfg.protocol.get("chat_template_skip") or [])
+    special_tokens = cfg.protocol.get("prompt_special_tokens", "text")
+    built = {}
+
+    def build(tokenizer):   # before the weights load: settings only the tokenizer can judge fail early
+        view = SimpleNamespace(tokenizer=tokenizer, max_input_tokens=cfg.model.get("max_input_tokens"),
+                               chat_template=bool(cfg.model.get("chat_template", False)))
+        built["chat"] = use_chat_template(cfg.protocol.chat_template, view.chat_template, tokenizer)
+        built["samples"] = task_samples(task, cfg.task, view, built["chat"], cfg.protocol.get("truncation", "middle"),
+                                        special_tokens)
+
     log.info("loading model %s (source %s)", cfg.model.name, cfg.model.source)   # every check above ran first
-    lm = _cached_model(OmegaConf.to_yaml(cfg.model, resolve=True))
+    lm = _cached_model(OmegaConf.to_yaml(cfg.model, resolve=True), build)
     if lm.info["dtype"] != job.model_identity["dtype"]:
         raise RuntimeError(f"model {cfg.model.name} loaded in {lm.info['dtype']}, not the {job.model_identity['dtype']} "
                            "its config resolves to; the run identity would be wrong")
-    chat = use_chat_template(cfg.protocol.chat_template, lm.chat_template, lm.tokenizer)
-    skip = set(cfg.protocol.get("chat_template_skip") or [])
-    special_tokens = cfg.protocol.get("prompt_special_tokens", "text")
-    samples = task_samples(task, cfg.task, lm, chat, cfg.protocol.get("truncation", "middle"), special_tokens)
+    chat, samples = built["chat"], built["samples"]
     if cfg.get("limit"):
         samples = samples[: int(cfg.limit)]
     digests = {(s.group, s.id): identity.sample_digest(s) for s in samples}

@@ -430,4 +430,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    results.run_cli(main)

