@@ -182,8 +182,10 @@ def model_identity(cfg) -> dict:
     attention backend and the weights fingerprint."""
     device = resolve_device(cfg.get("device", "auto"))
     dtype = resolve_dtype(cfg.get("dtype", "auto"), device)
+    template = chat_template_file(cfg)
     return {"dtype": str(dtype).removeprefix("torch."), "device": device.type,
-            "attn_implementation": attention_backend(cfg), "weights": weights_fingerprint(cfg)}
+            "attn_implementation": attention_backend(cfg), "weights": weights_fingerprint(cfg),
+            "chat_template_file_sha256": None if template is None else memo_sha256(template)}
 
 
 def attention_backend(cfg) -> str:
