@@ -147,13 +147,26 @@ def weights_fingerprint(cfg) -> dict:
             str(cfg.package).replace("_", "-")), "file": cfg.get("file"), "sha256": digest.hexdigest()}
     name = str(cfg.get("name_or_path"))
     path = Path(name).expanduser()
-    if path.is_dir():
+    if path.is_dir():   # every file's sha256 (memoised: a checkpoint is hashed once, ~2 s per GB)
         digest = hashlib.sha256()
-        for file in sorted(p for p in path.rglob("*") if p.is_file()):
-            small = file.stat().st_size < (16 << 20) and file.suffix in (".json", ".model", ".txt", ".jinja", ".py")
-            digest.update(f"{file.relative_to(path)}:{memo_sha256(file) if small else file.stat().st_size}\n".encode())
+        for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            digest.update(f"{file.relative_to(path)}:{memo_sha256(file)}\n".encode())
         return {"source": "local", "files_sha256": digest.hexdigest()}
-    return {"source": "hub", "name_or_path": name, "revision": cfg.get("revision")}
+    return {"source": "hub", "name_or_path": name, "revision": cfg.get("revision"),
+            "commit": cached_hub_commit(name, cfg.get("revision"))}
+
+
+def cached_hub_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit the local hub cache resolves ``revision`` (default: main) of ``repo_id`` to, without
+    network; None where the repository is not cached yet (the loaded model's commit is checked then)."""
+    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    try:
+        from huggingface_hub import constants
+        ref = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / (revision or "main")
+        return ref.read_text().strip() or None if ref.is_file() else None
+    except (ImportError, OSError):
+        return None
 
 
 def memo_sha256(path: Path) -> str:
@@ -254,9 +267,13 @@ def _load_gguf(gguf_path: Path, dtype: torch.dtype, attn: str, dense_cache: bool
         return _convert_gguf(gguf_path, dtype, attn, None, prepare)
     dense = _dense_copy_dir(gguf_path, dtype)
     dense.parent.mkdir(parents=True, exist_ok=True)
-    # one process converts, the others wait for its copy (two conversions at once raced before)
-    with FileLock(str(dense) + ".lock"):
-        return _convert_gguf(gguf_path, dtype, attn, dense, prepare)
+    # one process converts, the others wait for its copy (two conversions at once raced before); loading a
+    # finished copy needs no lock (prune_dense_copies leaves copies used in the last hour alone)
+    if not (dense / "config.json").exists():
+        with FileLock(str(dense) + ".lock"):
+            if not (dense / "config.json").exists():
+                return _convert_gguf(gguf_path, dtype, attn, dense, prepare)
+    return _convert_gguf(gguf_path, dtype, attn, dense, prepare)
 
 
 def _convert_gguf(gguf_path: Path, dtype: torch.dtype, attn: str, dense: Path | None, prepare):
@@ -302,7 +319,8 @@ def gguf_add_bos(gguf_path: Path, dense: Path | None = None) -> bool | None:
 
 def _remember_add_bos(dense: Path, gguf_path: Path, add_bos: bool | None) -> None:
     if dense.is_dir():
-        (dense / GGUF_MEMO).write_text(json.dumps({"add_bos_token": add_bos, "source": str(gguf_path)}))
+        from harness.results import write_json
+        write_json(dense / GGUF_MEMO, {"add_bos_token": add_bos, "source": str(gguf_path)})
 
 
 def gguf_bos(tokenizer, gguf_path: Path, wanted: bool | None) -> None:
@@ -361,7 +379,8 @@ def prune_dense_copies(keep: int = DENSE_COPIES_KEPT) -> None:
     copies = sorted((p for p in root.iterdir() if p.is_dir() and ".tmp" not in p.name),
                     key=lambda p: p.stat().st_mtime, reverse=True)
     for stale in copies[keep:]:
-        shutil.rmtree(stale, ignore_errors=True)
+        if time.time() - stale.stat().st_mtime > 3600:   # used in the last hour: another run may be loading it
+            shutil.rmtree(stale, ignore_errors=True)
     for partial in root.glob("*.tmp*"):
         if time.time() - partial.stat().st_mtime > 3600:   # not a save in progress
             shutil.rmtree(partial, ignore_errors=True)
@@ -425,7 +444,8 @@ def load_model(cfg, on_tokenizer=None) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=tokenizer, name=cfg.name, stop_token_ids=stops,
                        max_input_tokens=cfg.get("max_input_tokens"),
                        chat_template=bool(cfg.get("chat_template", False)),
-                       info={"origin": origin, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                       info={"origin": origin, "dtype": str(model.dtype).removeprefix("torch."),
+                             "commit": getattr(model.config, "_commit_hash", None) if source == "hub" else None,
                              "trust_remote_code": bool(cfg.get("trust_remote_code", False)),
                              "device": str(device), "attn_implementation": attn, **template})
 

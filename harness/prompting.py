@@ -37,13 +37,15 @@ def check_protocol(protocol, model_cfg) -> None:
 
 def use_chat_template(mode: str, model_has_template: bool, tokenizer, dataset: str | None = None,
                       skip: tuple = ()) -> bool:
+    from methods import ConfigError
     if mode not in CHAT_MODES:
-        raise ValueError(f"protocol.chat_template={mode!r} is not one of {CHAT_MODES}")
+        raise ConfigError(f"protocol.chat_template={mode!r} is not one of {CHAT_MODES}")
     if mode == "never" or dataset in skip:
         return False
     has = getattr(tokenizer, "chat_template", None) is not None
     if mode == "always" and not has:
-        raise ValueError("protocol.chat_template=always but this tokenizer has no chat template; use auto or never")
+        raise ConfigError("protocol.chat_template=always but this tokenizer has no chat template; fix: "
+                          "protocol.chat_template=auto or never, or model.chat_template_file=<a .jinja file>")
     return has and (mode == "always" or model_has_template)
 
 

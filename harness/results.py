@@ -65,16 +65,20 @@ def valid_row(row) -> bool:
             and not isinstance(row.get("score"), bool))
 
 
-def parse_rows(path: Path) -> tuple[list[dict], list[str]]:
-    """The valid rows of one predictions file and its invalid lines (corrupt JSON, a line cut short
-    by an interruption, a row without ``id`` or ``score``)."""
+def jsonl_lines(data: bytes) -> list[bytes]:
+    """The lines of a JSONL file: split on ``\\n`` only (``str.splitlines`` would also split inside a
+    row at U+2028, U+2029 or U+0085, which ``json.dumps(ensure_ascii=False)`` writes unescaped)."""
+    return [line for line in data.split(b"\n") if line.strip()]
+
+
+def parse_rows(path: Path) -> tuple[list[dict], list[bytes]]:
+    """The valid rows of one predictions file and its invalid lines, as bytes (corrupt JSON or UTF-8,
+    a line cut short by an interruption, a row without ``id`` or ``score``)."""
     rows, bad = [], []
-    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
+    for line in jsonl_lines(Path(path).read_bytes()):
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
             bad.append(line)
             continue
         if valid_row(row):
@@ -123,8 +127,8 @@ def quarantine(path: Path) -> int:
     if not bad and (not data or data.endswith(b"\n")):
         return 0
     if bad:
-        with Path(str(path) + ".bad").open("a", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in bad))
+        with Path(str(path) + ".bad").open("ab") as f:
+            f.write(b"".join(line + b"\n" for line in bad))
             f.flush()
             os.fsync(f.fileno())
     tmp = Path(str(path) + ".tmp")

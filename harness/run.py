@@ -4,6 +4,7 @@ Every method gets its own results folder; a re-run skips the samples a folder al
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import logging
@@ -73,13 +74,30 @@ def build_compressors(cfg: DictConfig) -> list[methods.KVCompressor]:
     return compressors
 
 
+def check_loaded_commit(cfg: DictConfig, job: Plan, lm) -> None:
+    """A hub model's commit, known for sure only once loaded: it must be the one the stored identity
+    has (a hub repository updated between sessions is refused); an unknown one is filled in."""
+    commit = lm.info.get("commit")
+    if cfg.model.get("source") != "hub" or commit is None:
+        return
+    for key, ident in job.identities.items():
+        weights = ident["model"]["weights"]
+        stored = (job.stored[key] or {}).get("identity", {}).get("model", {}).get("weights", {}).get("commit")
+        if stored is not None and stored != commit:
+            raise methods.ConfigError(f"{job.folders[key]} was made from {weights['name_or_path']} at commit {stored}, "
+                                      f"but this run loaded commit {commit}; fix: model.revision={stored} to resume, "
+                                      "or resume=new")
+        weights["commit"] = commit
+
+
 def run_folder(cfg: DictConfig, compressor: methods.KVCompressor) -> Path:
     """``<results_dir>/<task>/<model>/<protocol>/<method knobs>``: every component a checked name, and
     the whole path inside ``results_dir`` (ConfigError otherwise)."""
     name = results.run_name({"name": compressor.name, **compressor.knobs()})
     root = Path(str(cfg.results_dir)).expanduser()
     parts = [identity.check_name("task.name", cfg.task.name), identity.check_name("model.name", cfg.model.name),
-             identity.check_name("protocol.name", cfg.protocol.name), identity.check_name("method", name)]
+             identity.check_name("protocol.name", cfg.protocol.name), identity.check_name(
+                 "method folder", name, "method knob values (e.g. a text knob) without such characters")]
     return identity.inside(root.joinpath(*parts), root)
 
 
@@ -191,22 +209,40 @@ def plan(cfg: DictConfig) -> Plan:
         if folders[id(c)] != base:
             log.info("%s: resume=new -> %s", c.name, folders[id(c)])
     if len(set(folders.values())) != len(folders):
-        raise methods.ConfigError("two methods of this run would share one results folder; give each method or "
-                                  "budget once in methods/budgets")
+        names = [results.run_name({"name": c.name, **c.knobs()}) for c in compressors]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        raise methods.ConfigError(f"methods/budgets give the same run {repeated} twice (one results folder); fix: "
+                                  "name each method and budget once")
     return Plan(task, compressors, folders, identities, stored, model_ident)
+
+
+def lock_folder(folder: Path, stack: contextlib.ExitStack) -> None:
+    """Hold ``<folder>/.run.lock`` for the rest of the run: a second run on the same folder fails at
+    once (ConfigError) instead of writing the same samples beside this one."""
+    from filelock import FileLock, Timeout
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / ".run.lock"), timeout=0)
+    try:
+        stack.enter_context(lock)
+    except Timeout:
+        raise methods.ConfigError(f"another run is writing to {folder} (it holds {folder / '.run.lock'}); fix: wait for "
+                                  "it to finish, or resume=new for a sibling folder") from None
 
 
 def run(cfg: DictConfig) -> list[dict]:
     """Run (or resume) the configured job; returns one summary per method (also in scores.json)."""
     job = plan(cfg)
+    with contextlib.ExitStack() as locks:
+        if distributed.world()[0] == 0:
+            for folder in job.folders.values():
+                lock_folder(folder, locks)
+        return _run(cfg, job, locks)
+
+
+def _run(cfg: DictConfig, job: Plan, locks: contextlib.ExitStack) -> list[dict]:
     task, compressors, folders = job.task, job.compressors, job.folders
     distributed.init(cfg.get("distributed_timeout_s"))
     rank, world = distributed.world()
-    if rank == 0:   # invalid lines go to <file>.bad before anyone counts what is done
-        for folder in folders.values():
-            for path in list(folder.glob("*.jsonl")) + distributed.part_files(folder):
-                results.quarantine(path)
-    distributed.barrier()
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     skip = set(cfg.protocol.get("chat_template_skip") or [])
@@ -214,28 +250,53 @@ def run(cfg: DictConfig) -> list[dict]:
     built = {}
 
     def build(tokenizer):   # before the weights load: settings only the tokenizer can judge fail early
+        for token in cfg.model.get("extra_stop_tokens") or []:
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if token_id is None or token_id == tokenizer.unk_token_id:
+                raise methods.ConfigError(f"model.extra_stop_tokens: {token!r} is not a token of {cfg.model.name}'s "
+                                          "tokenizer; fix: the exact token text (e.g. <|eot_id|>), or remove it")
         view = SimpleNamespace(tokenizer=tokenizer, max_input_tokens=cfg.model.get("max_input_tokens"),
                                chat_template=bool(cfg.model.get("chat_template", False)))
-        built["chat"] = use_chat_template(cfg.protocol.chat_template, view.chat_template, tokenizer)
-        built["samples"] = task_samples(task, cfg.task, view, built["chat"], cfg.protocol.get("truncation", "middle"),
-                                        special_tokens)
+        chat = use_chat_template(cfg.protocol.chat_template, view.chat_template, tokenizer)
+        samples = task_samples(task, cfg.task, view, chat, cfg.protocol.get("truncation", "middle"), special_tokens)
+        if cfg.get("limit"):
+            samples = samples[: int(cfg.limit)]
+        digests = {(s.group, s.id): identity.sample_digest(s) for s in samples}
+        if len(digests) != len(samples):
+            seen, repeated = set(), []
+            for s in samples:
+                (repeated.append(s.id) if (s.group, s.id) in seen else seen.add((s.group, s.id)))
+            raise methods.ConfigError(f"task {cfg.task.name}: sample id(s) {sorted(set(repeated))[:5]} occur twice (two "
+                                      "grid points give the same id, e.g. repeated lengths or depths); fix: give each "
+                                      "length and depth once")
+        for c in compressors:   # finished rows must have been made from these samples
+            rows = results.finished(folders[id(c)])
+            if identity.conflicts(rows, digests):
+                if cfg.get("resume", "auto") != "new":
+                    identity.check_samples(folders[id(c)], rows, digests)
+                base = run_folder(cfg, c)
+                folder, stored = identity.resolve_folder(
+                    base, job.identities[id(c)], "new",
+                    reject=lambda f: bool(identity.conflicts(results.finished(f), digests)))
+                log.info("%s: resume=new -> %s (the earlier folders hold other samples)", c.name, folder)
+                folders[id(c)], job.stored[id(c)] = folder, stored
+                if rank == 0:
+                    lock_folder(folder, locks)
+        built.update(chat=chat, samples=samples, digests=digests)
 
     log.info("loading model %s (source %s)", cfg.model.name, cfg.model.source)   # every check above ran first
     lm = _cached_model(OmegaConf.to_yaml(cfg.model, resolve=True), build)
     if lm.info["dtype"] != job.model_identity["dtype"]:
         raise RuntimeError(f"model {cfg.model.name} loaded in {lm.info['dtype']}, not the {job.model_identity['dtype']} "
                            "its config resolves to; the run identity would be wrong")
-    chat, samples = built["chat"], built["samples"]
-    if cfg.get("limit"):
-        samples = samples[: int(cfg.limit)]
-    digests = {(s.group, s.id): identity.sample_digest(s) for s in samples}
-    if len(digests) != len(samples):
-        raise RuntimeError(f"task {cfg.task.name} built {len(samples)} samples with {len(digests)} distinct ids")
-    done = {}
-    for c in compressors:
-        rows = results.finished(folders[id(c)])
-        identity.check_samples(folders[id(c)], rows, digests)
-        done[id(c)] = set(rows)
+    check_loaded_commit(cfg, job, lm)
+    chat, samples, digests = built["chat"], built["samples"], built["digests"]
+    if rank == 0:   # invalid lines go to <file>.bad before anyone counts what is done
+        for folder in folders.values():
+            for path in list(folder.glob("*.jsonl")) + distributed.part_files(folder):
+                results.quarantine(path)
+    distributed.barrier()
+    done = {id(c): set(results.finished(folders[id(c)])) for c in compressors}
     all_samples, samples = samples, samples[rank::world]
     writers: dict[tuple, results.PredictionWriter] = {}
     session = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -257,7 +318,8 @@ def run(cfg: DictConfig) -> list[dict]:
         if rank == 0:
             stored = job.stored[id(c)]
             if stored is not None:   # the same identity: keep the first session's record, add this one
-                record = {**stored, "sessions": [*stored.get("sessions", []), session]}
+                record = {**stored, "identity": identity.merged(stored["identity"], job.identities[id(c)]),
+                          "sessions": [*stored.get("sessions", []), session]}
             else:
                 record = {**manifest, "world_size": world, "method": {"name": c.name, **c.knobs()},
                           "identity": job.identities[id(c)], "sessions": [session]}

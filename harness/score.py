@@ -25,7 +25,7 @@ RESULT = "result.json"
 SUFFIX = ".jsonl"
 
 
-class ScoreError(Exception):
+class ScoreError(results.ResultFileError):
     """A predictions file that cannot be scored; the message names the file, the line and the fix."""
 
 
@@ -35,7 +35,7 @@ def _load(path: Path, bucketed: bool) -> dict:
     base = metrics.base_dataset(dataset)
     needs_classes = metrics.DATASET_METRIC[base] is metrics.classification_score
     columns = {"predictions": [], "answers": [], "lengths": [], "all_classes": None}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):   # not splitlines: U+2028
         if not line.strip():
             continue
         where = f"{path}:{number}"

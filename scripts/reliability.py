@@ -54,7 +54,9 @@ def rows_of(results_dir: Path, run: str) -> tuple[list[dict], int]:
     """The rows of a finished run (timing removed) and its count of lines that are not valid JSON."""
     rows, corrupt = [], 0
     path = run_folder(results_dir, run) / "predictions.jsonl"
-    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+    for line in path.read_text(encoding="utf-8").split("\n") if path.exists() else []:
+        if not line.strip():
+            continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
@@ -66,7 +68,7 @@ def rows_of(results_dir: Path, run: str) -> tuple[list[dict], int]:
 
 
 def lines_on_disk(results_dir: Path) -> int:
-    return sum(len(p.read_bytes().splitlines()) for p in results_dir.glob("passkey/tiny_llama/default/*/*")
+    return sum(p.read_bytes().count(b"\n") for p in results_dir.glob("passkey/tiny_llama/default/*/*")
                if p.suffix in (".jsonl", ".part"))
 
 
@@ -139,14 +141,14 @@ def compare(reference: Path, killed: Path) -> dict:
         out["differing_rows"] += sum(by_id.get(r["id"]) != r for r in ref)
         out["order_identical"] = out.get("order_identical", True) and [r["id"] for r in ref] == ids
         bad = run_folder(killed, run) / "predictions.jsonl.bad"
-        out["bad_lines_moved"] += len(bad.read_text().splitlines()) if bad.exists() else 0
+        out["bad_lines_moved"] += bad.read_bytes().count(b"\n") if bad.exists() else 0
     return out
 
 
 # -- bad-input matrix ---------------------------------------------------------------------------------
 
-FIXED = ["model=tiny_llama", "task=passkey", "task.context_lengths=[300]", "task.depths=[50]",
-         "task.max_new_tokens=3", "method=snapkv", "method.budget=64", "method.window_size=8", "wandb=false"]
+BASE = ["model=tiny_llama", "method=snapkv", "method.budget=64", "method.window_size=8", "wandb=false"]
+FIXED = [*BASE, "task=passkey", "task.context_lengths=[300]", "task.depths=[50]", "task.max_new_tokens=3"]
 
 
 def fixtures(work: Path) -> dict:
@@ -163,7 +165,8 @@ def fixtures(work: Path) -> dict:
                 "nocontext": [lines[0], json.dumps({k: v for k, v in good[1].items() if k != "context"})],
                 "noid": [lines[0], json.dumps({k: v for k, v in good[1].items() if k != "_id"})],
                 "dupid": [lines[0], lines[0]], "notobject": [lines[0], "[1, 2]"],
-                "answersstr": [lines[0], json.dumps(good[1] | {"answers": "DESC"})]}
+                "answersstr": [lines[0], json.dumps(good[1] | {"answers": "DESC"})],
+                "noclasses": [lines[0], json.dumps(good[1] | {"all_classes": None})]}
     for name, content in variants.items():
         folder = data / name
         folder.mkdir()
@@ -194,7 +197,9 @@ def matrix_cases(fx: dict) -> list[tuple[str, list[str], str]]:
         ("gguf file missing", ["model.source=gguf", "+model.path=/nonexistent.gguf"], h),
         ("file is not GGUF", ["model.source=gguf", f"+model.path={fx['work'] / 'not_a_gguf.gguf'}"], h),
         ("remote code without opt-in", ["model=internlm2_5", "model.device=cpu"], h),
-        ("chat template file missing", ["model.chat_template_file=nope.jinja"], h),
+        ("chat template file missing", ["+model.chat_template_file=nope.jinja"], h),
+        ("misspelt setting (Hydra)", ["task.deph=1"], h),
+        ("value of the wrong type (Hydra)", ["task.context_lengths=abc"], h),
         ("model.name escapes results", ["model.name=../../escape_model"], h),
         ("protocol.name escapes results", ["protocol.name=../escape"], h),
         ("task.haystack unknown", ["task.haystack=nope"], h),
@@ -207,6 +212,7 @@ def matrix_cases(fx: dict) -> list[tuple[str, list[str], str]]:
         ("samples_per_cell -1", ["task.samples_per_cell=-1"], h),
         ("needle preset", ["task=needle", "task.needle=other"], h),
         ("needle depth kind", ["task=needle", "task.depth_grid.kind=cubic"], h),
+        ("needle depths repeated", ["task=needle", "task.depths=[50,50]"], h),
         ("needle length < buffer", ["task=needle", "task.context_lengths=[100]"], h),
         ("passkey length < its frame (needs the tokenizer)", ["task.context_lengths=[100]"], h),
         ("LongBench data_dir missing", [*lb, "task.data_dir=/nonexistent"], h),
@@ -217,6 +223,7 @@ def matrix_cases(fx: dict) -> list[tuple[str, list[str], str]]:
         ("LongBench repeated _id", longbench("dupid"), h),
         ("LongBench line not an object", longbench("notobject"), h),
         ("LongBench answers not a list", longbench("answersstr"), h),
+        ("LongBench all_classes null", longbench("noclasses"), h),
         ("LongBench unknown dataset", longbench("ok", "task.datasets=[hotpot]"), h),
         ("LongBench task.limit 0", longbench("ok", "task.limit=0"), h),
         ("LongBench config_dir missing", [*longbench("ok"), "task.config_dir=/nonexistent"], h),
@@ -227,6 +234,7 @@ def matrix_cases(fx: dict) -> list[tuple[str, list[str], str]]:
         ("protocol.chat_template", ["protocol.chat_template=sometimes"], h),
         ("protocol.prompt_special_tokens", ["protocol.prompt_special_tokens=maybe"], h),
         ("resume mode", ["resume=later"], h),
+        ("method knob makes an unsafe folder name", ["method=h2o", "method.variant=../x"], h),
         ("resume with another seed", ["task.seed=1"], h),
         ("resume with other max_new_tokens", ["task.max_new_tokens=5"], h),
         ("resume with another dtype", ["model.dtype=bfloat16"], h),
@@ -246,7 +254,8 @@ def run_case(case, results_dir: Path, tmp: Path) -> dict:
     name, args, tool = case
     case_tmp = Path(tempfile.mkdtemp(dir=tmp))
     if tool == "harness":
-        cmd = [sys.executable, "-m", "harness", *FIXED, *args, f"results_dir={results_dir}",
+        fixed = BASE if any(a.startswith("task=") for a in args) else FIXED   # another task: its own keys
+        cmd = [sys.executable, "-m", "harness", *fixed, *args, f"results_dir={results_dir}",
                f"hydra.run.dir={case_tmp}/hydra"]
     else:
         cmd = [sys.executable, "-m", *(a.format(results=results_dir, tmp=case_tmp) for a in args)]

@@ -436,3 +436,114 @@ def test_two_processes_converting_one_gguf_share_one_dense_copy(tmp_path):
     assert len(copies) == 1 and not list((tmp_path / "dense").glob("*.tmp*"))
     assert sorted(o.endswith(".gguf") for o in origins) == [False, True]   # one converted, one loaded its copy
     assert str(copies[0]) in origins
+
+
+# review findings ----------------------------------------------------------------------------------
+
+def test_rows_with_unicode_line_separators_stay_rows(tmp_path):
+    writer = results.PredictionWriter(tmp_path)
+    writer.append({"id": "a", "score": 0.5, "pred": "line\u2028sep\u2029x\x85y"})
+    writer.append({"id": "b", "score": 1.0, "pred": "plain"})
+    results.PredictionWriter(tmp_path)   # reopening quarantines nothing
+    assert set(results.finished(tmp_path)) == {(None, "a"), (None, "b")}
+    assert results.finished(tmp_path)[(None, "a")]["pred"] == "line\u2028sep\u2029x\x85y"
+    assert not (tmp_path / "predictions.jsonl.bad").exists()
+
+
+def test_a_digest_conflict_is_refused_before_the_weights_load_and_resume_new_gets_past_it(tmp_path, monkeypatch):
+    runner.run(config(tmp_path, "task.depths=[50]"))
+    import transformers
+    real = transformers.AutoModelForCausalLM.from_config
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("weights loaded")))
+    runner._MODEL.clear()
+    with pytest.raises(ConfigError, match="made from other prompts"):
+        runner.run(config(tmp_path, "task.depths=[10,50]"))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", real)
+    summary = runner.run(config(tmp_path, "task.depths=[10,50]", "resume=new"))[0]
+    assert summary["folder"].endswith(".2") and summary["samples"] == 2
+    assert runner.run(config(tmp_path, "task.depths=[10,50]", "resume=new"))[0]["folder"] == summary["folder"]
+
+
+def test_repeated_grid_values_fail_before_the_model_loads(tmp_path, no_model):
+    with pytest.raises(ConfigError, match="repeats a depth"):
+        runner.run(config(tmp_path, "task.depths=[50,50.0]"))
+    with pytest.raises(ConfigError, match="repeats a value"):
+        runner.run(config(tmp_path, "task.context_lengths=[300,300]"))
+
+
+def test_knobs_of_other_methods_and_cpu_only_settings_do_not_block_a_resume(tmp_path):
+    first = runner.run(config(tmp_path, "methods=[fullkv,h2o]", "budgets=[64]", "method_overrides={window_size: 8}"))
+    again = runner.run(config(tmp_path, "methods=[fullkv]", "method_overrides={window_size: 8}",
+                              "protocol.h2o_variant=window",
+                              "protocol.window_size.h2o=16", "cuda_graphs=false"))
+    assert again[0]["folder"] == first[0]["folder"] and again[0]["samples"] == 1
+
+
+def test_a_second_run_on_a_folder_in_use_fails_at_once(tmp_path, no_model):
+    from filelock import FileLock
+    folder = folder_of(tmp_path)
+    folder.mkdir(parents=True)
+    with FileLock(str(folder / ".run.lock")):
+        with pytest.raises(ConfigError, match="another run is writing to"):
+            runner.run(config(tmp_path))
+
+
+def test_results_through_a_symlinked_folder_are_inside(tmp_path):
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "passkey").symlink_to(tmp_path / "scratch")
+    assert identity.inside(tmp_path / "results" / "passkey" / "m", tmp_path / "results")
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"all_classes": None}, "all_classes must be a non-empty list"),
+    ({"all_classes": "DESC"}, "all_classes must be a non-empty list"),
+])
+def test_classification_rows_need_their_classes(tmp_path, no_model, row, message):
+    data, config_dir = fake_longbench(tmp_path)
+    lines = (data / "trec.jsonl").read_text().splitlines()
+    (data / "trec.jsonl").write_text(lines[0] + "\n" + json.dumps(json.loads(lines[1]) | row) + "\n")
+    with pytest.raises(ConfigError, match=f"trec.jsonl:2: {message}"):
+        runner.run(longbench_config(tmp_path, data, config_dir))
+
+
+def test_longbench_e_rows_need_a_numeric_length(tmp_path):
+    data, config_dir = fake_longbench(tmp_path, longbench_e=True)
+    lines = (data / "samsum_e.jsonl").read_text().splitlines()
+    (data / "samsum_e.jsonl").write_text(lines[0] + "\n" + json.dumps(json.loads(lines[1]) | {"length": "x"}) + "\n")
+    with pytest.raises(ConfigError, match="samsum_e.jsonl:2: length must be a number"):
+        longbench.validate(OmegaConf.create({"task": {"datasets": ["samsum_e"], "data_dir": str(data),
+                                                      "config_dir": str(config_dir), "limit": None,
+                                                      "max_new_tokens": None}}))
+
+
+def test_weights_fingerprints_see_content_and_hub_commits(tmp_path, monkeypatch):
+    monkeypatch.setenv("KV_HARNESS_CACHE", str(tmp_path / "cache"))
+    model_dir = tmp_path / "ckpt"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    (model_dir / "model.safetensors").write_bytes(b"\x00" * 1000)
+    cfg = OmegaConf.create({"source": "hub", "name_or_path": str(model_dir)})
+    before = models.weights_fingerprint(cfg)
+    time.sleep(0.01)
+    (model_dir / "model.safetensors").write_bytes(b"\x01" * 1000)      # same size, other weights
+    assert models.weights_fingerprint(cfg) != before
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    hub = OmegaConf.create({"source": "hub", "name_or_path": "org/model", "revision": None})
+    assert models.weights_fingerprint(hub)["commit"] is None               # not cached: checked after loading
+    refs = tmp_path / "hub" / "models--org--model" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text("a" * 40)
+    assert models.weights_fingerprint(hub)["commit"] == "a" * 40
+    old = {"model": {"weights": {"commit": "a" * 40}}}
+    assert identity.differences(old, {"model": {"weights": {"commit": None}}}) == []
+    assert identity.differences(old, {"model": {"weights": {"commit": "b" * 40}}})
+
+
+def test_a_dataset_added_later_joins_the_stored_identity():
+    stored = {"task": {"data": {"a.jsonl": "1"}}, "model": {"weights": {"commit": None}}}
+    current = {"task": {"data": {"a.jsonl": "1", "b.jsonl": "2"}}, "model": {"weights": {"commit": "c"}}}
+    assert identity.merged(stored, current) == {"task": {"data": {"a.jsonl": "1", "b.jsonl": "2"}},
+                                                "model": {"weights": {"commit": "c"}}}

@@ -40,6 +40,8 @@ def int_list(what: str, values, minimum: int = 1, maximum: int | None = None, ma
         if maximum is not None and value > maximum:
             raise ConfigError(f"{what}: {value} is more than {maximum}{maximum_why}; fix: lengths up to {maximum}, "
                               "or a model with a longer context")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{what}={list(values)} repeats a value (each gives the same samples); fix: each value once")
     return list(values)
 
 
@@ -53,6 +55,8 @@ def percent_list(what: str, values) -> list[float]:
     for value in values:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
             raise ConfigError(f"{what}: {value!r} must be a number from 0 to 100; fix: e.g. {what}=[0,50,100]")
+    if len({f"{float(v):g}" for v in values}) != len(values):
+        raise ConfigError(f"{what}={list(values)} repeats a depth (sample ids use it); fix: each depth once")
     return [float(v) for v in values]
 
 

@@ -154,7 +154,7 @@ def read_rows(path: Path, dataset: str, fields: tuple[str, ...] = ()) -> list[di
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: not UTF-8 text ({error.reason}); fix: re-download the official file") from None
     rows, seen = [], {}
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):   # as pred.py: splitlines would cut rows at U+2028
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -177,6 +177,13 @@ def read_rows(path: Path, dataset: str, fields: tuple[str, ...] = ()) -> list[di
         seen[row["_id"]] = number
         if not isinstance(row["answers"], list) or not all(isinstance(a, str) for a in row["answers"]):
             raise ConfigError(f"{where}: answers must be a list of strings, got {row['answers']!r:.80}")
+        if "all_classes" in needs and (not isinstance(row["all_classes"], list) or not row["all_classes"]
+                                       or not all(isinstance(c, str) for c in row["all_classes"])):
+            raise ConfigError(f"{where}: all_classes must be a non-empty list of class names for {dataset} (its "
+                              f"metric is classification), got {row['all_classes']!r:.80}")
+        if "length" in needs and (isinstance(row["length"], bool) or not isinstance(row["length"], (int, float))):
+            raise ConfigError(f"{where}: length must be a number for {dataset} (LongBench-E buckets by it), got "
+                              f"{row['length']!r:.40}")
         rows.append(row)
     if not rows:
         raise ConfigError(f"{path}: no rows (the file is empty); fix: re-download the official {path.name}, or "
@@ -210,8 +217,13 @@ def validate(cfg) -> None:
     datasets = check_datasets(task.get("datasets"))
     checks.positive_int("task.limit", task.get("limit"), allow_none=True)
     checks.positive_int("task.max_new_tokens", task.get("max_new_tokens"), allow_none=True)
-    prompts = config_tables(task)["dataset2prompt"]
+    tables = config_tables(task)
+    prompts = tables["dataset2prompt"]
     for dataset in datasets:
+        for name, table in tables.items():
+            if dataset.removesuffix("_e") not in table:
+                raise ConfigError(f"{name}.json has no entry for {dataset.removesuffix('_e')}; fix: the official "
+                                  "config files (task.config_dir=null downloads them), or leave the dataset out")
         read_rows(data_file(task, dataset), dataset, template_fields(prompts[dataset.removesuffix("_e")]))
 
 
