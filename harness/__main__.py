@@ -98,6 +98,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    if distributed.world()[1] > 1:   # a torchrun worker: end with the launcher, even during start-up
+        distributed.watch_launcher()
     problem = check_overrides(sys.argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)

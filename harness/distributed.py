@@ -42,7 +42,7 @@ def init(timeout_s: float | None = None) -> tuple[int, int]:
     rank, size = world()
     if size > 1 and not torch.distributed.is_initialized():
         timeout = datetime.timedelta(seconds=float(timeout_s or DEFAULT_TIMEOUT_S))
-        watch_launcher()
+        watch_launcher()   # started at start-up by harness.__main__ already; idempotent
         if torch.cuda.is_available():
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
@@ -55,28 +55,41 @@ def init(timeout_s: float | None = None) -> tuple[int, int]:
 WATCH_INTERVAL_S = 2.0
 
 
+_WATCHDOG: list = []
+
+
 def watch_launcher(interval_s: float = WATCH_INTERVAL_S) -> threading.Thread | None:
-    """Start a daemon thread that exits the process when the parent (the launcher) is gone: the
-    parent pid changes when a process is re-parented. Finished samples are already on disk (every row
-    is flushed and fsynced), so nothing is lost; the next run resumes them."""
-    parent = os.getppid()
-    if parent <= 1:
-        return None
+    """Start (once) a daemon thread that exits the process when its launcher is gone: a process whose
+    parent dies is re-parented, so its parent pid changes. The parent is the one recorded when the
+    ``harness`` package was imported (``harness.PARENT_PID``), so a launcher that died during start-up
+    is noticed too. Finished samples are already on disk (every row is flushed and fsynced), so nothing
+    is lost; the next run resumes them."""
+    import harness
+    if _WATCHDOG:
+        return _WATCHDOG[0]
+    parent = harness.PARENT_PID
+
+    def gone() -> None:
+        message = (f"rank {world()[0]}: the launcher (pid {parent}) is gone; exiting. Finished samples are "
+                   "on disk; run the same command again to resume.\n")
+        try:
+            os.write(2, message.encode())
+        except OSError:
+            pass
+        os._exit(3)
+
+    if os.getppid() != parent or parent == 1:   # a launcher never runs as pid 1: it died before we started
+        gone()
 
     def watch():
         while True:
             time.sleep(interval_s)
             if os.getppid() != parent:
-                message = (f"rank {world()[0]}: the launcher (pid {parent}) is gone; exiting. Finished samples are "
-                           "on disk; run the same command again to resume.\n")
-                try:
-                    os.write(2, message.encode())
-                except OSError:
-                    pass
-                os._exit(3)
+                gone()
 
     thread = threading.Thread(target=watch, name="launcher-watchdog", daemon=True)
     thread.start()
+    _WATCHDOG.append(thread)
     return thread
 
 
