@@ -68,3 +68,17 @@ def haystack_identity(kind: str, directory: str | None) -> dict:
     for path in haystack_files(kind, directory):
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return {"haystack": kind, "haystack_sha256": digest.hexdigest()}
+
+
+def check_haystack_task(task) -> None:
+    """The settings the haystack tasks (passkey, needle) share: ``max_new_tokens``, ``seed``, the haystack."""
+    from harness.tasks import checks
+    checks.positive_int("task.max_new_tokens", task.get("max_new_tokens"))
+    if not checks._is_int(task.get("seed", 0)):
+        raise ConfigError(f"task.seed={task.get('seed')!r} must be an integer; fix: task.seed=0")
+    haystack_files(task.haystack, task.get("haystack_dir"))
+
+
+def haystack_data_identity(cfg) -> dict:
+    """A haystack task's data identity (``cfg``: the whole run config)."""
+    return haystack_identity(cfg.task.haystack, cfg.task.get("haystack_dir"))

@@ -27,7 +27,7 @@ import random
 
 from harness.tasks import Sample, checks
 from harness.tasks import needle_scores
-from harness.tasks.haystack import haystack_files, haystack_identity, load_haystack
+from harness.tasks.haystack import check_haystack_task, haystack_data_identity, load_haystack
 
 PAPER_PROMPT = ("<|im_start|> This is a very long story book: <book> {context} </book>.\n"
                 " Based on the content of the book, Question: {question}\nAnswer:")
@@ -148,14 +148,10 @@ def validate(cfg) -> None:
         if grid.get("kind") not in ("linear", "sigmoid"):
             raise checks.ConfigError(f"task.depth_grid.kind={grid.get('kind')!r} is not one of ('linear', 'sigmoid')")
         checks.positive_int("task.depth_grid.count", grid.get("count"))
-    checks.positive_int("task.max_new_tokens", task.get("max_new_tokens"))
-    if not checks._is_int(task.get("seed", 0)):
-        raise checks.ConfigError(f"task.seed={task.get('seed')!r} must be an integer; fix: task.seed=0")
-    haystack_files(task.haystack, task.get("haystack_dir"))
+    check_haystack_task(task)
 
 
-def data_identity(cfg) -> dict:
-    return haystack_identity(cfg.task.haystack, cfg.task.get("haystack_dir"))
+data_identity = haystack_data_identity
 
 
 def postprocess(text: str) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 
 from harness.tasks import Sample, checks
-from harness.tasks.haystack import haystack_files, haystack_identity, load_haystack
+from harness.tasks.haystack import check_haystack_task, haystack_data_identity, load_haystack
 
 INSTRUCTION = ("There is an important piece of information hidden inside a lot of irrelevant text. "
                "Find it and memorize it. I will quiz you about the important information there.\n\n")
@@ -80,14 +80,10 @@ def validate(cfg) -> None:
     checks.int_list("task.context_lengths", task.get("context_lengths"), minimum=16, maximum=limit, maximum_why=why)
     checks.percent_list("task.depths", task.get("depths"))
     checks.positive_int("task.samples_per_cell", task.get("samples_per_cell", 1))
-    checks.positive_int("task.max_new_tokens", task.get("max_new_tokens"))
-    if not checks._is_int(task.get("seed", 0)):
-        raise checks.ConfigError(f"task.seed={task.get('seed')!r} must be an integer; fix: task.seed=0")
-    haystack_files(task.haystack, task.get("haystack_dir"))
+    check_haystack_task(task)
 
 
-def data_identity(cfg) -> dict:
-    return haystack_identity(cfg.task.haystack, cfg.task.get("haystack_dir"))
+data_identity = haystack_data_identity
 
 
 def score(prediction: str, answers: list[str]) -> float:
