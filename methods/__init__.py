@@ -6,9 +6,17 @@
     kept = compressor.compress_all(keys, values, queries)
 """
 
-from methods.base import (REGISTRY, CompressionSession, ConfigError, Kept, KVCompressor,
-                          UniformCompressor, build, register)
 from methods import dynamickv, fullkv, h2o, pyramidkv, snapkv, streamingllm  # noqa: F401  (registration)
+from methods.base import (
+                          REGISTRY,
+                          CompressionSession,
+                          ConfigError,
+                          Kept,
+                          KVCompressor,
+                          UniformCompressor,
+                          build,
+                          register,
+)
 
 __all__ = ["REGISTRY", "CompressionSession", "ConfigError", "Kept", "KVCompressor",
            "UniformCompressor", "build", "register"]

@@ -49,6 +49,8 @@ class Kept:
 
     @property
     def count(self) -> int:
+        """Entries kept per head, ``k`` (``keys.shape[-2]``), the window included; a token stored twice
+        (DynamicKV's reference variant) counts twice."""
         return self.keys.shape[-2]
 
 
@@ -56,7 +58,8 @@ def repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
     """``[B, Hkv, n, d] -> [B, Hkv*groups, n, d]``, each KV head repeated for its query heads.
 
     Same layout as ``repeat_kv`` of the reference code and of transformers (query head ``h`` reads KV
-    head ``h // groups``).
+    head ``h // groups``). Any dtype; with ``groups == 1`` returns ``x`` itself (no copy), otherwise a
+    new tensor.
     """
     if groups == 1:
         return x
@@ -65,7 +68,11 @@ def repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x [B, H, n, d]``, ``index [B, H, k]`` -> ``[B, H, k, d]``."""
+    """Pick tokens along the token axis: ``x [B, H, n, d]``, ``index [B, H, k]`` -> ``[B, H, k, d]``.
+
+    ``out[b, h, i] = x[b, h, index[b, h, i]]``, in ``x``'s dtype. ``index`` holds int64 token indices
+    in ``[0, n)`` (``torch.gather`` rejects anything else).
+    """
     return x.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
 
 
@@ -87,6 +94,8 @@ class KVCompressor:
                  head, the cache holds Hq heads) or ``kv_head`` (window scores averaged over each
                  query group, one token set per KV head, a true GQA cache; KVCache-Factory HEAD's
                  ``--kv_cache_granularity kv_head --gqa_score_agg mean``).
+
+    Construction runs ``validate``: a knob that cannot work raises ``ConfigError``.
     """
 
     name: ClassVar[str] = ""
@@ -97,6 +106,8 @@ class KVCompressor:
     #: False for methods whose session allocates across heads and layers of a whole prompt (DynamicKV):
     #: a session then takes one prompt at a time, and ``compress_all`` runs a batch row by row.
     rows_independent: ClassVar[bool] = True
+    #: The allowed values of each text knob with a closed set of choices (configs type them as enums).
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"pooling": POOLINGS, "granularity": GRANULARITIES}
 
     budget: int = 128
     window_size: int = 32
@@ -109,6 +120,12 @@ class KVCompressor:
 
     # ------------------------------------------------------------------ configuration
     def validate(self) -> None:
+        """Check the knobs (run by ``__post_init__``); subclasses extend it for their own.
+
+        Raises ``ConfigError`` when ``budget``, ``window_size`` or ``kernel_size`` is not an ``int``
+        (a bool is rejected), ``window_size <= 0``, ``budget <= window_size``, ``kernel_size`` is not a
+        positive odd number, or ``pooling``/``granularity`` is outside ``POOLINGS``/``GRANULARITIES``.
+        """
         def bad(msg: str) -> None:
             raise ConfigError(f"{self.name or type(self).__name__}: {msg}")
 
@@ -136,11 +153,15 @@ class KVCompressor:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def query_count(self, prompt_length: int) -> int:
-        """How many trailing prompt queries the hook must capture per layer."""
+        """How many trailing prompt queries (tokens) the hook must capture per layer for a prompt of
+        ``prompt_length`` tokens: ``min(window_size, prompt_length)``, or all ``prompt_length`` when
+        ``queries_needed == "all"``."""
         return prompt_length if self.queries_needed == "all" else min(self.window_size, prompt_length)
 
     # ------------------------------------------------------------------ driving
     def new_session(self, num_layers: int) -> "CompressionSession":
+        """A fresh per-prompt ``CompressionSession`` over ``num_layers`` compressed layers. Raises
+        ``ValueError`` when ``num_layers <= 0``."""
         return CompressionSession(self, num_layers)
 
     def compress_all(self, keys, values, queries) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -153,7 +174,13 @@ class KVCompressor:
         Rows of a batch are independent prompts: row ``b`` of the result equals row ``b`` compressed
         alone. Where a cross-layer method (DynamicKV) gives the rows of one layer different lengths,
         that layer is right-padded to its longest row: padded entries have position ``-1`` and zero
-        keys and values (``positions >= 0`` selects a row's real entries).
+        keys and values (``positions >= 0`` selects a row's real entries). ``H`` is Hq for
+        ``query_head`` and Hkv for ``kv_head``; keys and values keep the input dtype, positions are
+        int64 token indices. Each layer's queries are cut to the last ``query_count(n)`` before use.
+
+        Raises ``ValueError`` when the three lists differ in length or are empty (a session needs one
+        layer), and passes on the errors of the session's ``add_layer`` (e.g. ``ValueError`` when Hq is
+        not a multiple of Hkv).
         """
         if not (len(keys) == len(values) == len(queries)):
             raise ValueError(f"keys, values and queries need one tensor per layer; got "
@@ -179,13 +206,20 @@ class KVCompressor:
 
     # ------------------------------------------------------------------ helpers for methods
     def groups(self, keys: torch.Tensor, queries: torch.Tensor) -> int:
+        """Query heads per KV head, ``Hq // Hkv``, from ``keys [B, Hkv, n, d]`` and ``queries [B, Hq, m, d]``.
+        Raises ``ValueError`` when Hq is not a multiple of Hkv."""
         hkv, hq = keys.shape[1], queries.shape[1]
         if hq % hkv:
             raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
         return hq // hkv
 
     def whole_prompt(self, keys: torch.Tensor, values: torch.Tensor, num_query_heads: int) -> Kept:
-        """The whole prompt at this compressor's granularity (Hq heads for query_head)."""
+        """The whole prompt at this compressor's granularity, as a ``Kept`` with ``whole=True``.
+
+        ``keys``, ``values`` ``[B, Hkv, n, d]`` -> ``[B, H, n, d]`` (repeated to ``num_query_heads`` for
+        ``query_head``, unchanged for ``kv_head``); positions ``0..n-1`` as an int64 ``[B, H, n]``
+        expanded (non-contiguous) view.
+        """
         groups = num_query_heads // keys.shape[1] if self.granularity == "query_head" else 1
         b, _, n, _ = keys.shape
         k, v = repeat_heads(keys, groups), repeat_heads(values, groups)
@@ -198,6 +232,11 @@ class KVCompressor:
         ``selected`` indexes the prefix ``[0, n - w)``; heads are query heads for ``query_head``
         granularity and KV heads for ``kv_head``. The layout is the reference's:
         ``cat(prefix.gather(selected), last window)``.
+
+        ``keys``, ``values``: ``[B, Hkv, n, d]``; ``queries``: ``[B, Hq, m, d]`` (only its head count is
+        read). Returns a ``Kept`` of ``[B, H, K + w, d]`` with int64 positions ``[B, H, K + w]``; with
+        ``selected`` None or empty, only the window (``[B, H, w, d]``). Raises ``ValueError`` (from
+        ``groups``) when Hq is not a multiple of Hkv at ``query_head`` granularity.
         """
         w = self.window_size
         n = keys.shape[2]
@@ -219,14 +258,30 @@ class UniformCompressor(KVCompressor):
     window."""
 
     def layer_budget(self, layer: int, num_layers: int, prompt_length: int) -> int:
-        """Prompt tokens this layer keeps, window included."""
+        """Prompt tokens layer ``layer`` (of ``num_layers``) keeps for a prompt of ``prompt_length``
+        tokens, window included; here ``budget`` for every layer."""
         return self.budget
 
     def select(self, layer, num_layers, keys, values, queries, count: int) -> torch.Tensor:
-        """Indices ``[B, H, count]`` into the prefix ``[0, n - w)``."""
+        """Which ``count`` prefix tokens to keep: int64 indices ``[B, H, count]`` into ``[0, n - w)``,
+        in any order (``H`` per granularity).
+
+        ``keys``, ``values``: ``[B, Hkv, n, d]`` post-RoPE; ``queries``: ``[B, Hq, m, d]``, the last
+        ``query_count(n)`` prompt queries. Called only with ``0 < count <= n - w``. The base class
+        raises ``NotImplementedError``.
+        """
         raise NotImplementedError
 
     def compress_layer(self, layer, num_layers, keys, values, queries) -> Kept:
+        """Compress layer ``layer`` of ``num_layers`` on its own.
+
+        ``keys``, ``values``: ``[B, Hkv, n, d]`` post-RoPE; ``queries``: ``[B, Hq, m, d]``, the last
+        ``query_count(n)`` prompt queries. A prompt of ``n <= budget`` tokens is kept whole
+        (``whole_prompt``); otherwise ``select`` picks ``layer_budget(...) - window_size`` prefix tokens
+        (clamped to ``[0, n - w]``) and the window is appended (``keep_selected``). Returns a ``Kept`` of
+        ``[B, H, k, d]``. Raises ``ValueError`` (from ``keep_selected``) when Hq is not a multiple of Hkv
+        at ``query_head`` granularity, and whatever ``select`` raises.
+        """
         n = keys.shape[2]
         if n <= self.budget:  # reference: `if n < mcp: keep all`; n == mcp selects all n - w anyway
             return self.whole_prompt(keys, values, queries.shape[1])
@@ -256,7 +311,9 @@ class CompressionSession:
     """Per-prompt state. Default behaviour: each layer is compressed on its own, immediately.
 
     ``report`` collects, per compressed layer, the kept positions ``[B, H, k]`` (None where the whole
-    prompt was kept) so results can record what each method kept.
+    prompt was kept) so results can record what each method kept. The default drives
+    ``compressor.compress_layer`` (``UniformCompressor``). Raises ``ValueError`` when
+    ``num_layers <= 0``.
     """
 
     def __init__(self, compressor: KVCompressor, num_layers: int):
@@ -269,6 +326,13 @@ class CompressionSession:
         self.notes: list[str] = []
 
     def add_layer(self, layer: int, keys, values, queries) -> dict[int, Kept]:
+        """Compress compressed layer number ``layer`` (0-based, in ``[0, num_layers)``) of this prompt.
+
+        ``keys``, ``values``: ``[B, Hkv, n, d]`` post-RoPE; ``queries``: ``[B, Hq, m, d]``, the last
+        ``query_count(n)`` prompt queries. Returns the layers whose cache should now be (re)written,
+        ``{layer: Kept}``, and records the kept positions for ``report``. Raises ``ValueError`` when
+        ``layer`` is out of range; passes on the errors of ``compressor.compress_layer``.
+        """
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer={layer} outside 0..{self.num_layers - 1}")
         self.prompt_length = keys.shape[2]
@@ -277,15 +341,25 @@ class CompressionSession:
         return {layer: kept}
 
     def finish(self) -> dict[int, Kept]:
+        """Called once after the last layer: the layers to (re)write now, ``{layer: Kept}``; empty here,
+        since every layer was final when ``add_layer`` returned it."""
         return {}
 
     def record(self, layer: int, kept: Kept) -> None:
+        """Remember what ``layer`` kept, for ``report``: its positions ``[B, H, k]`` (detached, left on
+        their device), or None when the whole prompt was kept."""
         # kept on the device: copying here would synchronise the GPU once per layer during prefill
         self.kept_positions[layer] = None if kept.whole else kept.positions.detach()
 
     def report(self) -> dict:
         """Per layer: kept count, distinct kept tokens per head, and the kept positions
-        (``[B, H, k]`` CPU tensor, None where the whole prompt was kept), for results files."""
+        (``[B, H, k]`` CPU tensor, None where the whole prompt was kept), for results files.
+
+        Returns ``{"prompt_length": n, "layers": [...], "notes": [...]}`` with one dict per compressed
+        layer (``layer``, ``kept``, ``whole``, ``positions`` and, when compressed,
+        ``distinct_per_head``, counted on batch row 0 only). Copies every layer's positions to the CPU
+        (a host synchronisation).
+        """
         n = self.prompt_length or 0
         layers = []
         for layer in range(self.num_layers):
@@ -305,6 +379,9 @@ REGISTRY: dict[str, type[KVCompressor]] = {}
 
 
 def register(cls: type[KVCompressor]) -> type[KVCompressor]:
+    """Class decorator: enter ``cls`` in ``REGISTRY`` under ``cls.name`` and return it unchanged (a
+    later class with the same name replaces the earlier). Raises ``ValueError`` when ``cls.name`` is
+    empty."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
     REGISTRY[cls.name] = cls
@@ -313,7 +390,10 @@ def register(cls: type[KVCompressor]) -> type[KVCompressor]:
 
 def build(name: str, **knobs) -> KVCompressor:
     """Build a compressor by registered name with its config knobs, e.g.
-    ``build("snapkv", budget=128, window_size=32, kernel_size=7, pooling="maxpool")``."""
+    ``build("snapkv", budget=128, window_size=32, kernel_size=7, pooling="maxpool")``.
+
+    Raises ``ConfigError`` for an unknown method name or knob, and (from the method's ``validate``) for
+    a knob value that cannot work."""
     if name not in REGISTRY:
         raise ConfigError(f"unknown method {name!r}; choose one of {sorted(REGISTRY)}")
     cls = REGISTRY[name]

@@ -49,13 +49,26 @@ class _OutsideReferenceDomain(Exception):
 @register
 @dataclass
 class DynamicKV(KVCompressor):
+    """DynamicKV: SnapKV's pooled window scores with per-layer budgets re-allocated across layers
+    during the prefill (arXiv 2412.14838; DreamMr/DynamicKV 8ab3c08 ``dynamic_v11.py``; the module
+    docstring gives the steps and the variants).
+
+    ``budget`` is the per-layer average (window included). Extra knobs: ``radio_max``, the cap of one
+    layer's provisional selection in units of ``base``; ``m``, the re-allocation interval in layers;
+    ``variant``, ``reference`` or ``fixed``. A session takes one prompt (a batch of 1):
+    ``compress_all`` runs a batch row by row.
+    """
+
     name = "dynamickv"
     rows_independent = False     # one allocation per prompt: a session takes a batch of one
+    choices = {**KVCompressor.choices, "variant": VARIANTS}
     radio_max: float = 10.0   # the code's spelling of ratio_max: cap of one layer, in units of base
     m: int = 4                # re-allocation interval in layers
     variant: str = "reference"
 
     def validate(self) -> None:
+        """``KVCompressor.validate``, then ``ConfigError`` when ``variant`` is not in ``VARIANTS``,
+        ``m`` is not a positive integer (a bool is rejected) or ``radio_max`` is not a positive number."""
         super().validate()
         if self.variant not in VARIANTS:
             raise ConfigError(f"dynamickv: variant={self.variant!r} is not one of {VARIANTS}")
@@ -66,13 +79,25 @@ class DynamicKV(KVCompressor):
 
     @property
     def base(self) -> int:
+        """``budget - window_size``: the average per-layer count of selected prefix tokens (window
+        excluded), in tokens; ``base * L`` is the whole-model budget the shares divide."""
         return self.budget - self.window_size
 
     def new_session(self, num_layers: int) -> "DynamicKVSession":
+        """A fresh ``DynamicKVSession`` for one prompt over ``num_layers`` compressed layers. Raises
+        ``ValueError`` when ``num_layers <= 0``."""
         return DynamicKVSession(self, num_layers)
 
 
 class DynamicKVSession(CompressionSession):
+    """Per-prompt state of DynamicKV: every layer's selection (``Kept``, score order then the window),
+    cut down at each re-allocation, and its pooled scores ``[1, H, n - w]``.
+
+    Takes a batch of one, layers in order ``0..L-1``. With ``variant="reference"`` on a prompt where
+    the reference may crash (``risky``) it returns nothing until the last layer, so a fall-back to the
+    whole prompt never finds a layer already written; the fall-back is recorded in ``notes``.
+    """
+
     compressor: DynamicKV
 
     def __init__(self, compressor: DynamicKV, num_layers: int):
@@ -85,6 +110,16 @@ class DynamicKVSession(CompressionSession):
 
     # ----------------------------------------------------------------- per layer
     def add_layer(self, layer, keys, values, queries):
+        """Score layer ``layer`` and keep its top ``budget_size = min(int(radio_max * base), n - w)``
+        prefix tokens plus the window; every ``m`` layers (and, for ``fixed``, at the last layer)
+        re-allocate the layers seen so far.
+
+        ``keys``, ``values``: ``[1, Hkv, n, d]`` post-RoPE; ``queries``: ``[1, Hq, >=w, d]``. Returns the
+        layers to (re)write now: ``{layer: Kept}``, every layer seen so far after a re-allocation, all
+        layers at the last one, ``{}`` while ``risky``; when the prompt is kept whole, zero-length
+        markers with ``Kept.whole`` set (nothing to write). Raises ``ValueError`` when the batch is not 1
+        or a layer arrives out of order.
+        """
         c = self.compressor
         n = keys.shape[2]
         if keys.shape[0] != 1:

@@ -37,6 +37,11 @@ def accumulated_attention(queries: torch.Tensor, keys: torch.Tensor, window: int
 
     queries, keys: ``[B, H, n, d]`` (keys repeated to the query heads). Returns ``[B, H, n - window]``
     in the model dtype.
+
+    ``variant``: ``causal`` or ``reference_2024`` (module docstring; not checked here, ``H2O.validate``
+    guards it). The queries run ``query_chunk`` rows at a time: each chunk's float32 probabilities are
+    rounded to the model dtype and summed in float32, with one final rounding to the model dtype.
+    float16 costs one host synchronisation per chunk (``attention_probs`` with ``sync_free=False``).
     """
     n = keys.shape[2]
     prefix = n - window
@@ -69,11 +74,22 @@ def accumulated_attention(queries: torch.Tensor, keys: torch.Tensor, window: int
 @register
 @dataclass
 class H2O(UniformCompressor):
+    """H2O heavy hitters, prefill only (arXiv 2306.14048; KVCache-Factory ``H2OKVCluster``): per layer
+    and head, the top ``budget - window_size`` prefix tokens by accumulated attention, then the window;
+    no pooling (``kernel_size`` and ``pooling`` are validated but unused).
+
+    ``variant``: ``causal``, ``reference_2024`` or ``window`` (module docstring). ``query_chunk``: query
+    rows per softmax chunk, so memory is ``O(H * n * query_chunk)``.
+    """
+
     name = "h2o"
+    choices = {**UniformCompressor.choices, "variant": VARIANTS}
     variant: str = "causal"
     query_chunk: int = 256
 
     def validate(self) -> None:
+        """``KVCompressor.validate``, then ``ConfigError`` when ``variant`` is not in ``VARIANTS`` or
+        ``query_chunk`` is not a positive integer (a bool is rejected)."""
         super().validate()
         if self.variant not in VARIANTS:
             raise ConfigError(f"h2o: variant={self.variant!r} is not one of {VARIANTS}")
@@ -81,9 +97,18 @@ class H2O(UniformCompressor):
             raise ConfigError(f"h2o: query_chunk={self.query_chunk!r} must be a positive integer (e.g. 1024)")
 
     def query_count(self, prompt_length: int) -> int:
+        """Trailing prompt queries (tokens) the hook captures: all ``prompt_length`` for ``causal`` and
+        ``reference_2024``, ``min(window_size, prompt_length)`` for ``window``."""
         return min(self.window_size, prompt_length) if self.variant == "window" else prompt_length
 
     def scores(self, keys, queries) -> torch.Tensor:
+        """Heavy-hitter scores of the prefix tokens, not pooled: ``[B, H, n - window_size]`` in the
+        model dtype (H: Hq for ``query_head``; Hkv for ``kv_head``, the mean over each query group).
+
+        ``keys``: ``[B, Hkv, n, d]``; ``queries``: ``[B, Hq, n, d]``, all prompt queries
+        (``[B, Hq, >=window_size, d]`` for ``window``). Raises ``ValueError`` when ``causal`` or
+        ``reference_2024`` gets fewer or more than ``n`` queries.
+        """
         groups = queries.shape[1] // keys.shape[1]
         repeated = repeat_heads(keys, groups)
         if self.variant == "window":
@@ -96,4 +121,6 @@ class H2O(UniformCompressor):
         return group_mean(mass, keys.shape[1]) if self.granularity == "kv_head" else mass
 
     def select(self, layer, num_layers, keys, values, queries, count):
+        """The ``count`` heaviest prefix tokens: int64 ``[B, H, count]``, in descending score order
+        (``torch.topk``). Raises ``ValueError`` as ``scores`` does."""
         return self.scores(keys, queries).topk(count, dim=-1).indices

@@ -18,12 +18,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from methods.base import register
+from methods.base import ConfigError, register
 from methods.snapkv import SnapKV
 
 
 def pyramid_counts(budget: int, window: int, num_layers: int, prompt_length: int, beta: int = 20) -> list[int]:
-    """Tokens kept outside the window per layer (the pyramid regime's formula, any prompt length)."""
+    """Tokens kept outside the window per layer (the pyramid regime's formula, any prompt length).
+
+    ``budget``, ``window`` and ``prompt_length`` in tokens. Returns ``num_layers`` counts, layer 0
+    first, layer ``l`` keeping ``max_num - l * steps`` (the schedule of the module docstring, KVCache-Factory
+    ``PyramidKVCluster``); ``[budget - window]`` for a single layer. Nothing is clamped here.
+    """
     base = budget - window
     min_num = base // beta
     max_num = 2 * base - min_num
@@ -39,10 +44,24 @@ def pyramid_counts(budget: int, window: int, num_layers: int, prompt_length: int
 @register
 @dataclass
 class PyramidKV(SnapKV):
+    """PyramidKV: SnapKV's pooled window scores with a per-layer count from the pyramid schedule
+    (arXiv 2406.02069; KVCache-Factory ``PyramidKVCluster`` at ffac160). ``budget`` is the per-layer
+    average; ``beta`` is the schedule's divisor (``min_num = (budget - w) // beta``, 20 in the
+    reference)."""
+
     name = "pyramidkv"
     beta: int = 20
 
+    def validate(self) -> None:
+        """SnapKV's checks, and ``beta`` a positive integer (``ConfigError``; 0 would divide by zero)."""
+        super().validate()
+        if isinstance(self.beta, bool) or not isinstance(self.beta, int) or self.beta <= 0:
+            raise ConfigError(f"pyramidkv: beta={self.beta!r} must be a positive integer (the reference uses 20)")
+
     def layer_budget(self, layer: int, num_layers: int, prompt_length: int) -> int:
+        """Prompt tokens layer ``layer`` of ``num_layers`` keeps, window included, for a prompt of
+        ``prompt_length`` tokens: ``budget`` when ``prompt_length < 2 * (budget - w)`` or the model has
+        one layer (uniform SnapKV), otherwise ``pyramid_counts(...)[layer] + w``."""
         base = self.budget - self.window_size
         if prompt_length < 2 * base or num_layers == 1:
             return self.budget

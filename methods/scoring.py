@@ -39,7 +39,12 @@ from methods.base import repeat_heads
 
 
 def attention_logits(queries: torch.Tensor, keys: torch.Tensor, scaling: float | None = None) -> torch.Tensor:
-    """``queries [B, H, m, d] @ keys [B, H, n, d]^T`` scaled like the reference (divide by sqrt(d))."""
+    """``queries [B, H, m, d] @ keys [B, H, n, d]^T`` scaled like the reference: ``[B, H, m, n]``.
+
+    The product is formed in the inputs' dtype *before* scaling (the reference order; see the module
+    docstring for float16 overflow), then divided by ``sqrt(d)``, or multiplied by ``scaling`` when
+    given. Both heads axes must match (keys already repeated to the query heads).
+    """
     logits = torch.matmul(queries, keys.transpose(2, 3))
     if scaling is None:
         return logits.div_(math.sqrt(queries.shape[-1]))
@@ -55,6 +60,9 @@ def attention_probs(queries: torch.Tensor, keys: torch.Tensor, mask: Callable[[t
     float16 rows whose softmax is NaN (logits that overflowed to inf) are recomputed from float32
     logits with the same mask: always and picked per row (``sync_free``, no host synchronisation), or
     only when some row needs it (one synchronisation; for large ``m``).
+
+    ``queries``: ``[B, H, m, d]``; ``keys``: ``[B, H, n, d]`` (same head count); ``scaling`` replaces
+    ``1 / sqrt(d)`` (``attention_logits``). ``mask`` must work on model-dtype and float32 logits alike.
     """
     logits = attention_logits(queries, keys, scaling)
     if mask is not None:
@@ -77,7 +85,9 @@ def window_attention_mass(queries: torch.Tensor, keys: torch.Tensor, window: int
 
     queries: ``[B, Hq, >=window, d]`` (only the last ``window`` rows are used);
     keys: ``[B, Hq, n, d]`` (already repeated to query heads). Returns ``[B, Hq, n - window]`` in the
-    model dtype.
+    model dtype. Steps 1-4 of the module docstring: causal mask inside the trailing ``window x window``
+    block only, float32 softmax over all ``n`` keys, mass summed over the window queries. ``scaling``
+    as in ``attention_logits``.
     """
     q = queries[:, :, -window:]
 
@@ -90,7 +100,12 @@ def window_attention_mass(queries: torch.Tensor, keys: torch.Tensor, window: int
 
 
 def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:
-    """1-D pooling over the token axis of ``[B, H, L]``, same length out (odd kernel)."""
+    """1-D pooling over the token axis: ``scores [B, H, L]`` -> ``[B, H, L]`` in the same dtype.
+
+    Stride 1, padding ``kernel_size // 2`` (the length is kept for an odd kernel); ``avgpool`` counts
+    the zero padding, as ``F.avg_pool1d`` does. Raises ``ValueError`` when ``pooling`` is neither
+    ``maxpool`` nor ``avgpool``.
+    """
     padding = kernel_size // 2
     if pooling == "avgpool":
         return F.avg_pool1d(scores, kernel_size=kernel_size, padding=padding, stride=1)
@@ -100,7 +115,9 @@ def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.T
 
 
 def group_mean(scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """``[B, Hq, L] -> [B, Hkv, L]``: mean over the query heads that share a KV head."""
+    """``[B, Hq, L] -> [B, Hkv, L]``: mean over the query heads that share a KV head, in the input
+    dtype (``kv_head`` granularity, step 5). Hq must be a multiple of ``num_kv_heads`` (``view``
+    raises ``RuntimeError`` otherwise)."""
     b, hq, length = scores.shape
     return scores.view(b, num_kv_heads, hq // num_kv_heads, length).mean(dim=2)
 
@@ -109,8 +126,11 @@ def window_scores(queries: torch.Tensor, keys: torch.Tensor, window: int, kernel
                   pooling: str, granularity: str = "query_head", scaling: float | None = None) -> torch.Tensor:
     """Pooled observation-window scores of the prefix tokens.
 
-    queries: ``[B, Hq, >=window, d]``; keys: ``[B, Hkv, n, d]`` (un-repeated).
-    Returns ``[B, Hq, n - window]`` for ``query_head`` and ``[B, Hkv, n - window]`` for ``kv_head``.
+    queries: ``[B, Hq, >=window, d]``; keys: ``[B, Hkv, n, d]`` (un-repeated), Hq a multiple of Hkv.
+    Returns ``[B, Hq, n - window]`` for ``query_head`` and ``[B, Hkv, n - window]`` for ``kv_head``,
+    in the model dtype. Steps 1-6 of the module docstring (KVCache-Factory
+    ``SnapKVCluster.update_kv``); ``scaling`` as in ``attention_logits``. Raises ``ValueError`` (from
+    ``pool_scores``) for an unknown ``pooling``.
     """
     groups = queries.shape[1] // keys.shape[1]
     mass = window_attention_mass(queries, repeat_heads(keys, groups), window, scaling)

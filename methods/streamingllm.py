@@ -21,6 +21,14 @@ from methods.base import ConfigError, UniformCompressor, register
 @register
 @dataclass
 class StreamingLLM(UniformCompressor):
+    """StreamingLLM as the compression papers run it (KVCache-Factory ``StreamingLLMKVCluster``): the
+    first ``budget - window_size`` prompt tokens (the sinks) and the last ``window_size``, per layer.
+
+    ``sink_tokens``: when set, the sink count, and ``window_size`` becomes ``budget - sink_tokens``.
+    Raises ``ConfigError`` at construction when ``sink_tokens`` is not a positive integer or is not
+    smaller than ``budget``, and for the checks of ``KVCompressor.validate``.
+    """
+
     name = "streamingllm"
     sink_tokens: int | None = None
 
@@ -36,6 +44,9 @@ class StreamingLLM(UniformCompressor):
         super().__post_init__()
 
     def select(self, layer, num_layers, keys, values, queries, count):
+        """The first ``count`` prompt positions for every row and head: int64 ``[B, H, count]`` (an
+        expanded view of ``0..count-1``; H: Hq for ``query_head``, Hkv for ``kv_head``). No scores:
+        ``keys`` and ``queries`` give only the batch and head counts."""
         groups = queries.shape[1] // keys.shape[1] if self.granularity == "query_head" else 1
         b, heads = keys.shape[0], keys.shape[1] * groups
         return torch.arange(count, device=keys.device).expand(b, heads, count)

@@ -19,14 +19,24 @@ import torch
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from conftest import random_ids, tiny_config  # noqa: E402
-from harness.batched import DecodeStats  # noqa: E402
-from harness.generate import generate  # noqa: E402
-from harness.models import load_model  # noqa: E402
-from harness.shared import generate_many  # noqa: E402
+from harness.engine.batched import DecodeStats  # noqa: E402
+from harness.engine.generate import generate  # noqa: E402
+from harness.engine.models import load_model  # noqa: E402
+from harness.engine.shared import generate_many  # noqa: E402
 from methods import build  # noqa: E402
+
+
+def tiny_config(**overrides) -> dict:
+    """A small random Llama (the test suite's shape), with ``overrides``."""
+    return {"model_type": "llama", "vocab_size": 258, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 4096, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1, **overrides}
+
+
+def random_ids(length: int, seed: int = 0, vocab: int = 258) -> torch.Tensor:
+    """``[1, length]`` int64 token ids in ``[2, vocab)`` from a seeded generator."""
+    return torch.randint(2, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
 
 SHAPES = {
     "llama": tiny_config(),

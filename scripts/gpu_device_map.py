@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from harness.generate import generate  # noqa: E402
-from harness.models import byte_tokenizer, load_model  # noqa: E402
+from harness.engine.generate import generate  # noqa: E402
+from harness.engine.models import byte_tokenizer, load_model  # noqa: E402
 from methods import build  # noqa: E402
 
 

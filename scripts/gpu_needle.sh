@@ -6,8 +6,8 @@
 set -euo pipefail
 model=$1; gguf=$2; budget=$3; haystack=$4; results=${5:-results}
 export PYTHONUNBUFFERED=1 KV_HARNESS_CACHE=${KV_HARNESS_CACHE:-/tmp/kv-harness}
-python3 -m harness task=needle model="$model" model.source=gguf ++model.path="$gguf" \
+kvh run task=needle model="$model" model.source=gguf ++model.path="$gguf" \
     "methods=[fullkv,streamingllm,h2o,snapkv,pyramidkv,dynamickv]" "budgets=[$budget]" \
     task.haystack=essays task.haystack_dir="$haystack" results_dir="$results" hydra.run.dir=/tmp/hydra
-python3 -m harness.heatmap "$results/needle/$model" --out "$results/needle/$model/figures"
-python3 -m harness.report "$results/needle/$model" --out "$results/needle/$model"
+kvh heatmap "$results/needle/$model" --out "$results/needle/$model/figures"
+kvh report "$results/needle/$model" --out "$results/needle/$model"

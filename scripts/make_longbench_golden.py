@@ -23,18 +23,11 @@ from pathlib import Path
 EN_QA = ["narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "musique", "triviaqa"]
 EN_SUMMARY = ["gov_report", "qmsum", "multi_news", "samsum"]
 
-QA_CASES = [
-    ("Paris", ["Paris"]),
-    ("The capital is Paris.", ["Paris", "the city of Paris"]),
-    ("\n\nParis\nThe second line explains more.", ["Paris"]),
-    ("An answer that is wrong", ["Paris"]),
-    ("", ["Paris"]),
-    ("   ", ["Paris"]),
-    ("A dog, the cat & an OWL!", ["cat and owl", "the dog"]),
-    ("Second line holds it\nParis", ["Paris"]),
-    ("the the the", ["the"]),
-    ("1,200 people attended in 1999", ["1200 people", "1999"]),
-]
+QA_CASES = [("Paris", ["Paris"]), ("The capital is Paris.", ["Paris", "the city of Paris"]),
+    ("\n\nParis\nThe second line explains more.", ["Paris"]), ("An answer that is wrong", ["Paris"]), ("", ["Paris"]),
+    ("   ", ["Paris"]), ("A dog, the cat & an OWL!", ["cat and owl", "the dog"]),
+    ("Second line holds it\nParis", ["Paris"]), ("the the the", ["the"]),
+    ("1,200 people attended in 1999", ["1200 people", "1999"])]
 SUMMARY_CASES = [
     ("The committee met on Monday. It approved the budget. Members disagreed about taxes.",
      ["On Monday the committee approved the budget, although members disagreed about taxes."]),
@@ -44,76 +37,30 @@ SUMMARY_CASES = [
      ["Bob will send Alice the report tomorrow."]),
     ("\nAlice and Bob agree to meet at noon. They will discuss the project.",
      ["Alice and Bob will meet at noon to discuss the project."]),
-    ("word " * 60, ["word word word and other words"]),
-    ("Same text. Same text.", ["Same text. Same text."]),
-]
-ZH_QA_CASES = [
-    ("北京是中国的首都。", ["北京"]),
-    ("答案是上海", ["上海", "上海市"]),
-    ("", ["北京"]),
-    ("他在2008年去了北京，看了奥运会。", ["2008年北京奥运会"]),
-    ("完全不相关的回答", ["北京"]),
-    ("\n北京\n第二行", ["北京"]),
-]
-ZH_SUMMARY_CASES = [
-    ("会议讨论了预算问题，大家同意下周再开会。", ["会议讨论预算，决定下周再次开会。"]),
-    ("没有内容", ["会议讨论预算，决定下周再次开会。"]),
-    ("", ["会议讨论预算。"]),
-    ("预算。预算。预算。", ["会议讨论预算问题。"]),
-]
+    ("word " * 60, ["word word word and other words"]), ("Same text. Same text.", ["Same text. Same text."])]
+ZH_QA_CASES = [("北京是中国的首都。", ["北京"]), ("答案是上海", ["上海", "上海市"]), ("", ["北京"]), ("他在2008年去了北京，看了奥运会。", ["2008年北京奥运会"]),
+    ("完全不相关的回答", ["北京"]), ("\n北京\n第二行", ["北京"])]
+ZH_SUMMARY_CASES = [("会议讨论了预算问题，大家同意下周再开会。", ["会议讨论预算，决定下周再次开会。"]), ("没有内容", ["会议讨论预算，决定下周再次开会。"]), ("", ["会议讨论预算。"]),
+    ("预算。预算。预算。", ["会议讨论预算问题。"])]
 TREC_CLASSES = ["Abbreviation", "Entity", "Description", "Human", "Location", "Numeric value"]
-TREC_CASES = [
-    ("Location", ["Location"]),
-    ("The type is Human", ["Human"]),
-    ("Numeric value\nLocation", ["Numeric value"]),
-    ("\n\nEntity", ["Entity"]),
-    ("Description and Entity", ["Entity"]),
-    ("nothing matches", ["Human"]),
-    ("", ["Location"]),
-    ("Abbreviation Abbreviation", ["Abbreviation"]),
-]
+TREC_CASES = [("Location", ["Location"]), ("The type is Human", ["Human"]),
+    ("Numeric value\nLocation", ["Numeric value"]), ("\n\nEntity", ["Entity"]),
+    ("Description and Entity", ["Entity"]), ("nothing matches", ["Human"]), ("", ["Location"]),
+    ("Abbreviation Abbreviation", ["Abbreviation"])]
 LSHT_CLASSES = ["体育", "财经", "科技", "娱乐", "教育"]
-LSHT_CASES = [
-    ("体育", ["体育"]),
-    ("这是财经新闻", ["财经"]),
-    ("科技\n体育", ["科技"]),
-    ("娱乐和教育", ["教育"]),
-    ("无法判断", ["体育"]),
-    ("", ["财经"]),
-]
-COUNT_CASES = [
-    ("12", ["12"]),
-    ("There are 12 unique paragraphs.", ["12"]),
-    ("I count 3, then 12, then 12 again", ["12"]),
-    ("no number here", ["7"]),
-    ("", ["7"]),
-    ("7 7 8", ["7"]),
-]
-RETRIEVAL_EN_CASES = [
-    ("Paragraph 3", ["Paragraph 3"]),
-    ("The answer is Paragraph 12.", ["Paragraph 12"]),
-    ("Paragraph 4 or Paragraph 5", ["Paragraph 5"]),
-    ("None of them", ["Paragraph 1"]),
-    ("", ["Paragraph 2"]),
-    ("3", ["Paragraph 3"]),
-]
-RETRIEVAL_ZH_CASES = [
-    ("段落3", ["段落3"]),
-    ("答案是段落12", ["段落12"]),
-    ("段落4和段落5", ["段落5"]),
-    ("不知道", ["段落1"]),
-    ("", ["段落2"]),
-    ("12", ["段落12"]),
-]
-CODE_CASES = [
-    ("    return x + 1", ["    return x + 1"]),
-    ("return x+1\nprint(x)", ["    return x + 1"]),
+LSHT_CASES = [("体育", ["体育"]), ("这是财经新闻", ["财经"]), ("科技\n体育", ["科技"]), ("娱乐和教育", ["教育"]), ("无法判断", ["体育"]),
+    ("", ["财经"])]
+COUNT_CASES = [("12", ["12"]), ("There are 12 unique paragraphs.", ["12"]),
+    ("I count 3, then 12, then 12 again", ["12"]), ("no number here", ["7"]), ("", ["7"]), ("7 7 8", ["7"])]
+RETRIEVAL_EN_CASES = [("Paragraph 3", ["Paragraph 3"]), ("The answer is Paragraph 12.", ["Paragraph 12"]),
+    ("Paragraph 4 or Paragraph 5", ["Paragraph 5"]), ("None of them", ["Paragraph 1"]), ("", ["Paragraph 2"]),
+    ("3", ["Paragraph 3"])]
+RETRIEVAL_ZH_CASES = [("段落3", ["段落3"]), ("答案是段落12", ["段落12"]), ("段落4和段落5", ["段落5"]), ("不知道", ["段落1"]), ("", ["段落2"]),
+    ("12", ["段落12"])]
+CODE_CASES = [("    return x + 1", ["    return x + 1"]), ("return x+1\nprint(x)", ["    return x + 1"]),
     ("# a comment\n`return value`", ["return value"]),
-    ("```python\nfor i in range(10):\n```", ["for i in range(10):"]),
-    ("", ["x = 1"]),
-    ("\n\nself.value = value", ["self.value = value"]),
-    ("completely different code", ["import numpy as np"]),
-]
+    ("```python\nfor i in range(10):\n```", ["for i in range(10):"]), ("", ["x = 1"]),
+    ("\n\nself.value = value", ["self.value = value"]), ("completely different code", ["import numpy as np"])]
 
 LENGTHS = [1200, 3999, 4000, 6500, 7999, 8000, 15000]
 
@@ -144,7 +91,7 @@ def main() -> None:
     args = parser.parse_args()
     official = Path(args.official).resolve()
     sys.path.insert(0, str(official))
-    import eval as official_eval   # noqa: E402  (the official eval.py: its metric table and per-prediction rule)
+    import eval as official_eval  # noqa: E402  (the official eval.py: its metric table and per-prediction rule)
 
     data = cases()
     rows = []

@@ -253,9 +253,9 @@ def matrix_cases(fx: dict) -> list[tuple[str, list[str], str]]:
         ("resume with other max_new_tokens", ["task.max_new_tokens=5"], h),
         ("resume with another dtype", ["model.dtype=bfloat16"], h),
         ("resume with another protocol rule", ["protocol.chat_template=never"], h),
-        ("table on a corrupt result.json", ["harness.table", "{results}/corrupt_table", "--out", "{tmp}/t"], "tool"),
-        ("score on a corrupt predictions line", ["harness.score", "{results}/corrupt_score"], "tool"),
-        ("report on a missing folder", ["harness.report", "/nonexistent/folder"], "tool"),
+        ("table on a corrupt result.json", ["harness.report.table", "{results}/corrupt_table", "--out", "{tmp}/t"], "tool"),
+        ("score on a corrupt predictions line", ["harness.longbench.score", "{results}/corrupt_score"], "tool"),
+        ("report on a missing folder", ["harness.report.summary", "/nonexistent/folder"], "tool"),
     ]
 
 

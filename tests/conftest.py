@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from harness.models import load_model
+from harness.engine.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,3 +69,28 @@ def _load_real_model(name: str):
     cfg.dtype = "float32"
     cfg.device = "cpu"
     return load_model(cfg)
+
+
+def user_error(action) -> str:
+    """The one-line message of the user error ``action()`` raises, as ``kvh`` prints it: a ``ConfigError``'s
+    text, or for a bad key, type or choice caught at composition (Hydra, OmegaConf) ``harness.config.describe``.
+    Fails when nothing is raised."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from harness import config
+    from methods import ConfigError
+    try:
+        action()
+    except ConfigError as error:
+        return str(error)
+    except (HydraException, OmegaConfBaseException) as error:
+        return config.describe(error)
+    raise AssertionError(f"{action} raised no user error")
+
+
+def task_config(name: str, settings: dict):
+    """A task config as a composed run gives it: ``settings`` over the task's schema defaults, plain."""
+    from harness.config import schema
+    typed = OmegaConf.merge(OmegaConf.structured(schema.TASK_SCHEMAS[name]), settings)
+    return OmegaConf.create(OmegaConf.to_container(typed, enum_to_str=True))

@@ -1,17 +1,18 @@
-"""Batched fixed-shape decoding (harness.batched) equals the plain per-token path, token for token."""
+"""Batched fixed-shape decoding (harness.engine.batched) equals the plain per-token path, token for token."""
 
 import pytest
 import torch
 
-from conftest import random_ids
-from harness import batched
-from harness.batched import DecodeStats, group_rows
-from harness.generate import generate, prefill
-from harness.compat import cache_keyword
-from harness.cache import make_cache
-from harness.hook import attach
-from harness.shared import compressed_cache, generate_many, prefill_once
+from harness.engine import batched
+from harness.engine.batched import DecodeStats, group_rows
+from harness.engine.cache import make_cache
+from harness.engine.compat import cache_keyword
+from harness.engine.generate import generate, prefill
+from harness.engine.hook import attach
+from harness.engine.shared import compressed_cache, generate_many, prefill_once
 from methods import build
+
+from conftest import random_ids
 
 pytestmark = pytest.mark.integration
 

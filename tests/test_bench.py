@@ -1,11 +1,12 @@
 """The benchmark's measurements on the CPU (values and invariants, not timings)."""
 
-import json
 import importlib.util
+import json
+from pathlib import Path
 
 import pytest
 
-from harness import bench
+from harness.bench import speed as bench
 
 
 def test_bench_methods_section(tmp_path):
@@ -56,10 +57,10 @@ def test_longbench_workload_shape():
     assert sum(n == 7950 for _, n, _ in work) > len(work) / 3       # LongBench mostly exceeds an 8K model's limit
 
 
-@pytest.mark.skipif(importlib.util.find_spec("kvpress") is None and not bench.ROOT.joinpath(".kvsite").is_dir(),
+@pytest.mark.skipif(importlib.util.find_spec("kvpress") is None and not Path(__file__).resolve().parents[1].joinpath(".kvsite").is_dir(),
                     reason="kvpress is not installed here (it pins transformers<5.3; the GPU bench carries its own)")
 def test_kvpress_section_reports_or_explains(tmp_path):
-    site = bench.ROOT / ".kvsite"
+    site = Path(__file__).resolve().parents[1] / ".kvsite"
     args = ["--kvpress-site", str(site)] if site.is_dir() else []
     bench.main(["--model", "tiny_llama", "--sections", "kvpress", "--contexts", "300", "--budget", "64", "--window", "8",
                 "--repeats", "1", "--kvpress-tokens", "5", "--out", str(tmp_path), *args])

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.run import distributed, results
+
 from conftest import ROOT
-from harness import distributed, results
 
 ARGS = ["model=tiny_llama", "task=passkey", "task.context_lengths=[400,500]", "task.depths=[0,50,100]",
         "task.max_new_tokens=4", "methods=[fullkv,snapkv]", "budgets=[64]", "wandb=false", "threads=1"]
@@ -77,7 +78,7 @@ def test_multirun_two_methods_by_two_budgets_gives_four_runs_and_one_table(tmp_p
                           "task.max_new_tokens=3", "wandb=false", f"results_dir={tmp_path}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    from harness.report import find_runs, passkey_table
+    from harness.report.summary import find_runs, passkey_table
     runs = find_runs([tmp_path / "passkey", tmp_path / "passkey" / "tiny_llama"])   # overlapping roots: counted once
     assert sorted(r.name for r in runs) == ["snapkv_b48_w32_k7_maxpool_qh", "snapkv_b64_w32_k7_maxpool_qh",
                                             "streamingllm_b48_w44_k7_maxpool_qh_sinktokens4",

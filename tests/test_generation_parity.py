@@ -7,14 +7,15 @@ give the same tokens as the plain one."""
 import pytest
 import torch
 
-from conftest import random_ids
-from harness import hook
-from harness.cache import make_cache
-from harness.compat import cache_keyword
-from harness.generate import generate, prefill
-from harness.shared import generate_many
-from harness.stopping import Stopping
+from harness.engine import hook
+from harness.engine.cache import make_cache
+from harness.engine.compat import cache_keyword
+from harness.engine.generate import generate, prefill
+from harness.engine.shared import generate_many
+from harness.engine.stopping import Stopping
 from methods import build
+
+from conftest import random_ids
 
 pytestmark = pytest.mark.integration
 

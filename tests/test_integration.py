@@ -4,12 +4,13 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
 
-from conftest import random_ids
-from harness import hook
-from harness.compat import cache_keyword
-from harness.cache import CompressedLayer, make_cache
-from harness.generate import decode_one, generate, prefill
+from harness.engine import hook
+from harness.engine.cache import CompressedLayer, make_cache
+from harness.engine.compat import cache_keyword
+from harness.engine.generate import decode_one, generate, prefill
 from methods import build
+
+from conftest import random_ids
 
 pytestmark = pytest.mark.integration
 

@@ -11,9 +11,9 @@ import math
 
 import pytest
 
+from harness.longbench import metrics, score
+
 from conftest import ROOT
-from harness import score
-from harness.longbench import metrics
 
 GOLDEN = json.loads((ROOT / "tests" / "data" / "longbench_golden.json").read_text(encoding="utf-8"))
 

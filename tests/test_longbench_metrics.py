@@ -9,9 +9,10 @@ import sys
 
 import pytest
 
-from conftest import ROOT, SHARED
-from harness import score as score_cli
 from harness.longbench import metrics as m
+from harness.longbench import score as score_cli
+
+from conftest import ROOT, SHARED
 
 APPROX = dict(abs=1e-6)  # pltrdy rouge adds 1e-8 to its F denominators
 
@@ -340,7 +341,7 @@ def test_cli_scores_a_folder(tmp_path):
         {"pred": "Paris", "answers": ["Paris"], "all_classes": None, "length": 5000},
         {"pred": "Rome", "answers": ["Paris"], "all_classes": None, "length": 9000}])
     (tmp_path / "notes.txt").write_text("not scored")
-    out = subprocess.run([sys.executable, "-m", "harness.score", str(tmp_path)], cwd=ROOT, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "harness.longbench.score", str(tmp_path)], cwd=ROOT, capture_output=True,
                          text=True)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()

@@ -5,15 +5,15 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import harness.run as runner
-from conftest import ROOT, SHARED
-from harness.models import byte_tokenizer
+import harness.run.runner as runner
+from harness.engine.models import byte_tokenizer
 from harness.tasks import longbench
 from methods import ConfigError
+
+from conftest import ROOT, SHARED
 
 TOK = byte_tokenizer()
 PROMPTS = {"samsum": "Summarize the dialogue.\n\n{context}\n\n{input}",
@@ -117,7 +117,7 @@ def test_run_writes_dataset_files_scores_and_resumes(tmp_path, monkeypatch):
     assert len(calls) == 6
     assert len((folder / "trec.jsonl").read_text().splitlines()) == 3
     # the table reads the folders
-    from harness import table
+    from harness.report import table
     runs, head, cells, rows = table.table([tmp_path / "results"], reference=None)
     assert len(runs) == 2 and head[0] == "Model"
     snap = next(r for r in rows if r["method"] == "snapkv")

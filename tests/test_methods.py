@@ -157,3 +157,10 @@ def test_sessions_are_independent():
     keys, values, queries = random_layers(layers=1, n=40)
     a.add_layer(0, keys[0], values[0], queries[0][:, :, -4:])
     assert a.kept_positions and not b.kept_positions
+
+
+@pytest.mark.parametrize("beta", [0, -3, True, 2.5])
+def test_pyramidkv_beta_must_be_a_positive_integer(beta):
+    """beta divides the budget in the pyramid schedule: 0 would divide by zero at the first long prompt."""
+    with pytest.raises(ConfigError, match=f"beta={beta!r} must be a positive integer"):
+        build("pyramidkv", budget=128, window_size=8, beta=beta)

@@ -6,12 +6,12 @@ import sys
 
 import pytest
 import torch
+from test_methods import random_layers
 
 from methods import build
 from methods.base import Kept
 from methods.h2o import accumulated_attention
 from methods.pyramidkv import pyramid_counts
-from test_methods import random_layers
 
 
 # ----------------------------------------------------------------------------- PyramidKV

@@ -11,9 +11,18 @@ import pandas as pd
 import pytest
 from matplotlib.colors import to_hex, to_rgba
 
-from harness import heatmap
-from harness.tasks.needle_scores import (EXPECTED_ANSWER, KEY_PHRASE, NEEDLE, ORIGINAL_QUESTION, QUESTION,
-                                         exact_match, needle_word_recall, rouge1, rouge1_f_times_10)
+from harness.report import heatmap
+from harness.tasks.needle_scores import (
+    EXPECTED_ANSWER,
+    KEY_PHRASE,
+    NEEDLE,
+    ORIGINAL_QUESTION,
+    QUESTION,
+    exact_match,
+    needle_word_recall,
+    rouge1,
+    rouge1_f_times_10,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -227,7 +236,7 @@ def test_plot_functions(fake_results, tmp_path):
 def test_cli(fake_results, tmp_path):
     root, _, _ = fake_results
     out = tmp_path / "cli"
-    proc = subprocess.run([sys.executable, "-m", "harness.heatmap", str(root), "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "harness.report.heatmap", str(root), "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     printed = [Path(line) for line in proc.stdout.split()]

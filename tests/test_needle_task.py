@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from harness.models import byte_tokenizer
+from harness.engine.models import byte_tokenizer
 from harness.tasks import needle
 from harness.tasks.haystack import load_haystack
 from methods import ConfigError
@@ -65,9 +65,11 @@ def test_samples_and_scores():
 
 def test_needle_run_on_tiny_model_writes_cells_and_a_heatmap(tmp_path):
     from hydra import compose, initialize_config_dir
-    import harness.run as runner
+
+    import harness.run.runner as runner
+    from harness.report import heatmap
+
     from conftest import ROOT
-    from harness import heatmap
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
             "task=needle", "model=tiny_llama", f"results_dir={tmp_path}", "wandb=false", "methods=[fullkv,snapkv]", "budgets=[64]",
@@ -84,17 +86,18 @@ def test_needle_run_on_tiny_model_writes_cells_and_a_heatmap(tmp_path):
 
 
 def test_kept_plot_reads_allocations(tmp_path):
-    from harness import kept_plot
+    from harness.report import kept_plot
+    from harness.run import results
     for name, kept in (("pyramidkv_b64", [[100, 60, 20], [100, 60, 20]]), ("dynamickv_b64", [[10, 50, 120], [30, 50, 100]])):
         folder = tmp_path / "needle" / "m" / "default" / name
         folder.mkdir(parents=True)
         (folder / "predictions.jsonl").write_text("".join(
             json.dumps({"id": f"s{i}", "score": 1.0, "kept": k, "kept_layers": [5, 11, 17]}) + "\n" for i, k in enumerate(kept)))
-    labels, layers, matrix = kept_plot.allocation_rows(kept_plot.find_runs([tmp_path]))
+    labels, layers, matrix = kept_plot.allocation_rows(results.find_runs([tmp_path], results.PREDICTIONS))
     assert layers == [5, 11, 17]
     assert labels == ["m/dynamickv_b64", "m/pyramidkv_b64"]
     assert matrix.tolist() == [[20, 50, 110], [100, 60, 20]]
-    _, _, per_sample = kept_plot.allocation_rows(kept_plot.find_runs([tmp_path]), by="sample")
+    _, _, per_sample = kept_plot.allocation_rows(results.find_runs([tmp_path], results.PREDICTIONS), by="sample")
     assert per_sample.shape == (4, 3)
     kept_plot.main([str(tmp_path), "--out", str(tmp_path / "fig")])
     assert (tmp_path / "fig" / "kept_per_layer_by_run.png").stat().st_size > 5_000
@@ -102,8 +105,9 @@ def test_kept_plot_reads_allocations(tmp_path):
 
 def test_heatmaps_are_logged_to_wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    from harness.wandb_log import log_images
     import matplotlib.pyplot as plt
+
+    from harness.report.wandb_log import log_images
     fig = plt.figure()
     fig.savefig(tmp_path / "panel.png")
     run_dir = log_images(tmp_path, {"panel": tmp_path / "panel.png"}, name="heatmaps/test")
@@ -123,7 +127,7 @@ def test_missing_haystack_folder_names_the_path_and_the_fix(tmp_path):
 
 
 def test_missing_gguf_file_names_the_path(tmp_path):
-    from harness.models import load_model
+    from harness.engine.models import load_model
     cfg = OmegaConf.create({"name": "x", "source": "gguf", "path": str(tmp_path / "none.gguf"), "dtype": "float32",
                             "device": "cpu"})
     with pytest.raises(ConfigError, match="none.gguf' is not a file"):

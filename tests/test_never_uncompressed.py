@@ -9,21 +9,23 @@ with a full cache.
 import contextlib
 import importlib.util
 import inspect
+import re
 
 import pytest
 import torch
 import transformers
 from transformers.cache_utils import DynamicCache
 
-from conftest import make_model, random_ids, tiny_config
-from harness import batched, hook
-from harness.cache import CompressedLayer, make_cache
-from harness.compat import IntegrationError
-from harness.generate import decode_loop, generate, prefill
-from harness.hook import CompressionNotApplied
-from harness.stopping import Stopping
-from harness.shared import compressed_cache, generate_many, prefill_once
+from harness.engine import batched, hook
+from harness.engine.cache import CompressedLayer, make_cache
+from harness.engine.compat import IntegrationError
+from harness.engine.generate import decode_loop, generate, prefill
+from harness.engine.hook import CompressionNotApplied
+from harness.engine.shared import compressed_cache, generate_many, prefill_once
+from harness.engine.stopping import Stopping
 from methods import ConfigError, build
+
+from conftest import make_model, random_ids, tiny_config
 
 pytestmark = pytest.mark.integration
 
@@ -99,7 +101,7 @@ def test_a_cache_under_a_renamed_keyword_is_still_compressed(tiny):
     plain = generate(tiny.model, tiny.tokenizer, ids, compressor, 10, decode="plain")
     with cache_keyword_renamed(tiny.model):
         renamed = generate(tiny.model, tiny.tokenizer, ids, compressor, 10, decode="plain")
-        # without harness.generate.prefill binding the cache: the hook finds it by its type
+        # without harness.engine.generate.prefill binding the cache: the hook finds it by its type
         cache = make_cache(tiny.model)
         with hook.attach(tiny.model, compressor) as controller, torch.no_grad():
             keyword = model_cache_keyword(tiny.model)
@@ -258,27 +260,29 @@ def test_eager_on_a_model_with_sliding_window_layers(tiny_gemma):
 
 
 @pytest.mark.parametrize("backend, message", [
-    ("flex_attention", r"model.attn_implementation='flex_attention' is not supported; choose one of \['sdpa', 'eager', "
-                       r"'flash_attention_2'\]"),
-    ("paged|eager", "is not supported"),
+    ("flex_attention", r"model.attn_implementation='flex_attention' is not one of \[sdpa, eager, flash_attention_2\]"),
+    ("paged|eager", r"model.attn_implementation='paged\|eager' is not one of \[sdpa, eager, flash_attention_2\]"),
 ])
 def test_unsupported_backends_fail_before_the_model_loads(tmp_path, backend, message, monkeypatch):
     from hydra import compose, initialize_config_dir
 
-    import harness.run as runner
-    from conftest import ROOT
+    import harness.run.runner as runner
+
+    from conftest import ROOT, user_error
 
     def no_model(*args):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(runner, "_cached_model", no_model)
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["model=tiny_llama", f"results_dir={tmp_path}", "wandb=false",
-                                                       f"model.attn_implementation={backend}"])
-    with pytest.raises(ConfigError, match=message):
+    def compose_and_run():
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=["model=tiny_llama", f"results_dir={tmp_path}",
+                                                           "wandb=false", f"model.attn_implementation={backend}"])
         runner.run(cfg)
-    with pytest.raises(ConfigError, match=message):
-        make_model(tiny_config(), attn_implementation=backend)
+
+    monkeypatch.setattr(runner, "_cached_model", no_model)
+    assert re.search(message, user_error(compose_and_run))          # at composition, by the typed schema
+    with pytest.raises(ConfigError, match=message.replace("=", ": Invalid value ").split(" is not")[0]):
+        make_model(tiny_config(), attn_implementation=backend)      # a model config given to the engine directly
 
 
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
@@ -342,14 +346,14 @@ def test_the_prefill_and_its_check_make_no_host_copy(tiny, name):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("dtype", "fp16", r"model.dtype='fp16' is not one of \['auto', 'float32', 'float16', 'bfloat16'\]; fix"),
-    ("source", "hf", r"model.source='hf' is not one of .*; fix: model.source=hub"),
+    ("dtype", "fp16", r"model.dtype: Invalid value 'fp16', expected one of \[auto, float32, float16, bfloat16\]; fix"),
+    ("source", "hf", r"model.source: Invalid value 'hf', expected one of \[hub, gguf, package, random\]; fix"),
     ("device", "gpu", r"model.device='gpu' is not a device .*fix: model.device=auto, cpu, cuda"),
 ])
 def test_bad_model_settings_fail_before_loading_with_the_fix(key, value, message):
     from omegaconf import OmegaConf
 
-    from harness.models import check_model_config
+    from harness.engine.models import check_model_config
     cfg = OmegaConf.create({"source": "random", "dtype": "float32", "device": "cpu", "attn_implementation": "sdpa"})
     cfg[key] = value
     with pytest.raises(ConfigError, match=message):
@@ -360,7 +364,7 @@ def test_bad_model_settings_fail_before_loading_with_the_fix(key, value, message
 def test_a_cuda_device_without_cuda_fails_before_loading():
     from omegaconf import OmegaConf
 
-    from harness.models import check_model_config
+    from harness.engine.models import check_model_config
     with pytest.raises(ConfigError, match="sees no CUDA device here; fix: model.device=cpu"):
         check_model_config(OmegaConf.create({"source": "random", "device": "cuda"}))
 
@@ -374,7 +378,7 @@ def test_dense_copies_are_pruned_least_recently_used_first(tmp_path, monkeypatch
     import os
     import time
 
-    from harness import models
+    from harness.engine import models
     monkeypatch.setenv("KV_HARNESS_CACHE", str(tmp_path))
     root = tmp_path / "dense"
     now = time.time()

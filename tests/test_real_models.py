@@ -7,12 +7,13 @@ saying why, where either is absent.
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import ESSAYS, ROOT, real_model
-from harness.generate import generate
-from harness.prompting import encode, use_chat_template
-from harness.run import task_samples
+from harness.engine.generate import generate
+from harness.protocol.prompting import encode, use_chat_template
+from harness.run.runner import task_samples
 from harness.tasks import passkey
 from methods import build
+
+from conftest import ESSAYS, ROOT, real_model, task_config
 
 pytestmark = [pytest.mark.real_model, pytest.mark.integration]
 
@@ -29,9 +30,9 @@ def passkey_results(request):
         pytest.skip(f"the Paul Graham essays are not at {ESSAYS} (../shared/data exists only on the dev machines)")
     lm = real_model(request.param)
     chat = use_chat_template("auto", lm.chat_template, lm.tokenizer)
-    task = OmegaConf.create({"context_lengths": [2048], "depths": [10, 50, 90], "haystack": "essays",
+    task = task_config("passkey", {"context_lengths": [2048], "depths": [10, 50, 90], "haystack": "essays",
                              "haystack_dir": str(ESSAYS), "max_new_tokens": 8, "seed": 0})
-    samples = task_samples(passkey, task, lm, chat)
+    samples = task_samples(passkey.TASK, task, lm, chat)
     found = {}
     for name, compressor in METHODS.items():
         for sample in samples:
@@ -67,13 +68,13 @@ def test_gemma3_compresses_only_its_full_attention_layers():
 def test_all_six_methods_on_smollm2_and_their_per_layer_allocations():
     """SmolLM2 (30 layers), passkey at ~2K tokens: every method runs (one shared prefill) and the
     per-layer report shows PyramidKV's and DynamicKV's different allocations."""
-    from harness.shared import generate_many
+    from harness.engine.shared import generate_many
     from harness.tasks.haystack import load_haystack  # noqa: F401  (synthetic haystack: no data needed)
     lm = real_model("smollm2_135m")
     chat = use_chat_template("auto", lm.chat_template, lm.tokenizer)
-    task = OmegaConf.create({"context_lengths": [2048], "depths": [50], "haystack": "synthetic",
+    task = task_config("passkey", {"context_lengths": [2048], "depths": [50], "haystack": "synthetic",
                              "max_new_tokens": 8, "seed": 1})
-    sample = task_samples(passkey, task, lm, chat)[0]
+    sample = task_samples(passkey.TASK, task, lm, chat)[0]
     ids = encode(sample, lm.tokenizer, chat, "cpu")
     names = ["fullkv", "streamingllm", "h2o", "snapkv", "pyramidkv", "dynamickv"]
     compressors = [build(name, budget=128, window_size=32) for name in names]
@@ -94,12 +95,12 @@ def test_batched_decode_equals_plain_on_real_models(model_name):
     the plain path (each method alone, one model call per token): the same tokens, row by row, with
     the model's own stop tokens, on a synthetic-haystack passkey prompt (Gemma 3: past its 512-token
     sliding window)."""
-    from harness.shared import generate_many
+    from harness.engine.shared import generate_many
     lm = real_model(model_name)
     chat = use_chat_template("auto", lm.chat_template, lm.tokenizer)
-    task = OmegaConf.create({"context_lengths": [1200], "depths": [30], "haystack": "synthetic",
+    task = task_config("passkey", {"context_lengths": [1200], "depths": [30], "haystack": "synthetic",
                              "max_new_tokens": 20, "seed": 2})
-    sample = task_samples(passkey, task, lm, chat)[0]
+    sample = task_samples(passkey.TASK, task, lm, chat)[0]
     ids = encode(sample, lm.tokenizer, chat, "cpu")
     compressors = [build("fullkv")] + [build(name, budget=128, window_size=16)
                                        for name in ("streamingllm", "h2o", "snapkv", "pyramidkv", "dynamickv")]
@@ -114,7 +115,8 @@ def test_batched_decode_equals_plain_on_real_models(model_name):
 def test_the_tokenizer_adds_bos_exactly_when_the_gguf_file_says_so(model_name):
     """Read from the GGUF header itself (transformers 5.18-5.22 lose Gemma 3's add_bos_token)."""
     import gguf
-    from harness.models import package_file
+
+    from harness.engine.models import package_file
     cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{model_name}.yaml")
     field = gguf.GGUFReader(str(package_file(cfg.package, cfg.get("file")))).fields["tokenizer.ggml.add_bos_token"]
     wanted = bool(field.parts[field.data[0]][0])

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from conftest import random_ids
-from harness.generate import generate
-from harness.shared import generate_many
+from harness.engine.generate import generate
+from harness.engine.shared import generate_many
 from methods import build
+
+from conftest import random_ids
 
 pytestmark = pytest.mark.integration
 
@@ -41,3 +42,13 @@ def test_shared_prefill_on_sliding_window_model(tiny_gemma):
     ids = random_ids(150, seed=3)
     for compressor, together in zip(compressors, generate_many(tiny_gemma.model, tiny_gemma.tokenizer, ids, compressors, 8, [])):
         assert together.token_ids == generate(tiny_gemma.model, tiny_gemma.tokenizer, ids, compressor, 8, []).token_ids
+
+
+def test_shared_generation_refuses_what_generate_refuses(tiny):
+    """Zero new tokens or a batch of prompts: the same ValueError as ``generate``, before any prefill."""
+    snap = build("snapkv", budget=64, window_size=8)
+    for ids, new in ((random_ids(100), 0), (torch.cat([random_ids(100), random_ids(100, seed=1)]), 3)):
+        for run in (lambda: generate(tiny.model, tiny.tokenizer, ids, snap, new),
+                    lambda: generate_many(tiny.model, tiny.tokenizer, ids, [snap], new)):
+            with pytest.raises(ValueError, match="max_new_tokens=0 must be >= 1|one prompt at a time"):
+                run()

@@ -1,5 +1,5 @@
-"""The paper-style LongBench table (harness.table), the published reference numbers
-(results/reference/*.json) and the wandb logger (harness.wandb_log), on hand-written run folders."""
+"""The paper-style LongBench table (harness.report.table), the published reference numbers
+(results/reference/*.json) and the wandb logger (harness.report.wandb_log), on hand-written run folders."""
 
 from __future__ import annotations
 
@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from harness.longbench import metrics
+from harness.report import common, table, wandb_log
+from harness.run import results
+
 from conftest import ROOT, SHARED
-from harness import table, wandb_log
 
 REFERENCE = ROOT / "results" / "reference"
 PAPER, OFFICIAL = "Avg (16, paper)", "Avg (official)"
@@ -22,7 +25,7 @@ PAPER, OFFICIAL = "Avg (16, paper)", "Avg (official)"
 #   (25+20+15)/3 = 20, Few-shot (70+90+50)/3 = 70, Synthetic (5+75)/2 = 40, Code (60+50)/2 = 55
 #   paper mean    = 640 / 16 = 40.00
 #   official mean = (30+30+20+70+40+55) / 6 = 245 / 6 = 40.8333 -> 40.83
-SNAP = dict(zip(table.DATASETS, [20.0, 30.0, 40.0, 40.0, 30.0, 20.0, 25.0, 20.0, 15.0, 70.0, 90.0, 50.0, 5.0, 75.0,
+SNAP = dict(zip(metrics.ENGLISH_16, [20.0, 30.0, 40.0, 40.0, 30.0, 20.0, 25.0, 20.0, 15.0, 70.0, 90.0, 50.0, 5.0, 75.0,
                                  60.0, 50.0]))
 # A partial run (3 of 16):
 #   paper mean    = (25+30+60) / 3 = 38.33
@@ -33,6 +36,11 @@ FULL_PARTIAL = {"narrativeqa": 25.0, "qasper": 30.0, "trec": 60.0}
 #   published paper mean = (640 - 15 + 0.5) / 16 = 39.09375, printed as 39.09 -> diff 40.00 - 39.09 = +0.91
 #   published official   = (29.5 + 29 + 19 + 69 + 39 + 54) / 6 = 39.9167 -> diff 40.8333 - 39.9167 = +0.92
 PUBLISHED_SNAP = {d: (20.5 if d == "narrativeqa" else v - 1.0) for d, v in SNAP.items()}
+
+
+def longbench_runs(roots) -> list[Path]:
+    """The LongBench run folders the table reads: ``result.json`` with a ``manifest.json``."""
+    return results.find_runs(roots, table.RESULT, also=results.MANIFEST)
 
 
 def make_run(root: Path, model: str, protocol: str, method: str, budget, scores: dict, name: str | None = None) -> Path:
@@ -137,14 +145,14 @@ def test_table_values_and_files(runs, tmp_path, capsys):
 def test_find_runs_counts_each_folder_once(runs):
     longbench = runs / "longbench"
     snap = longbench / "llama3" / "dynamickv_paper" / "snapkv_b128"
-    found = table.find_runs([longbench, snap, longbench / "llama3", longbench, snap / "." / ".." / "snapkv_b128"])
+    found = longbench_runs([longbench, snap, longbench / "llama3", longbench, snap / "." / ".." / "snapkv_b128"])
     assert len(found) == 3 and len(set(found)) == 3
-    assert table.find_runs([snap]) == [snap.resolve()]  # a run folder itself
+    assert longbench_runs([snap]) == [snap.resolve()]  # a run folder itself
     (runs / "scored_only").mkdir()
     (runs / "scored_only" / "result.json").write_text("{}")  # no manifest: not a run
-    assert len(table.find_runs([runs])) == 3
+    assert len(longbench_runs([runs])) == 3
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        table.find_runs([runs / "missing"])
+        longbench_runs([runs / "missing"])
 
 
 def test_duplicate_runs(runs, tmp_path, capsys):
@@ -193,7 +201,7 @@ def test_budget_sweep_plot(tmp_path, capsys):
         for method in ("snapkv", "pyramidkv"):
             make_run(root, "llama3", "dynamickv_paper", method, budget, {d: v + shift for d, v in SNAP.items()})
     make_run(root, "mistral", "dynamickv_paper", "snapkv", 128, SNAP)  # a second panel
-    paths = table.budget_sweep_plot(table.find_runs([root]), tmp_path / "plots" / "sweep")
+    paths = table.budget_sweep_plot(longbench_runs([root]), tmp_path / "plots" / "sweep")
     assert [p.name for p in paths] == ["sweep.png", "sweep.pdf"]
     assert all(p.stat().st_size > 1000 for p in paths)
     table.main([str(root), "--out", str(tmp_path / "out"), "--no-reference", "--sweep-plot"])
@@ -240,12 +248,12 @@ def test_reference_schema_and_means(name):
     keys = set()
     for e in entries:
         assert set(e) <= {"model", "method", "budget", "scores", "average", "inconsistent_average"}
-        assert e["model"] in MODELS and e["method"] in table.METHODS
+        assert e["model"] in MODELS and e["method"] in common.METHOD_NAMES
         assert (e["budget"] is None) == (e["method"] == "fullkv")
         assert e["budget"] is None or (isinstance(e["budget"], int) and e["budget"] > 0)
         assert isinstance(e["average"], float) and 0 < e["average"] < 100
         assert all(isinstance(v, float) and 0 <= v <= 100 for v in e["scores"].values())
-        assert not e["scores"] or list(e["scores"]) == list(table.DATASETS)
+        assert not e["scores"] or list(e["scores"]) == list(metrics.ENGLISH_16)
         key = (e["model"], e["method"], e["budget"])
         assert key not in keys
         keys.add(key)
@@ -293,7 +301,7 @@ def test_reference_matches_spec_text():
     """Every per-dataset row, formatted as the spec prints it, occurs in the spec."""
     methods_md = (SPEC / "reference-methods.md").read_text(encoding="utf-8")
     eval_md = (SPEC / "reference-eval.md").read_text(encoding="utf-8")
-    pretty = dict(table.METHODS)
+    pretty = dict(common.METHOD_NAMES)
     for name, text, fmt in (
             ("pyramidkv_paper_table1.json", methods_md,
              lambda e: f"{pretty[e['method']]}{':' if e['budget'] is None else ''} "
@@ -316,11 +324,81 @@ def test_reference_matches_spec_text():
         assert f"| {label} | " + " | ".join(f"{v:.2f}" for v in row) + " |" in eval_md
 
 
-def test_categories_match_scorer():
-    metrics = pytest.importorskip("harness.longbench.metrics")
-    if not hasattr(metrics, "CATEGORIES"):
-        pytest.skip("harness.longbench.metrics has no CATEGORIES table")
-    assert table.CATEGORY_OF == dict(metrics.CATEGORIES)
+def test_table_averages_are_the_scorer_averages(tmp_path):
+    """The table's two averages are LongBench's paper and official averages of the same scores (hand
+    values from the comments at SNAP and FULL_PARTIAL), unrounded in table.json."""
+    root = tmp_path / "results"
+    make_run(root, "llama3", "dynamickv_paper", "snapkv", 128, SNAP)
+    make_run(root, "llama3", "dynamickv_paper", "fullkv", None, FULL_PARTIAL)
+    _, head, cells, rows = table.table([root], reference=None)
+    full, snap = (dict(zip(head, row)) for row in cells)
+    assert [r["method"] for r in rows] == ["fullkv", "snapkv"]
+    assert rows[1]["paper"] == pytest.approx(640 / 16) and rows[1]["official"] == pytest.approx(245 / 6)
+    assert (snap[PAPER], snap[OFFICIAL]) == ("40.00", "40.83")
+    assert metrics.paper_average(SNAP)["value"] == 40.0 and metrics.official_average(SNAP)["value"] == 40.83
+    assert rows[0]["paper"] == pytest.approx(115 / 3) and rows[0]["official"] == pytest.approx((27.5 + 60) / 2)
+    assert (full[PAPER], full[OFFICIAL]) == ("38.33 (3/16)", "43.75 (3/16)")
+    assert metrics.paper_average(FULL_PARTIAL, strict=False)["value"] == 38.33
+    assert metrics.official_average(FULL_PARTIAL, strict=False)["value"] == 43.75
+    # a dataset without a LongBench category (only reachable through the API) counts in the plain mean only
+    assert metrics.subset_averages({"qasper": 10.0, "other": 30.0}, ("qasper", "other")) == (20.0, 10.0, 2)
+    assert metrics.subset_averages({}, ("qasper",)) == (None, None, 0)
+
+
+def write_passkey_run(root: Path, name: str, scores: list[float]) -> Path:
+    """A finished passkey-like run: manifest.json and one predictions.jsonl row per score (depths 0 and
+    100, context length 400)."""
+    folder = root / "passkey" / "tiny" / name
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"method": {"name": name}}), encoding="utf-8")
+    (folder / "predictions.jsonl").write_text("".join(
+        json.dumps({"id": f"s{i}", "score": s, "depth": 100.0 * (i % 2), "context_length": 400}) + "\n"
+        for i, s in enumerate(scores)), encoding="utf-8")
+    return folder
+
+
+def test_table_without_arguments_reads_results_and_writes_results_tables(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    make_run(tmp_path / "results", "llama3", "dynamickv_paper", "snapkv", 128, SNAP)
+    write_passkey_run(tmp_path / "results", "fullkv", [1.0, 0.0])   # other tasks: not in the LongBench table
+    table.main([])
+    printed = capsys.readouterr().out
+    assert printed.startswith("| Model | Protocol | Method | Budget | Row | NrtvQA |")
+    out = tmp_path / "results" / "tables"
+    assert (out / "table.md").read_text(encoding="utf-8").strip() == printed.strip()
+    assert {p.name for p in out.iterdir()} == {"table.md", "table.csv", "table.tex", "table.json"}
+    ours = [r for r in _csv(out / "table.csv") if r["Row"] == "ours"]
+    assert [(r["Method"], r[PAPER], r[OFFICIAL]) for r in ours] == [("SnapKV", "40.00", "40.83")]
+
+
+def test_table_of_other_tasks_when_no_longbench_run(tmp_path, monkeypatch, capsys):
+    from harness.report import summary
+
+    monkeypatch.chdir(tmp_path)
+    write_passkey_run(tmp_path / "results", "fullkv", [1.0, 1.0, 1.0, 0.0])
+    write_passkey_run(tmp_path / "results", "snapkv_b64", [0.0, 1.0])
+    table.main(["--sweep-plot"])
+    captured = capsys.readouterr()
+    assert "no LongBench runs" in captured.err and "budget_sweep" in captured.err
+    head = ["run", "depth 0%", "depth 100%", "400 tok", "mean", "samples"]
+    expected = [["passkey/tiny/fullkv", 100.0, 50.0, 75.0, 75.0, 4],
+                ["passkey/tiny/snapkv_b64", 0.0, 100.0, 50.0, 50.0, 2]]
+    out = tmp_path / "results" / "tables"
+    assert {p.name for p in out.iterdir()} == {"table.md", "table.csv", "table.json"}
+    assert json.loads((out / "table.json").read_text(encoding="utf-8")) == {"header": head, "rows": expected}
+    assert captured.out.splitlines() == (out / "table.md").read_text(encoding="utf-8").splitlines()
+    assert captured.out.splitlines()[2] == "| passkey/tiny/fullkv | 100.0 | 50.0 | 75.0 | 75.0 | 4 |"
+    assert _csv(out / "table.csv")[1]["mean"] == "50.0"
+    # the same table and files as `kvh report --out`
+    summary.main([str(tmp_path / "results"), "--out", str(tmp_path / "report")])
+    assert capsys.readouterr().out == captured.out
+    for name in ("table.md", "table.csv", "table.json"):
+        assert (tmp_path / "report" / name).read_bytes() == (out / name).read_bytes()
+    # no run of any task: the LongBench error, nothing written
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no LongBench runs"):
+        table.main([str(tmp_path / "empty"), "--out", str(tmp_path / "none")])
+    assert not (tmp_path / "none").exists()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -292,7 +292,7 @@ def fuzz_backend() -> str:
 
 def scorer_environment() -> dict:
     """Versions of the libraries the numbers depend on, and the fuzzywuzzy backend."""
-    from harness.results import package_version
+    from harness.run.results import package_version
     packages = ("rouge", "jieba", "fuzzywuzzy", "python-Levenshtein", "Levenshtein")
     return {"fuzz_backend": fuzz_backend(), **{pkg: package_version(pkg) for pkg in packages}}
 
@@ -397,6 +397,34 @@ def score_dataset_e(dataset: str, predictions: Sequence[str], answers: Sequence[
 # Averages: two conventions, always labelled (reference-eval.md A.3)
 # --------------------------------------------------------------------------------------------
 
+def mean(values) -> float | None:
+    """Plain mean (summed left to right), None for no values."""
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def category_means(scores: dict[str, float], datasets: Sequence[str]) -> dict[str, float]:
+    """Unrounded mean score per LongBench category over those of ``datasets`` that have a score (a
+    dataset outside ``CATEGORIES`` is left out); categories in the order they first appear in
+    ``datasets``, members averaged in ``datasets`` order."""
+    members: dict[str, list[float]] = {}
+    for name in datasets:
+        if name in scores and name in CATEGORIES:
+            members.setdefault(CATEGORIES[name], []).append(scores[name])
+    return {category: mean(values) for category, values in members.items()}
+
+
+def subset_averages(scores: dict[str, float], datasets: Sequence[str] = ENGLISH_16
+                    ) -> tuple[float | None, float | None, int]:
+    """Both averages over any subset of columns, unrounded, for tables that mark a partial row:
+    (plain mean as in ``paper_average``, mean of category means as in ``official_average``, how many
+    of ``datasets`` have a score). A dataset outside ``CATEGORIES`` counts in the plain mean only;
+    None where nothing can be averaged."""
+    present = [name for name in datasets if name in scores]
+    return (mean(scores[name] for name in present), mean(category_means(scores, present).values()),
+            len(present))
+
+
 def _present(scores: dict, datasets: Sequence[str], strict: bool, what: str) -> list[str]:
     missing = [name for name in datasets if name not in scores]
     if missing and strict:
@@ -412,7 +440,7 @@ def paper_average(scores: dict[str, float], strict: bool = True) -> dict:
     """The KV-compression papers' "Avg" (SnapKV, PyramidKV, DynamicKV): the plain mean of the 16
     English + code dataset scores (``ENGLISH_16``). Not the LongBench leaderboard average."""
     present = _present(scores, ENGLISH_16, strict, "paper_average")
-    value = sum(scores[name] for name in present) / len(present)
+    value = mean(scores[name] for name in present)
     return {"label": "paper_avg16", "description": "plain mean over the 16 English+code datasets "
             "(SnapKV/PyramidKV/DynamicKV papers)", "value": round(value, 2), "datasets": present,
             "missing": [name for name in ENGLISH_16 if name not in scores]}
@@ -426,12 +454,8 @@ def official_average(scores: dict[str, float], language: str = "en", strict: boo
         raise ValueError(f"language must be 'en' or 'zh', not {language!r}")
     datasets = [name for name in CATEGORIES if LANGUAGES[name] in (language, "code")]
     present = _present(scores, datasets, strict, f"official_average({language})")
-    categories = {}
-    for category in CATEGORY_ORDER:
-        members = [scores[name] for name in present if CATEGORIES[name] == category]
-        if members:
-            categories[category] = sum(members) / len(members)
-    value = sum(categories.values()) / len(categories)
+    categories = category_means(scores, present)   # present follows CATEGORIES, hence CATEGORY_ORDER
+    value = mean(categories.values())
     return {"label": f"official_avg_{language}", "description": "mean of the category averages "
             f"(LongBench leaderboard, {'English' if language == 'en' else 'Chinese'})", "value": round(value, 2),
             "categories": {name: round(v, 2) for name, v in categories.items()}, "datasets": present,

@@ -1,32 +1,28 @@
-"""Tasks: each builds samples (prompt text + reference answers) and scores a prediction."""
+"""Tasks: each builds samples (prompt text + reference answers) and scores a prediction.
 
-from dataclasses import dataclass, field
+A task is a module that defines ``TASK`` (a ``harness.tasks.base.Task``); ``REGISTRY`` maps each
+task name (the ``task.name`` of its config, ``conf/task/<name>.yaml``) to that module, imported when
+the task is asked for. Adding a task: one module with ``TASK``, one line here, one YAML file and its
+schema (``harness/config/schema.py``).
+
+May import: ``harness.longbench``, ``harness.run.results`` (file helpers), ``methods`` (``ConfigError``).
+Task modules import ``harness.tasks.base``, never this package's ``__init__``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from harness.tasks.base import Sample, Task
+
+__all__ = ["REGISTRY", "Sample", "Task", "get_task"]
+
+REGISTRY = {"passkey": "harness.tasks.passkey", "needle": "harness.tasks.needle", "longbench": "harness.tasks.longbench"}
 
 
-@dataclass
-class Sample:
-    id: str
-    prompt: str                 # the user-facing prompt text (before any chat template)
-    answers: list[str]
-    max_new_tokens: int
-    meta: dict = field(default_factory=dict)
-    answer_prefix: str = ""     # text the assistant turn starts with (completion-style prompts)
-    group: str | None = None    # results file: <group>.jsonl (LongBench: the dataset); None: predictions.jsonl
-    dataset: str | None = None  # the name the protocol's per-dataset rules use (LongBench's base name; None: default)
-
-
-TASKS = ("passkey", "needle", "longbench")
-
-
-def get_task(name: str):
-    if name == "passkey":
-        from harness.tasks import passkey
-        return passkey
-    if name == "needle":
-        from harness.tasks import needle
-        return needle
-    if name == "longbench":
-        from harness.tasks import longbench
-        return longbench
-    from methods import ConfigError
-    raise ConfigError(f"task={name!r} is not one of {TASKS}; fix: task=passkey, task=needle or task=longbench")
+def get_task(name: str) -> Task:
+    """The registered task ``name``; ``ConfigError`` naming the choices otherwise."""
+    if name not in REGISTRY:
+        from methods import ConfigError
+        raise ConfigError(f"task={name!r} is not one of {sorted(REGISTRY)}; fix: task=<one of them>")
+    return importlib.import_module(REGISTRY[name]).TASK

@@ -62,5 +62,5 @@ def percent_list(what: str, values) -> list[float]:
 
 def model_limit(cfg) -> tuple[int | None, str]:
     """The model's maximum input (``model.max_input_tokens``) and the phrase an error cites."""
-    limit = cfg.model.get("max_input_tokens")
-    return (int(limit) if limit else None), f" (model.max_input_tokens of {cfg.model.get('name')})"
+    limit = cfg.model.max_input_tokens
+    return (int(limit) if limit else None), f" (model.max_input_tokens of {cfg.model.name})"

@@ -74,7 +74,7 @@ def check_haystack_task(task) -> None:
     """The settings the haystack tasks (passkey, needle) share: ``max_new_tokens``, ``seed``, the haystack."""
     from harness.tasks import checks
     checks.positive_int("task.max_new_tokens", task.get("max_new_tokens"))
-    if not checks._is_int(task.get("seed", 0)):
+    if not checks._is_int(task.seed):
         raise ConfigError(f"task.seed={task.get('seed')!r} must be an integer; fix: task.seed=0")
     haystack_files(task.haystack, task.get("haystack_dir"))
 

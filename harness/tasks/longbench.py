@@ -19,8 +19,6 @@ The chat template rule (``protocol.chat_template`` and its skip list) is applied
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -29,9 +27,10 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from harness import results
-from harness.longbench import metrics
-from harness.tasks import Sample, checks
+from harness.longbench import jsonl, metrics
+from harness.run import results
+from harness.tasks import checks
+from harness.tasks.base import Sample, Task
 from methods import ConfigError
 
 log = logging.getLogger(__name__)
@@ -47,16 +46,8 @@ KNOWN_SHA256 = {
 }
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _cache_dir() -> Path:
-    from harness.models import cache_root
+    from harness.engine.models import cache_root
     return cache_root() / "longbench"
 
 
@@ -128,7 +119,7 @@ def data_file(cfg, dataset: str) -> Path:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir()
                 (tmp / "SOURCE").write_text(f"{cfg.hub_repo} data.zip, snapshot {Path(archive).parent.name}, "
-                                            f"sha256 {sha256(Path(archive))}\n")
+                                            f"sha256 {results.file_sha256(Path(archive))}\n")
                 with zipfile.ZipFile(archive) as z:
                     for member in z.namelist():
                         if member.endswith(".jsonl"):
@@ -154,17 +145,13 @@ def read_rows(path: Path, dataset: str, fields: tuple[str, ...] = ()) -> list[di
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: not UTF-8 text ({error.reason}); fix: re-download the official file") from None
     rows, seen = [], {}
-    for number, line in enumerate(text.split("\n"), start=1):   # as pred.py: splitlines would cut rows at U+2028
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{where}: not valid JSON ({error.msg}, column {error.colno}); fix: repair or "
-                              "re-download the file") from None
-        if not isinstance(row, dict):
-            raise ConfigError(f"{where}: a line must be a JSON object (a LongBench row), got {type(row).__name__}")
+    lines = jsonl.numbered_objects(
+        path, text,
+        not_json=lambda where, error: ConfigError(f"{where}: not valid JSON ({error.msg}, column {error.colno}); "
+                                                  "fix: repair or re-download the file"),
+        not_object=lambda where, row: ConfigError(f"{where}: a line must be a JSON object (a LongBench row), got "
+                                                  f"{type(row).__name__}"))
+    for where, number, row in lines:
         missing = [key for key in needs if key not in row]
         if missing:
             raise ConfigError(f"{where}: missing field(s) {', '.join(missing)}; a {dataset} row needs "
@@ -232,7 +219,7 @@ def data_identity(cfg) -> dict:
     task = cfg.task
     sums = {name: digest for name, digest in checksums(task).items() if name != "_source"}
     folder = Path(task.config_dir).expanduser() if task.get("config_dir") else _cache_dir() / f"config-{task.config_commit}"
-    sums.update({name: sha256(folder / name) for name in CONFIG_FILES})
+    sums.update({name: results.file_sha256(folder / name) for name in CONFIG_FILES})
     return sums
 
 
@@ -243,7 +230,7 @@ def checksums(cfg) -> dict[str, str]:
            else (source.read_text().strip() if source.exists() else f"{cfg.hub_repo}@{cfg.hub_revision}")}
     for dataset in cfg.datasets:
         path = data_file(cfg, dataset)
-        out[path.name] = digest = sha256(path)
+        out[path.name] = digest = results.file_sha256(path)
         expected = KNOWN_SHA256.get(path.name)
         if expected and digest != expected:
             raise ConfigError(f"{path}: sha256 {digest} differs from the official file's {expected}; "
@@ -303,7 +290,12 @@ def scores(prediction: str, sample: Sample) -> dict:
 
 def finalize(folder: Path) -> dict:
     """Score the run folder with the official semantics; writes result.json like LongBench's eval.py."""
-    from harness import score
+    from harness.longbench import score
     result = score.score_dir(folder)
-    results.write_json(Path(folder) / "result.json", result, indent=1)
+    results.write_json(Path(folder) / score.RESULT, result, indent=1)
     return result
+
+
+TASK = Task(name="longbench", validate=validate, data_identity=data_identity, build_samples=build_samples,
+            scores=scores, answer_prefix=ANSWER_PREFIX, checksums=checksums, environment=environment,
+            finalize=finalize)

@@ -25,8 +25,8 @@ from __future__ import annotations
 import math
 import random
 
-from harness.tasks import Sample, checks
-from harness.tasks import needle_scores
+from harness.tasks import checks, needle_scores
+from harness.tasks.base import Sample, Task
 from harness.tasks.haystack import check_haystack_task, haystack_data_identity, load_haystack
 
 PAPER_PROMPT = ("<|im_start|> This is a very long story book: <book> {context} </book>.\n"
@@ -38,6 +38,10 @@ PRESETS = {
     "passkey": {"needle": "\nThe pass key is {key}. Remember it. {key} is the pass key.\n",
                 "question": "What is the pass key? The pass key is", "expected": "{key}"},
 }
+
+
+#: ``task.depth_grid.kind``
+DEPTH_GRID_KINDS = ("linear", "sigmoid")
 
 
 def context_lengths(cfg) -> list[int]:
@@ -62,7 +66,7 @@ def depth_percents(kind: str, count: int) -> list[float]:
         values = [round(100 / (1 + math.exp(-0.1 * (x - 50))), 3) for x in grid]
         values[0], values[-1] = 0.0, 100.0
         return values
-    raise ValueError(f"task.depths.kind={kind!r} is not one of ('linear', 'sigmoid')")
+    raise ValueError(f"task.depths.kind={kind!r} is not one of {DEPTH_GRID_KINDS}")
 
 
 def depths(cfg) -> list[float]:
@@ -104,7 +108,7 @@ def build_samples(cfg, tokenizer, count_tokens=None, **_) -> list[Sample]:
     lengths = context_lengths(cfg)
     haystack = load_haystack(cfg.haystack, cfg.get("haystack_dir"), min_chars=max(lengths) * 8)
     haystack_tokens = tokenizer(haystack, add_special_tokens=False).input_ids
-    rng = random.Random(int(cfg.get("seed", 0)))
+    rng = random.Random(int(cfg.seed))
     samples = []
     for length in lengths:
         for depth in depths(cfg):
@@ -128,7 +132,7 @@ def validate(cfg) -> None:
     if task.get("needle") not in PRESETS:
         raise checks.ConfigError(f"task.needle={task.get('needle')!r} is not one of {sorted(PRESETS)}; fix: "
                                  "task.needle=san_francisco (the original needle) or passkey")
-    buffer = task.get("buffer", 200)
+    buffer = task.buffer
     if not checks._is_int(buffer) or buffer < 0:
         raise checks.ConfigError(f"task.buffer={buffer!r} must be an integer >= 0 (tokens left for the prompt frame)")
     if task.get("context_lengths") is None:
@@ -145,8 +149,8 @@ def validate(cfg) -> None:
         checks.percent_list("task.depths", task.depths)
     else:
         grid = task.get("depth_grid") or {}
-        if grid.get("kind") not in ("linear", "sigmoid"):
-            raise checks.ConfigError(f"task.depth_grid.kind={grid.get('kind')!r} is not one of ('linear', 'sigmoid')")
+        if grid.get("kind") not in DEPTH_GRID_KINDS:
+            raise checks.ConfigError(f"task.depth_grid.kind={grid.get('kind')!r} is not one of {DEPTH_GRID_KINDS}")
         checks.positive_int("task.depth_grid.count", grid.get("count"))
     check_haystack_task(task)
 
@@ -170,3 +174,7 @@ def scores(prediction: str, sample: Sample) -> dict:
 
 def score(prediction: str, answers: list[str]) -> float:
     return needle_scores.needle_word_recall(postprocess(prediction), answers[0])
+
+
+TASK = Task(name="needle", validate=validate, data_identity=data_identity, build_samples=build_samples,
+            scores=scores, answer_prefix=ANSWER_PREFIX)

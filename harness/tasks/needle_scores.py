@@ -94,7 +94,7 @@ def exact_match(response: str, key_phrase: str = KEY_PHRASE) -> float:
     return float(phrase in " ".join((response or "").lower().split()))
 
 
-#: Scores that ``harness.heatmap`` can recompute from a prediction row's ``pred`` and ``answers``
+#: Scores that ``harness.report.heatmap`` can recompute from a prediction row's ``pred`` and ``answers``
 #: when the row does not store them (the way ``visualize.py`` recomputes its plotted score).
 RECOMPUTABLE = {
     "needle_word_recall": lambda pred, answers: needle_word_recall(pred, answers[0] if answers else EXPECTED_ANSWER),

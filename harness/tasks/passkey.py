@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import random
 
-from harness.tasks import Sample, checks
+from harness.tasks import checks
+from harness.tasks.base import Sample, Task
 from harness.tasks.haystack import check_haystack_task, haystack_data_identity, load_haystack
 
 INSTRUCTION = ("There is an important piece of information hidden inside a lot of irrelevant text. "
@@ -60,9 +61,9 @@ def build_samples(cfg, tokenizer, count_tokens=None, **_) -> list[Sample]:
     depths = [float(x) for x in cfg.depths]
     haystack = load_haystack(cfg.haystack, cfg.get("haystack_dir"), min_chars=max(lengths) * 8)
     haystack_tokens = tokenizer(haystack, add_special_tokens=False).input_ids
-    rng = random.Random(int(cfg.get("seed", 0)))
+    rng = random.Random(int(cfg.seed))
     samples = []
-    for repeat in range(int(cfg.get("samples_per_cell", 1))):
+    for repeat in range(int(cfg.samples_per_cell)):
         for length in lengths:
             for depth in depths:
                 key = str(rng.randint(10000, 99999))
@@ -79,7 +80,7 @@ def validate(cfg) -> None:
     limit, why = checks.model_limit(cfg)
     checks.int_list("task.context_lengths", task.get("context_lengths"), minimum=16, maximum=limit, maximum_why=why)
     checks.percent_list("task.depths", task.get("depths"))
-    checks.positive_int("task.samples_per_cell", task.get("samples_per_cell", 1))
+    checks.positive_int("task.samples_per_cell", task.samples_per_cell)
     check_haystack_task(task)
 
 
@@ -89,3 +90,11 @@ data_identity = haystack_data_identity
 def score(prediction: str, answers: list[str]) -> float:
     """1.0 if the passkey's digits appear in the prediction."""
     return float(any(a in prediction for a in answers))
+
+
+def scores(prediction: str, sample: Sample) -> dict:
+    return {"score": score(prediction, sample.answers)}
+
+
+TASK = Task(name="passkey", validate=validate, data_identity=data_identity, build_samples=build_samples,
+            scores=scores, answer_prefix=ANSWER_PREFIX)

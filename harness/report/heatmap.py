@@ -1,6 +1,6 @@
 """Needle-in-a-Haystack heatmaps drawn the way the papers draw them, from results folders only.
 
-    python -m harness.heatmap results/needle/llama3 --out figures/needle [--score-field score]
+    kvh heatmap results/needle/llama3 --out figures/needle [--score-field score]
 
 Every folder below the given ones that holds a ``predictions.jsonl`` is a run. Each run becomes one
 heatmap (``<out>/<run>.png`` and ``.pdf``) and all runs together one side-by-side panel
@@ -19,7 +19,6 @@ The figure size scales with the grid instead of the fixed 38 x 8 inches of the r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -33,16 +32,13 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.colors import LinearSegmentedColormap  # noqa: E402
 
-from harness import results  # noqa: E402
-from harness.report import find_runs  # noqa: E402
+from harness.report.common import method_label, save_figure  # noqa: E402
+from harness.run import results  # noqa: E402
 from harness.tasks.needle_scores import RECOMPUTABLE  # noqa: E402
 
 COLORS = ("#F0496E", "#EBB839", "#0CD79F")
 CMAP = LinearSegmentedColormap.from_list("needle_red_yellow_green", list(COLORS))
 COLUMNS = ["context_length", "depth", "score"]
-
-_PRETTY = {"fullkv": "FullKV", "streamingllm": "StreamingLLM", "h2o": "H2O", "snapkv": "SnapKV",
-           "pyramidkv": "PyramidKV", "dynamickv": "DynamicKV"}
 
 
 def load_cells(run_folder, score_field: str = "score") -> pd.DataFrame:
@@ -84,7 +80,7 @@ def run_label(run_folder) -> str:
         name = method["name"]
     except (OSError, ValueError, KeyError, TypeError):
         return run_folder.name
-    label = _PRETTY.get(name, name)
+    label = method_label(name)
     budget = method.get("budget")
     return label if name == "fullkv" or budget is None else f"{label} b{budget}"
 
@@ -113,17 +109,6 @@ def _draw(ax, table: pd.DataFrame, cbar: bool, pretrained_len: int | None, xtick
         inside = sum(1 for c in table.columns if c <= pretrained_len)
         if 0 < inside < table.shape[1]:
             ax.axvline(x=inside, color="white", linestyle="--", linewidth=3)
-
-
-def save_figure(fig, path_stem, dpi: int = 150) -> list[Path]:
-    """``<stem>.png`` and ``<stem>.pdf``; closes the figure."""
-    stem = Path(path_stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".pdf")]
-    for p in paths:
-        fig.savefig(p, dpi=dpi, bbox_inches="tight", facecolor="white")
-    plt.close(fig)
-    return paths
 
 
 def _check_range(cells: pd.DataFrame, what: str) -> None:
@@ -184,7 +169,7 @@ def _stems(runs: list[Path]) -> dict[Path, str]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="kvh heatmap", description=__doc__, formatter_class=results.HelpFormatter)
     parser.add_argument("folders", nargs="+")
     parser.add_argument("--out", required=True, help="folder for <run>.png/.pdf and panel.png/.pdf")
     parser.add_argument("--score-field", default="score",
@@ -194,7 +179,7 @@ def main(argv=None) -> None:
     parser.add_argument("--pretrained-len", type=int, help="dashed white line after this context length")
     parser.add_argument("--wandb", action="store_true", help="also log the PNGs to W&B (offline without an API key)")
     args = parser.parse_args(argv)
-    runs = find_runs(args.folders)
+    runs = results.find_runs(args.folders, results.PREDICTIONS)
     if not runs:
         raise SystemExit(f"no runs (folders with {results.PREDICTIONS}) under {args.folders}")
     out = Path(args.out)
@@ -224,7 +209,7 @@ def main(argv=None) -> None:
     for p in written:
         print(p)
     if args.wandb:
-        from harness.wandb_log import log_images
+        from harness.report.wandb_log import log_images
         pngs = {p.stem: p for p in written if p.suffix == ".png"}
         run_dir = log_images(out, pngs, name=f"heatmaps/{'/'.join(common.parts[-3:])}")
         if run_dir:

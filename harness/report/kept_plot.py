@@ -1,6 +1,6 @@
 """What each method kept, per layer: the figure that shows DynamicKV's task-adaptive allocation.
 
-    python -m harness.kept_plot FOLDER [FOLDER...] --out DIR [--by run|sample]
+    kvh kept-plot FOLDER [FOLDER...] --out DIR [--by run|sample]
 
 Reads the ``kept`` (tokens per head, per compressed layer) and ``kept_layers`` fields that runs
 store in their predictions; draws (1) mean kept tokens per layer, one line per run (or sample), and
@@ -18,9 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from harness import results  # noqa: E402
-from harness.heatmap import save_figure  # noqa: E402
-from harness.report import find_runs  # noqa: E402
+from harness.report.common import save_figure  # noqa: E402
+from harness.run import results  # noqa: E402
 
 
 def allocation_rows(runs: list[Path], by: str = "run") -> tuple[list[str], list[int], np.ndarray]:
@@ -48,6 +47,8 @@ def allocation_rows(runs: list[Path], by: str = "run") -> tuple[list[str], list[
 
 
 def plot(labels, layers, matrix, path_stem: Path, title: str = "") -> list[Path]:
+    """Mean kept tokens per layer (one line per label) above a labels x layers heatmap of the same
+    numbers; writes ``<path_stem>.png`` and ``.pdf`` and returns the two paths."""
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, 0.35 * len(layers) + 4), 4 + 0.35 * len(labels) + 4))
     for label, row in zip(labels, matrix):
         top.plot(layers, row, marker="o", markersize=3, label=label)
@@ -65,12 +66,12 @@ def plot(labels, layers, matrix, path_stem: Path, title: str = "") -> list[Path]
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="kvh kept-plot", description=__doc__, formatter_class=results.HelpFormatter)
     parser.add_argument("folders", nargs="+")
     parser.add_argument("--out", required=True)
     parser.add_argument("--by", choices=("run", "sample"), default="run")
     args = parser.parse_args(argv)
-    labels, layers, matrix = allocation_rows(find_runs(args.folders), args.by)
+    labels, layers, matrix = allocation_rows(results.find_runs(args.folders, results.PREDICTIONS), args.by)
     for path in plot(labels, layers, matrix, Path(args.out) / f"kept_per_layer_by_{args.by}"):
         print(path)
 

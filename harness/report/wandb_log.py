@@ -1,10 +1,10 @@
 """Weights & Biases logging of one finished run, never in the way of the run itself.
 
-    from harness.wandb_log import log_run
+    from harness.report.wandb_log import log_run
     log_run(folder, config, scores, table_rows, predictions)   # -> the wandb run directory, or None
 
 Logs the config, the per-dataset scores (as summary values ``score/<dataset>`` and as a table), the
-summary table (e.g. ``harness.table.row_dicts``) and a predictions table (id, dataset, pred,
+summary table (e.g. ``harness.report.table.row_dicts``) and a predictions table (id, dataset, pred,
 answers, score where present). The wandb files go below the run folder (``<folder>/wandb/``).
 Without ``WANDB_API_KEY`` the run is logged offline (``wandb sync <dir>`` uploads it later), so
 logging needs no network and never waits for one; ``WANDB_MODE`` (online, offline, disabled),

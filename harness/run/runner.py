@@ -1,5 +1,5 @@
 """One run: a (model, task, protocol) combination over the task's samples, for one method or for
-several at once (``methods=[...]``: one shared prefill per sample, see ``harness.shared``).
+several at once (``methods=[...]``: one shared prefill per sample, see ``harness.engine.shared``).
 Every method gets its own results folder; a re-run skips the samples a folder already has."""
 
 from __future__ import annotations
@@ -11,22 +11,23 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 import methods
-from harness import distributed, generation_rules, identity, results
-from harness.generate import check_decode, generate
-from harness.models import check_model_config, load_model, model_identity
-from harness.prompting import check_protocol, encode, special_text, use_chat_template
-from harness.shared import generate_many
+from harness import config
+from harness.engine.generate import check_decode, generate
+from harness.engine.models import check_model_config, load_model, model_identity
+from harness.engine.shared import generate_many
+from harness.protocol import generation_rules
+from harness.protocol.prompting import check_protocol, encode, special_text, use_chat_template
+from harness.run import distributed, identity, results
 from harness.tasks import Sample, get_task
 
 log = logging.getLogger(__name__)
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 _MODEL: dict = {}
@@ -43,25 +44,35 @@ def _cached_model(model_yaml: str, on_tokenizer=None):
     return _MODEL[model_yaml]
 
 
+def run_searchpath() -> list[str]:
+    """The config directories of the running Hydra app besides the shipped one (``--config-dir``,
+    ``hydra.searchpath``), so that later lookups see the user's configs too; [] outside an app."""
+    from hydra.core.hydra_config import HydraConfig
+    if not HydraConfig.initialized():
+        return []
+    return [f"{s.schema}://{s.path}" for s in HydraConfig.get().runtime.config_sources
+            if s.schema == "file" and s.provider not in ("main", "hydra")]
+
+
 def method_configs(cfg: DictConfig) -> list[dict]:
     """The methods of this run as knob dicts: ``cfg.method``, or every name in ``cfg.methods`` (each
-    from ``conf/method/<name>.yaml`` under this protocol) at every budget in ``cfg.budgets``, with
-    ``cfg.method_overrides`` applied to all."""
-    names = cfg.get("methods")
+    composed as ``method=<name>`` over the run's config search path, typed, under this run's protocol)
+    at every budget in ``cfg.budgets``, with ``cfg.method_overrides`` applied to all."""
+    names = cfg.methods
     if not names:
         return [OmegaConf.to_container(cfg.method, resolve=True)]
-    if isinstance(names, str):
-        names = [n for n in names.split(",") if n]
-    choices = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+    searchpath = run_searchpath()
+    choices = config.group_options("method", searchpath)
     out = []
     for name in names:
         if name not in choices:
             raise methods.ConfigError(f"methods: unknown method {name!r}; choose from {choices}")
-        node = OmegaConf.create({"protocol": cfg.protocol, "method": OmegaConf.load(CONF / "method" / f"{name}.yaml")})
+        composed = config.plain(config.compose([f"method={name}"], searchpath=searchpath)).method
+        node = OmegaConf.create({"protocol": cfg.protocol, "method": composed})
         knobs = OmegaConf.to_container(node.method, resolve=True)
-        if cfg.get("method_overrides"):
+        if cfg.method_overrides:
             knobs.update(OmegaConf.to_container(cfg.method_overrides, resolve=True))
-        budgets = [knobs["budget"]] if name == "fullkv" or not cfg.get("budgets") else list(cfg.budgets)
+        budgets = [knobs["budget"]] if name == "fullkv" or not cfg.budgets else list(cfg.budgets)
         out += [{**knobs, "budget": int(b)} for b in budgets]
     return out
 
@@ -78,7 +89,7 @@ def check_loaded_commit(cfg: DictConfig, job: Plan, lm) -> None:
     """A hub model's commit, known for sure only once loaded: it must be the one the stored identity
     has (a hub repository updated between sessions is refused); an unknown one is filled in."""
     commit = lm.info.get("commit")
-    if cfg.model.get("source") != "hub" or commit is None:
+    if cfg.model.source != "hub" or commit is None:
         return
     for key, ident in job.identities.items():
         weights = ident["model"]["weights"]
@@ -109,7 +120,7 @@ def task_samples(task, task_cfg, lm, chat: bool, truncation: str = "middle",
 
 
 def _row(task, sample: Sample, out, seconds: float, compressor: methods.KVCompressor) -> dict:
-    scores = task.scores(out.text, sample) if hasattr(task, "scores") else {"score": task.score(out.text, sample.answers)}
+    scores = task.scores(out.text, sample)
     row = {"id": sample.id, "pred": out.text, "answers": sample.answers, **scores,
            "prompt_tokens": out.prompt_length, "new_tokens": len(out.token_ids), "stopped_by": out.stopped_by,
            "seconds": round(seconds, 3), **sample.meta}
@@ -157,40 +168,36 @@ class Plan:
 
 
 def check_settings(cfg: DictConfig) -> None:
-    """Top-level settings (each a ConfigError naming the value and the fix)."""
+    """The ranges of the top-level settings (their types and closed sets are the schema's:
+    ``harness.config.schema.RunConfig``); each a ConfigError naming the value and the fix."""
     from harness.tasks import checks
-    checks.positive_int("limit", cfg.get("limit"), allow_none=True)
-    check_decode(cfg.get("decode", "batched"), cfg.get("decode_batch", 16))
-    for key in ("cuda_graphs", "decode_compile", "save_kept_positions"):
-        if not isinstance(cfg.get(key, False), bool):
-            raise methods.ConfigError(f"{key}={cfg.get(key)!r} must be true or false")
-    if cfg.get("threads") is not None:
-        checks.positive_int("threads", cfg.get("threads"))
-    timeout = cfg.get("distributed_timeout_s")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
-        raise methods.ConfigError(f"distributed_timeout_s={timeout!r} must be a positive number of seconds (or null: "
+    checks.positive_int("limit", cfg.limit, allow_none=True)
+    check_decode(cfg.decode, cfg.decode_batch)
+    if cfg.threads is not None:
+        checks.positive_int("threads", cfg.threads)
+    timeout = cfg.distributed_timeout_s
+    if timeout is not None and timeout <= 0:
+        raise methods.ConfigError(f"distributed_timeout_s={timeout:g} must be a positive number of seconds (or null: "
                                   f"{distributed.DEFAULT_TIMEOUT_S})")
-    if cfg.get("resume", "auto") not in identity.RESUME_MODES:
-        raise methods.ConfigError(f"resume={cfg.get('resume')!r} is not one of {list(identity.RESUME_MODES)}; fix: "
-                                  "resume=auto (resume a folder with the same settings, refuse otherwise) or resume=new "
-                                  "(a sibling folder)")
-    if not str(cfg.get("results_dir") or "").strip():
+    if not str(cfg.results_dir or "").strip():
         raise methods.ConfigError("results_dir is empty; fix: results_dir=<folder>")
 
 
 def check_dtype(cfg: DictConfig, model_identity: dict) -> None:
     """A protocol dtype that the model config overrides (a model yaml with a fixed ``dtype``) is
     reported: the model runs in its own dtype, which the manifest records."""
-    wanted = cfg.protocol.get("dtype", "auto")
+    wanted = cfg.protocol.dtype
     if wanted not in ("auto", None) and wanted != model_identity["dtype"]:
         log.warning("protocol.dtype=%s, but model.dtype=%s (model %s): the model runs in %s; the manifest records "
-                    "%s. Fix, if %s was meant: model.dtype=%s", wanted, cfg.model.get("dtype"), cfg.model.name,
+                    "%s. Fix, if %s was meant: model.dtype=%s", wanted, cfg.model.dtype, cfg.model.name,
                     model_identity["dtype"], model_identity["dtype"], wanted, wanted)
 
 
 def plan(cfg: DictConfig) -> Plan:
-    """Every check that needs no model: settings, method knobs, model source, protocol, task data,
-    folder names, and each folder's run identity against the stored one (ConfigError)."""
+    """Every check that needs no model: the typed schema, settings, method knobs, model source,
+    protocol, task data, folder names, and each folder's run identity against the stored one
+    (ConfigError, or OmegaConf's ValidationError for a bad type or choice)."""
+    cfg = config.plain(cfg)
     check_settings(cfg)
     compressors = build_compressors(cfg)        # bad knobs fail here, before any model loads
     check_model_config(cfg.model)
@@ -205,7 +212,7 @@ def plan(cfg: DictConfig) -> Plan:
     for c in compressors:
         base = run_folder(cfg, c)
         identities[id(c)] = identity.run_identity(cfg, {"name": c.name, **c.knobs()}, model_ident, data_ident)
-        folders[id(c)], stored[id(c)] = identity.resolve_folder(base, identities[id(c)], cfg.get("resume", "auto"))
+        folders[id(c)], stored[id(c)] = identity.resolve_folder(base, identities[id(c)], cfg.resume)
         if folders[id(c)] != base:
             log.info("%s: resume=new -> %s", c.name, folders[id(c)])
     if len(set(folders.values())) != len(folders):
@@ -231,6 +238,7 @@ def lock_folder(folder: Path, stack: contextlib.ExitStack) -> None:
 
 def run(cfg: DictConfig) -> list[dict]:
     """Run (or resume) the configured job; returns one summary per method (also in scores.json)."""
+    cfg = config.plain(cfg)
     job = plan(cfg)
     with contextlib.ExitStack() as locks:
         if distributed.world()[0] == 0:
@@ -241,25 +249,25 @@ def run(cfg: DictConfig) -> list[dict]:
 
 def _run(cfg: DictConfig, job: Plan, locks: contextlib.ExitStack) -> list[dict]:
     task, compressors, folders = job.task, job.compressors, job.folders
-    distributed.init(cfg.get("distributed_timeout_s"))
+    distributed.init(cfg.distributed_timeout_s)
     rank, world = distributed.world()
-    if cfg.get("threads"):
+    if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    skip = set(cfg.protocol.get("chat_template_skip") or [])
-    special_tokens = cfg.protocol.get("prompt_special_tokens", "text")
+    skip = set(cfg.protocol.chat_template_skip or [])
+    special_tokens = cfg.protocol.prompt_special_tokens
     built = {}
 
     def build(tokenizer):   # before the weights load: settings only the tokenizer can judge fail early
-        for token in cfg.model.get("extra_stop_tokens") or []:
+        for token in cfg.model.extra_stop_tokens or []:
             token_id = tokenizer.convert_tokens_to_ids(token)
             if token_id is None or token_id == tokenizer.unk_token_id:
                 raise methods.ConfigError(f"model.extra_stop_tokens: {token!r} is not a token of {cfg.model.name}'s "
                                           "tokenizer; fix: the exact token text (e.g. <|eot_id|>), or remove it")
-        view = SimpleNamespace(tokenizer=tokenizer, max_input_tokens=cfg.model.get("max_input_tokens"),
-                               chat_template=bool(cfg.model.get("chat_template", False)))
+        view = SimpleNamespace(tokenizer=tokenizer, max_input_tokens=cfg.model.max_input_tokens,
+                               chat_template=bool(cfg.model.chat_template))
         chat = use_chat_template(cfg.protocol.chat_template, view.chat_template, tokenizer)
-        samples = task_samples(task, cfg.task, view, chat, cfg.protocol.get("truncation", "middle"), special_tokens)
-        if cfg.get("limit"):
+        samples = task_samples(task, cfg.task, view, chat, cfg.protocol.truncation, special_tokens)
+        if cfg.limit:
             samples = samples[: int(cfg.limit)]
         digests = {(s.group, s.id): identity.sample_digest(s) for s in samples}
         if len(digests) != len(samples):
@@ -272,7 +280,7 @@ def _run(cfg: DictConfig, job: Plan, locks: contextlib.ExitStack) -> list[dict]:
         for c in compressors:   # finished rows must have been made from these samples
             rows = results.finished(folders[id(c)])
             if identity.conflicts(rows, digests):
-                if cfg.get("resume", "auto") != "new":
+                if cfg.resume != "new":
                     identity.check_samples(folders[id(c)], rows, digests)
                 base = run_folder(cfg, c)
                 folder, stored = identity.resolve_folder(
@@ -293,7 +301,7 @@ def _run(cfg: DictConfig, job: Plan, locks: contextlib.ExitStack) -> list[dict]:
     chat, samples, digests = built["chat"], built["samples"], built["digests"]
     if rank == 0:   # invalid lines go to <file>.bad before anyone counts what is done
         for folder in folders.values():
-            for path in list(folder.glob("*.jsonl")) + distributed.part_files(folder):
+            for path in list(folder.glob("*.jsonl")) + results.part_files(folder):
                 results.quarantine(path)
     distributed.barrier()
     done = {id(c): set(results.finished(folders[id(c)])) for c in compressors}
@@ -309,9 +317,9 @@ def _run(cfg: DictConfig, job: Plan, locks: contextlib.ExitStack) -> list[dict]:
                     "stop_token_ids": generation_rules.stop_ids(cfg.protocol, dataset, lm),
                     "min_new_tokens": generation_rules.min_new_tokens(cfg.protocol, dataset),
                     "chat_template": chat and dataset not in skip} for dataset in {s.dataset for s in all_samples}}}
-    if hasattr(task, "checksums"):
+    if task.checksums is not None:
         manifest["data_sha256"] = task.checksums(cfg.task)
-    if hasattr(task, "environment"):
+    if task.environment is not None:
         manifest["scorer"] = task.environment()
     for c in compressors:
         folders[id(c)].mkdir(parents=True, exist_ok=True)
@@ -327,9 +335,9 @@ def _run(cfg: DictConfig, job: Plan, locks: contextlib.ExitStack) -> list[dict]:
         finished = sum((s.group, s.id) in done[id(c)] for s in samples)
         log.info("%s: %d of %d samples already done -> %s", c.name, finished, len(samples), folders[id(c)])
     device = next(lm.model.parameters()).device
-    fast = {"decode": cfg.get("decode", "batched"), "cuda_graphs": bool(cfg.get("cuda_graphs", True)),
-            "compile": bool(cfg.get("decode_compile", False))}
-    stop_strings = list(cfg.task.get("stop_strings") or [])
+    fast = {"decode": cfg.decode, "cuda_graphs": bool(cfg.cuda_graphs),
+            "compile": bool(cfg.decode_compile)}
+    stop_strings = list(cfg.task.get("stop_strings") or [])   # a task setting (needle) only some tasks have
     warned_specials = False
     for sample in samples:
         todo = [c for c in compressors if (sample.group, sample.id) not in done[id(c)]]
@@ -353,12 +361,12 @@ def _run(cfg: DictConfig, job: Plan, locks: contextlib.ExitStack) -> list[dict]:
                              stop_strings, min_new, **fast)]
         else:
             outs = generate_many(lm.model, lm.tokenizer, input_ids, todo, sample.max_new_tokens, stops,
-                                 stop_strings, min_new, max_batch=int(cfg.get("decode_batch", 16)),
+                                 stop_strings, min_new, max_batch=int(cfg.decode_batch),
                                  **fast)
         seconds = (time.perf_counter() - start) / len(todo)
         for c, out in zip(todo, outs):
             row = _row(task, sample, out, seconds, c) | {"sample_sha256": digests[(sample.group, sample.id)]}
-            if cfg.get("save_kept_positions") and out.report is not None:
+            if cfg.save_kept_positions and out.report is not None:
                 save_positions(folders[id(c)], sample.id, out.report)
             key = (id(c), sample.group)
             if key not in writers:
@@ -374,7 +382,7 @@ def _run(cfg: DictConfig, job: Plan, locks: contextlib.ExitStack) -> list[dict]:
     for c in compressors:
         distributed.merge(folders[id(c)], {key: k for k, key in enumerate(sample_keys)})
         summary = summarize(folders[id(c)], c.name, sample_keys)
-        if hasattr(task, "finalize") and summary["samples"]:
+        if task.finalize is not None and summary["samples"]:
             summary["datasets"] = task.finalize(folders[id(c)])
             results.write_json(folders[id(c)] / results.SCORES, summary)
         log_to_wandb(cfg, folders[id(c)], c, summary)
@@ -384,22 +392,22 @@ def _run(cfg: DictConfig, job: Plan, locks: contextlib.ExitStack) -> list[dict]:
 
 def _counter(task, lm, chat: bool, special_tokens: str = "text"):
     def count_tokens(prompt_text: str) -> int:
-        probe = Sample(id="", prompt=prompt_text, answers=[], max_new_tokens=1, answer_prefix=task.ANSWER_PREFIX)
+        probe = Sample(id="", prompt=prompt_text, answers=[], max_new_tokens=1, answer_prefix=task.answer_prefix)
         return encode(probe, lm.tokenizer, chat, "cpu", special_tokens).shape[1]
     return count_tokens
 
 
 def log_to_wandb(cfg: DictConfig, folder: Path, compressor, summary: dict) -> None:
     """W&B: config, scores, predictions; offline without an API key; ``wandb=false`` turns it off."""
-    if not cfg.get("wandb", False):
+    if not cfg.wandb:
         return
-    from harness import wandb_log
+    from harness.report import wandb_log
     scores = summary.get("datasets") or {cfg.task.name: summary["score"]}
     rows = [{k: r.get(k) for k in ("id", "dataset", "pred", "answers", "score", "context_length", "depth")}
             for r in results.read_predictions(folder)]
     wandb_log.log_run(folder, {**OmegaConf.to_container(cfg, resolve=True),
                                "method": {"name": compressor.name, **compressor.knobs()}},
-                      scores, [summary | {"folder": str(folder)}], rows, project=cfg.get("wandb_project", "kv-harness"))
+                      scores, [summary | {"folder": str(folder)}], rows, project=cfg.wandb_project)
 
 
 def summarize(folder: Path, method: str, sample_keys: list[tuple]) -> dict:

@@ -13,24 +13,24 @@ def check_protocol(protocol, model_cfg) -> None:
     template meets a model configured as a chat model (whose template ``models.chat_template_of`` then
     guarantees at load time)."""
     from methods import ConfigError
-    mode = protocol.get("chat_template", "auto")
+    mode = protocol.chat_template
     if mode not in CHAT_MODES:
         raise ConfigError(f"protocol.chat_template={mode!r} is not one of {CHAT_MODES}")
-    if mode == "always" and not model_cfg.get("chat_template", False):
-        raise ConfigError(f"protocol.chat_template=always, but model {model_cfg.get('name')!r} is not configured as a "
+    if mode == "always" and not model_cfg.chat_template:
+        raise ConfigError(f"protocol.chat_template=always, but model {model_cfg.name!r} is not configured as a "
                           "chat model (model.chat_template=false); fix: model.chat_template=true, with "
                           "model.chat_template_file=<a .jinja file> where the model's files carry no template, or a "
                           "protocol with chat_template: auto or never")
-    special = protocol.get("prompt_special_tokens", "text")
+    special = protocol.prompt_special_tokens
     if special not in SPECIAL_TOKEN_MODES:
         raise ConfigError(f"protocol.prompt_special_tokens={special!r} is not one of {SPECIAL_TOKEN_MODES}: text (special-"
                           "token text in a task's prompt stays text) or parse (the tokenizer's default, as the "
                           "reference scripts)")
-    truncation = protocol.get("truncation", "middle")
+    truncation = protocol.truncation
     if truncation not in TRUNCATION_MODES:
         raise ConfigError(f"protocol.truncation={truncation!r} is not one of {TRUNCATION_MODES}: middle (LongBench's "
                           "first and last halves of max_input_tokens) or none")
-    skip = protocol.get("chat_template_skip") or []
+    skip = protocol.chat_template_skip or []
     if isinstance(skip, str):
         raise ConfigError(f"protocol.chat_template_skip={skip!r} must be a list of dataset names")
 

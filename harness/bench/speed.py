@@ -1,4 +1,4 @@
-"""What each method costs and saves: ``python -m harness.bench`` (``make bench``).
+"""What each method costs and saves: ``kvh bench`` (``make bench``).
 
 For a model config (default: Llama-3-8B's shape with random weights; speed does not depend on the
 weight values, and every measured decode runs a fixed number of tokens) it measures, in sections
@@ -19,7 +19,7 @@ weight values, and every measured decode runs a fixed number of tokens) it measu
                 methods one at a time on the plain path);
 ``kvpress``     kvpress (the closest peer) on the same model, contexts and SnapKV setting, in a
                 subprocess with its own transformers (``--kvpress-site``; see
-                ``harness/bench_kvpress.py``): prefill + compression, peak memory and end-to-end
+                ``harness/bench/kvpress.py``): prefill + compression, peak memory and end-to-end
                 time per sample against ours;
 ``divergence``  the fast path against the plain path on the same prompts: rows whose greedy tokens
                 differ (bf16 reductions in another order can flip near-ties; on the CPU the paths
@@ -46,14 +46,16 @@ import torch
 from omegaconf import OmegaConf
 
 import methods
-from harness import batched
-from harness.cache import make_cache
-from harness.generate import decode_one, generate, prefill
-from harness.hook import attach
-from harness.models import load_model
-from harness.shared import generate_many
+from harness import config
+from harness.engine import batched
+from harness.engine.cache import make_cache
+from harness.engine.generate import decode_one, generate, prefill
+from harness.engine.hook import attach
+from harness.engine.models import load_model
+from harness.engine.shared import generate_many
+from harness.run import results
 
-ROOT = Path(__file__).resolve().parents[1]
+KVPRESS_SCRIPT = Path(__file__).resolve().with_name("kvpress.py")   # run alone, with kvpress's own transformers
 SECTIONS = ("methods", "batches", "sweep", "kvpress", "divergence")
 SIX = ["fullkv", "streamingllm", "h2o", "snapkv", "pyramidkv", "dynamickv"]
 
@@ -146,7 +148,7 @@ def plain_decode_ms(model, compressor, cache, token, position: int, tokens: int)
 
 def fast_decode(model, cache, token, position: int, tokens: int, rows: int = 1, repeats: int = 3,
                 compiled: bool = False) -> dict:
-    """The fast decode step (``harness.batched``) with ``cache`` repeated to ``rows`` rows: ms per
+    """The fast decode step (``harness.engine.batched``) with ``cache`` repeated to ``rows`` rows: ms per
     step (median over ``repeats`` runs of ``tokens`` steps), the bytes it reads, and the capture time."""
     device = token.device
     row = batched.row_layers(cache)
@@ -315,7 +317,7 @@ def kvpress_compare(lm, contexts, budget: int, window: int, kernel: int, repeats
     if site:
         env["PYTHONPATH"] = site     # kvpress and the transformers it supports, alone on the path
     result_file = out / "kvpress.json"
-    command = [sys.executable, str(ROOT / "harness" / "bench_kvpress.py"), "--config", str(config_file),
+    command = [sys.executable, str(KVPRESS_SCRIPT), "--config", str(config_file),
                "--contexts", *map(str, contexts), "--budget", str(budget), "--window", str(window),
                "--kernel", str(kernel), "--repeats", str(repeats), "--new-tokens", str(new_tokens),
                "--out", str(result_file)]
@@ -528,7 +530,7 @@ def plot(data: dict, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="kvh bench", description=__doc__, formatter_class=results.HelpFormatter)
     parser.add_argument("--model", default="llama3_8b_random", help="a conf/model/*.yaml name")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 65536])
@@ -566,7 +568,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{args.model}.yaml")
+    cfg = OmegaConf.load(config.config_dir() / "model" / f"{args.model}.yaml")
     cfg.dtype = args.dtype
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(args.set))
     lm = load_model(cfg)

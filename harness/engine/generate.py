@@ -17,15 +17,19 @@ from dataclasses import dataclass
 
 import torch
 
-from harness import batched, compat, hook
-from harness.cache import make_cache
-from harness.hook import attach
-from harness.stopping import Stopping
+from harness.engine import batched, compat, hook
+from harness.engine.cache import make_cache
+from harness.engine.hook import attach
+from harness.engine.stopping import Stopping
 from methods.base import ConfigError, KVCompressor
 
 
 @dataclass
 class Generation:
+    """One prompt's greedy generation: the new token ids (a stop token included), their text (special
+    tokens skipped), the prompt length in tokens, why it stopped, and the compressor's report (kept
+    positions per layer; None for FullKV)."""
+
     token_ids: list[int]
     text: str
     prompt_length: int
@@ -45,9 +49,11 @@ def _greedy(logits: torch.Tensor, suppress: list[int] | None = None) -> torch.Te
 def prefill(model, input_ids: torch.Tensor, cache, suppress: list[int] | None = None) -> torch.Tensor:
     """Prefill ``input_ids [1, n]`` into ``cache`` (from ``make_cache``); returns the greedy first token
     ``[1, 1]`` (``suppress``: ids it may not be, e.g. ``Stopping.suppressed(0)``). With a compressor
-    attached (``harness.hook.attach``) the cache is bound to it, compressed layer by layer during the
+    attached (``harness.engine.hook.attach``) the cache is bound to it, compressed layer by layer during the
     forward, and verified afterwards (``hook.verify_compressed``): a prefill that was not compressed as
-    configured raises ``hook.CompressionNotApplied``."""
+    configured raises ``hook.CompressionNotApplied``. Also raises ``CompressionNotApplied``
+    (``hook.verify_seen``) when the model did not write ``cache``, and ``TypeError``/``ValueError``
+    (``Controller.bind``) for a cache not from ``make_cache`` or not empty."""
     n = input_ids.shape[1]
     controller = hook.active_controller(model)
     if controller is not None:
@@ -63,14 +69,20 @@ def prefill(model, input_ids: torch.Tensor, cache, suppress: list[int] | None = 
 
 @torch.no_grad()
 def decode_one(model, token: torch.Tensor, cache, position: int, suppress: list[int] | None = None) -> torch.Tensor:
-    """One greedy step: ``token [B, 1]`` at ``position`` (the virtual length) -> the next ``[B, 1]``."""
+    """One greedy step: ``token [B, 1]`` at ``position`` (the virtual length) -> the next ``[B, 1]``
+    (int64 ids; ``suppress``: ids it may not be)."""
     positions = torch.full((token.shape[0], 1), position, device=token.device, dtype=torch.long)
     return _greedy(compat.forward_logits(model, token, positions, cache), suppress)
 
 
 def decode_loop(model, first_token: torch.Tensor, cache, prompt_length: int, max_new_tokens: int,
                 stopping: Stopping) -> tuple[list[int], str]:
-    """Greedy decoding from the first generated token; returns the tokens and why it stopped."""
+    """Greedy decoding from the first generated token; returns the tokens and why it stopped.
+
+    ``first_token``: ``[1, 1]``, the prefill's greedy token; ``prompt_length`` and ``max_new_tokens`` in
+    tokens. Returns ``(tokens, stopped_by)``: at most ``max_new_tokens`` ids, ``first_token`` first, and
+    ``"stop_token"``, ``"stop_string"`` or ``"max_new_tokens"``. Raises ``CompressionNotApplied``
+    (``hook.verify_seen``) when a decode step did not write ``cache``."""
     tokens: list[int] = []
     token = first_token
     reason = None
@@ -89,12 +101,22 @@ DECODE_MODES = ("batched", "plain")
 
 
 def check_decode(decode: str, decode_batch=16) -> None:
+    """Check the decode settings. Raises ``ConfigError`` when ``decode`` is not in ``DECODE_MODES`` or
+    ``decode_batch`` is not a positive integer (a bool is rejected)."""
     if decode not in DECODE_MODES:
         raise ConfigError(f"decode={decode!r} is not one of {DECODE_MODES}: 'batched' (fixed-shape slots, CUDA graphs "
                          "on a GPU; the default) or 'plain' (one model call per token on the growing cache)")
     if isinstance(decode_batch, bool) or not isinstance(decode_batch, int) or decode_batch < 1:
         raise ConfigError(f"decode_batch={decode_batch!r} must be a positive integer (the most variants decoded "
                           "together, e.g. 16)")
+
+
+def check_request(input_ids: torch.Tensor, max_new_tokens: int) -> None:
+    """One prompt (``input_ids [1, n]``) and at least one new token, else ``ValueError``."""
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"generation takes one prompt at a time; got batch {input_ids.shape[0]}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
 
 
 def generate(model, tokenizer, input_ids: torch.Tensor, compressor: KVCompressor, max_new_tokens: int,
@@ -106,14 +128,16 @@ def generate(model, tokenizer, input_ids: torch.Tensor, compressor: KVCompressor
     left out of the text, as ``decode(..., skip_special_tokens=True)`` does), once the sequence ends in
     a stop string (the text keeps it), or after ``max_new_tokens``; ``min_new_tokens`` masks the stop
     ids until that many tokens exist. ``decode="batched"`` decodes from fixed-shape buffers
-    (``harness.batched``; a CUDA graph per step on a GPU), ``"plain"`` calls the model per token on the
-    growing cache; greedy tokens are the same.
+    (``harness.engine.batched``; a CUDA graph per step on a GPU), ``"plain"`` calls the model per token on the
+    growing cache; greedy tokens are the same. A model spread over several devices always decodes plain.
+
+    Raises ``ConfigError`` for an unknown ``decode`` (``check_decode``) and from ``attach``;
+    ``ValueError`` when ``input_ids`` holds more than one prompt, ``max_new_tokens < 1`` or
+    ``min_new_tokens < 0``; ``CompressionNotApplied``/``IntegrationError`` when the compressor was not
+    applied as configured or transformers' conventions differ.
     """
     check_decode(decode)
-    if input_ids.shape[0] != 1:
-        raise ValueError(f"generate takes one prompt at a time; got batch {input_ids.shape[0]}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    check_request(input_ids, max_new_tokens)
     n = input_ids.shape[1]
     stopping = Stopping(tokenizer, stop_token_ids, min_new_tokens, stop_strings, input_ids[0].tolist())
     cache = make_cache(model)

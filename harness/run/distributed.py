@@ -103,15 +103,11 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def part_files(folder: Path) -> list[Path]:
-    return sorted(Path(folder).glob("*.part"))
-
-
 def read_parts(folder: Path) -> list[dict]:
     """The valid rows of every part file (a line cut short by a kill is not a row: that sample runs again)."""
-    from harness import results
+    from harness.run import results
     rows = []
-    for path in part_files(folder):
+    for path in results.part_files(folder):
         rows += results.parse_rows(path)[0]
     return rows
 
@@ -120,9 +116,9 @@ def merge(folder: Path, order: dict[tuple, int]) -> None:
     """Append every part file's rows to its target file, sorted by the task's sample order (``order``:
     (group, id) -> position), and remove the parts. Rows already in the target (a resumed merge) are
     not written twice."""
-    from harness import results
+    from harness.run import results
     targets: dict[Path, list[dict]] = {}
-    for path in part_files(folder):
+    for path in results.part_files(folder):
         target = path.with_name(path.name.split(".rank")[0])
         targets.setdefault(target, []).extend(results.parse_rows(path)[0])
     for target, rows in targets.items():
@@ -132,5 +128,5 @@ def merge(folder: Path, order: dict[tuple, int]) -> None:
         for row in sorted({r["id"]: r for r in rows}.values(), key=lambda r: order.get((group, r["id"]), len(order))):
             if row["id"] not in present:
                 writer.append(row)
-    for path in part_files(folder):
+    for path in results.part_files(folder):
         path.unlink()

@@ -2,7 +2,7 @@
 
     with attach(model, compressor) as controller:
         cache = make_cache(model)
-        first = harness.generate.prefill(model, input_ids, cache)   # compresses, then verifies
+        first = harness.engine.generate.prefill(model, input_ids, cache)   # compresses, then verifies
         ...decode...
     controller.report   # what the last prompt kept, per layer
 
@@ -19,7 +19,7 @@ Two standard extension points, both removed on exit (also when the block raises)
   lets a layer whose cache holds one head per query head (``granularity=query_head``) run without
   repeating them again.
 
-Finding the cache does not depend on any keyword name: ``harness.generate.prefill`` binds the cache
+Finding the cache does not depend on any keyword name: ``harness.engine.generate.prefill`` binds the cache
 it passes to the model (``Controller.bind``); without a binding the hook takes the one ``Cache``
 instance among the attention module's arguments, whatever it is called. Every compressed layer must
 prove that the model wrote into that cache during the forward (``CompressedLayer.take_written``),
@@ -44,8 +44,8 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from harness import compat
-from harness.cache import CompressedLayer, full_attention_layers, text_config
+from harness.engine import compat
+from harness.engine.cache import CompressedLayer, full_attention_layers, text_config
 from methods.base import CompressionSession, Kept, KVCompressor
 
 PREFIX = "kvharness_"
@@ -101,7 +101,11 @@ def _single_query_mask(mask: torch.Tensor, kv_length: int):
 
 
 def wrapped_implementation(base_name: str) -> str:
-    """Register (once) and return the name of our wrapper around the ``base_name`` backend."""
+    """Register (once) and return the name of our wrapper around the ``base_name`` backend
+    (``PREFIX + base_name``; a name that already has the prefix is returned as is), with
+    ``base_name``'s mask function. Raises ``IntegrationError`` when ``base_name`` is not in
+    ``compat.BACKENDS``, is not registered in transformers' ``AttentionInterface`` (eager excepted) or
+    has no mask function."""
     if base_name.startswith(PREFIX):
         return base_name
     if base_name not in compat.BACKENDS:
@@ -132,8 +136,8 @@ def all_attention_modules(model) -> dict[int, torch.nn.Module]:
 
 
 def attention_modules(model) -> dict[int, torch.nn.Module]:
-    """Model layer index -> its self-attention module, for the full-attention layers. Raises when the
-    modules found do not match the config's full-attention layers."""
+    """Model layer index -> its self-attention module, for the full-attention layers. Raises
+    ``IntegrationError`` when the modules found do not match the config's full-attention layers."""
     full = full_attention_layers(model.config)
     found = {idx: module for idx, module in all_attention_modules(model).items() if idx in full}
     if sorted(found) != sorted(full):
@@ -155,13 +159,16 @@ class Controller:
     layers: list[int]                       # model layer indices that are compressed, in order
     query_heads: int = 0                    # the model's query heads (layout check of captured queries)
     session: CompressionSession | None = None
-    cache: Cache | None = None              # bound by harness.generate.prefill for one prefill
+    cache: Cache | None = None              # bound by harness.engine.generate.prefill for one prefill
     captured: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
     final: dict[int, Kept] = field(default_factory=dict)    # compressed-layer position -> what was written
     sessions_started: int = 0
 
     @property
     def report(self) -> dict | None:
+        """What the last prompt kept: ``CompressionSession.report`` with each layer's ``model_layer``
+        added, or None before any prefill (and always for FullKV). Copies the kept positions to the
+        CPU."""
         if self.session is None:
             return None
         out = self.session.report()
@@ -170,13 +177,15 @@ class Controller:
         return out
 
     def bind(self, cache: Cache, fresh: bool = True) -> None:
-        """Compress into ``cache`` (from ``harness.cache.make_cache``; ``fresh``: still empty, for a
+        """Compress into ``cache`` (from ``harness.engine.cache.make_cache``; ``fresh``: still empty, for a
         prefill) and decode from it: the hook reads this cache, never one found in the forward's
-        arguments."""
+        arguments. Resets the layers' written counts. Raises ``TypeError`` when a compressed layer of
+        ``cache`` is not a ``CompressedLayer``, and ``ValueError`` when ``fresh`` and a layer already
+        holds tokens."""
         for idx in self.layers:
             layer = cache.layers[idx] if idx < len(cache.layers) else None
             if not isinstance(layer, CompressedLayer):
-                raise TypeError("compression needs the cache from harness.cache.make_cache(model); got "
+                raise TypeError("compression needs the cache from harness.engine.cache.make_cache(model); got "
                                 f"{type(cache).__name__} with a {type(layer).__name__} at layer {idx}")
             if fresh and layer.virtual_length:
                 raise ValueError(f"prefill needs an empty cache: layer {idx} already holds {layer.virtual_length} "
@@ -185,6 +194,9 @@ class Controller:
         self.cache = cache
 
     def capture(self, layer_idx: int, query: torch.Tensor) -> None:
+        """Called by the wrapped attention function on every forward of a compressed layer: keep the
+        last ``query_count(q)`` post-RoPE queries of ``query [B, Hq, q, d]`` and ``q`` for
+        ``after_attention``. Raises ``IntegrationError`` when ``query`` is not ``[B, query_heads, q, d]``."""
         compat.check_query_layout(layer_idx, query, self.query_heads)
         count = self.compressor.query_count(query.shape[2])
         self.captured[layer_idx] = (query[:, :, -count:], query.shape[2])
@@ -198,10 +210,21 @@ class Controller:
         raise CompressionNotApplied(
             f"layer {layer_idx}, {_where(self)}: the attention module received "
             f"{'no' if not found else len(found)} transformers Cache objects, so the hook cannot tell which cache "
-            "to compress; prefill with harness.generate.prefill(model, ids, make_cache(model)), or call "
+            "to compress; prefill with harness.engine.generate.prefill(model, ids, make_cache(model)), or call "
             "controller.bind(cache) first")
 
     def after_attention(self, module, args, kwargs, output):
+        """Forward hook of a full-attention module: at the end of the layer's prefill, hand its full
+        keys and values ``[B, Hkv, n, d]`` and the captured queries to the session and write what it
+        returns into the cache (``CompressedLayer.replace``); a decode step passes through.
+
+        The first compressed layer starts a new session. Returns None (the output is unchanged).
+        Raises ``CompressionNotApplied`` when no queries were captured, the cache cannot be found, or the
+        cache did not receive the forward's tokens; ``TypeError`` when the layer is not a
+        ``CompressedLayer``; ``NotImplementedError`` for a multi-token forward on a non-empty cache
+        (chunked prefill); ``RuntimeError`` when no session has started (a later layer prefilled before
+        the first compressed one).
+        """
         layer_idx = module.layer_idx
         captured = self.captured.pop(layer_idx, None)
         if captured is None:
@@ -213,7 +236,7 @@ class Controller:
         cache = self._cache_of(layer_idx, args, kwargs)
         layer = cache.layers[layer_idx]
         if not isinstance(layer, CompressedLayer):
-            raise TypeError("compression needs the cache from harness.cache.make_cache(model); got "
+            raise TypeError("compression needs the cache from harness.engine.cache.make_cache(model); got "
                             f"{type(cache).__name__} with a {type(layer).__name__} at layer {layer_idx}")
         written = layer.take_written()
         if written != query_length:
@@ -246,7 +269,8 @@ class Controller:
 
     def verify(self, cache: Cache, prompt_length: int, sessions_before: int) -> None:
         """After a prefill: one new session ran and ``cache`` holds what it returned (no host sync: the
-        report, which copies the kept positions to the CPU, is built only when asked for)."""
+        report, which copies the kept positions to the CPU, is built only when asked for). Raises
+        ``CompressionNotApplied`` otherwise (here or in ``verify_compressed``)."""
         if self.sessions_started != sessions_before + 1 or self.session is None:
             raise CompressionNotApplied(
                 f"{_where(self)} is attached, but {self.sessions_started - sessions_before} compression sessions ran "
@@ -300,7 +324,8 @@ def verify_compressed(cache, layers: list[int], final: dict[int, Kept], prompt_l
 
 def verify_seen(cache, seen: int) -> None:
     """Every layer of a harness cache has seen ``seen`` tokens (the model wrote this cache, not another);
-    the layers' write counters start again from zero."""
+    the layers' write counters start again from zero. Only ``CompressedLayer``s are checked. Raises
+    ``CompressionNotApplied`` naming the first layer whose virtual length differs."""
     for idx, layer in enumerate(cache.layers):
         if isinstance(layer, CompressedLayer):
             if layer.virtual_length != seen:
@@ -311,7 +336,8 @@ def verify_seen(cache, seen: int) -> None:
 
 def require_full_attention(model, compressor: KVCompressor) -> None:
     """A compressor needs at least one full-attention layer to compress; a model whose every layer
-    slides (or is chunked) would otherwise run as FullKV under the compressor's name."""
+    slides (or is chunked) would otherwise run as FullKV under the compressor's name. Raises
+    ``ConfigError`` in that case (never for FullKV)."""
     if not compressor.is_noop and not full_attention_layers(model.config):
         from methods import ConfigError
         raise ConfigError(f"method {compressor.name!r}: {type(model).__name__} has no full-attention layer (every layer "
@@ -320,7 +346,8 @@ def require_full_attention(model, compressor: KVCompressor) -> None:
 
 
 def active_controller(model) -> Controller | None:
-    """The compression controller attached to ``model``, if any."""
+    """The compression controller attached to ``model``, if any (a ``QueryCapture`` does not count).
+    Raises ``IntegrationError`` as ``attention_modules`` does."""
     for module in attention_modules(model).values():
         controller = _CONTROLLERS.get(id(module))
         if isinstance(controller, Controller):
@@ -332,7 +359,9 @@ def active_controller(model) -> Controller | None:
 def routed(model, controller):
     """For the block: the model's attention runs through our wrapper, and the wrapper reports every
     full-attention module's queries to ``controller`` (anything with ``capture(layer_idx, query)``).
-    Yields the model layer indices of those modules."""
+    Yields the model layer indices of those modules. The original implementation is restored on exit
+    (also when the block raises). Raises ``IntegrationError`` from ``attention_modules``,
+    ``wrapped_implementation`` and ``set_attention``."""
     modules = attention_modules(model)
     original = text_config(model.config)._attn_implementation
     try:
@@ -351,7 +380,8 @@ def attach(model, compressor: KVCompressor):
     """Hooks ``compressor`` into ``model`` for the block; the model is unchanged afterwards.
 
     Yields the ``Controller`` (``.report`` describes what the last prompt kept). FullKV attaches
-    nothing at all.
+    nothing at all. Raises ``IntegrationError`` (``attention_modules``, ``routed``) and ``ConfigError``
+    for a model without full-attention layers (``require_full_attention``).
     """
     modules = attention_modules(model)
     controller = Controller(compressor, list(modules), text_config(model.config).num_attention_heads)
@@ -372,7 +402,8 @@ def attach(model, compressor: KVCompressor):
 
 def set_attention(model, name: str) -> None:
     """Switch ``model``'s attention implementation to ``name`` and check that every attention module
-    now reads it (the modules look the name up in their config at every forward)."""
+    now reads it (the modules look the name up in their config at every forward). Raises
+    ``IntegrationError`` naming the first module that still reads another implementation."""
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(name)
     if text_config(model.config)._attn_implementation != name:

@@ -1,6 +1,6 @@
 """Comparison tables from results folders (reporters read only results folders).
 
-    python -m harness.report results/passkey/smollm2_135m [more folders...]
+    kvh report results/passkey/smollm2_135m [more folders...]
 
 Every folder below the given ones that holds a ``predictions.jsonl`` is a run; each becomes a row
 with its score per depth (averaged over context lengths), per context length, and the mean.
@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 from collections import defaultdict
 from pathlib import Path
 
-from harness import results
-
-
-def find_runs(roots) -> list[Path]:
-    """Run folders with a ``predictions.jsonl`` at or below ``roots``."""
-    return results.find_runs(roots)
+from harness.report.common import markdown
+from harness.run import results
+from harness.run.results import find_runs  # noqa: F401  (the run finder; callers import it from here too)
 
 
 def _mean(values) -> float:
@@ -54,30 +50,30 @@ def passkey_table(runs: list[Path]) -> tuple[list[str], list[list]]:
     return header, table
 
 
-def markdown(header, rows) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+def write_outputs(out, header: list[str], rows: list[list]) -> list[Path]:
+    """``table.md``, ``table.csv`` and ``table.json`` (header and rows) in ``out``; returns their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "table.md", out / "table.csv", out / "table.json"]
+    paths[0].write_text(markdown(header, rows) + "\n", encoding="utf-8")
+    with paths[1].open("w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([header, *rows])
+    results.write_json(paths[2], {"header": header, "rows": rows})
+    return paths
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="kvh report", description=__doc__, formatter_class=results.HelpFormatter)
     parser.add_argument("folders", nargs="+")
     parser.add_argument("--out", help="write table.md and table.csv into this folder")
     args = parser.parse_args(argv)
-    runs = find_runs(args.folders)
+    runs = results.find_runs(args.folders, results.PREDICTIONS)
     if not runs:
         raise SystemExit(f"no runs (folders with {results.PREDICTIONS}) under {args.folders}")
     header, rows = passkey_table(runs)
-    text = markdown(header, rows)
-    print(text)
+    print(markdown(header, rows))
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "table.md").write_text(text + "\n", encoding="utf-8")
-        with (out / "table.csv").open("w", newline="", encoding="utf-8") as f:
-            csv.writer(f).writerows([header, *rows])
-        results.write_json(out / "table.json", {"header": header, "rows": rows})
+        write_outputs(args.out, header, rows)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """When greedy generation stops: transformers' ``generate`` semantics, shared by the plain loop
-(``harness.generate``) and the batched one (``harness.batched``).
+(``harness.engine.generate``) and the batched one (``harness.engine.batched``).
 
 * ``min_new_tokens``: the stop ids' logits are -inf while fewer new tokens exist
   (``MinNewTokensLengthLogitsProcessor``); LongBench's ``pred.py`` passes ``min_length=context_length + 1``
@@ -25,6 +25,8 @@ class Stopping:
     stop_strings:   generation ends once the sequence ends in a token that completes one of them
                     (transformers' ``StopStringCriteria``, which may match across the prompt's end).
     prompt_ids:     the prompt (only its last tokens are kept, for stop strings that start in it).
+
+    Raises ``ValueError`` when ``min_new_tokens < 0``.
     """
 
     def __init__(self, tokenizer, stop_ids=(), min_new_tokens: int = 0, stop_strings=(), prompt_ids=()):

@@ -14,11 +14,11 @@ transformers version and the mismatch:
 * the model file's eager attention function (``eager_attention``): "eager" is not a registered
   ``AttentionInterface`` entry, each model file defines its own ``eager_attention_forward``;
 * the attention function's tensor layout ``[B, heads, tokens, head_dim]`` (``check_query_layout``);
-* the cache-layer API ``harness.cache.CompressedLayer`` builds on (checked by running it once:
-  ``harness.cache.check_layer_api``).
+* the cache-layer API ``harness.engine.cache.CompressedLayer`` builds on (checked by running it once:
+  ``harness.engine.cache.check_layer_api``).
 
 The cache object the hook compresses is the one the harness created and bound to the controller
-(``harness.hook``), so nothing depends on the keyword under which transformers hands the cache to an
+(``harness.engine.hook``), so nothing depends on the keyword under which transformers hands the cache to an
 attention module.
 """
 
@@ -57,7 +57,7 @@ def forward_parameters(model) -> frozenset[str]:
 
 def cache_keyword(model) -> str:
     """The keyword under which ``model``'s forward takes a cache: ``cache`` (transformers 5.24+) or
-    ``past_key_values`` (earlier 5.x)."""
+    ``past_key_values`` (earlier 5.x). Raises ``IntegrationError`` when the forward takes neither."""
     parameters = forward_parameters(model)
     for name in ("cache", "past_key_values"):
         if name in parameters:
@@ -68,7 +68,8 @@ def cache_keyword(model) -> str:
 
 def forward_kwargs(model, cache, last_only: bool = True) -> dict:
     """Keyword arguments of a cached forward of ``model``: the cache under the model's own keyword,
-    ``use_cache``, and ``logits_to_keep=1`` where the model takes it and only the last logits are wanted."""
+    ``use_cache``, and ``logits_to_keep=1`` where the model takes it and only the last logits are wanted.
+    Raises ``IntegrationError`` (``cache_keyword``) when the forward takes no cache keyword."""
     kwargs = {cache_keyword(model): cache, "use_cache": True}
     if last_only and "logits_to_keep" in forward_parameters(model):
         kwargs["logits_to_keep"] = 1
@@ -78,7 +79,8 @@ def forward_kwargs(model, cache, last_only: bool = True) -> dict:
 def forward_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cache,
                    last_only: bool = True) -> torch.Tensor:
     """One forward of ``input_ids [B, q]`` at ``position_ids [B, q]`` with ``cache``; returns the logits
-    ``[B, 1, V]`` of the last position (``last_only``) or ``[B, q, V]``."""
+    ``[B, 1, V]`` of the last position (``last_only``) or ``[B, q, V]``.
+    Raises ``IntegrationError`` (``forward_kwargs``) when the forward takes no cache keyword."""
     kwargs = forward_kwargs(model, cache, last_only)
     logits = model(input_ids=input_ids, position_ids=position_ids, **kwargs).logits
     return logits[:, -1:] if last_only else logits
@@ -91,7 +93,8 @@ def _eager_function(module_class: type) -> Callable | None:
 
 def eager_attention(module) -> Callable:
     """The model file's own eager attention (``eager_attention_forward`` in the module that defines
-    the attention class): what transformers runs for ``attn_implementation="eager"``."""
+    the attention class): what transformers runs for ``attn_implementation="eager"``. Raises
+    ``IntegrationError`` when that module defines none."""
     function = _eager_function(type(module))
     if function is None:
         raise IntegrationError(f"{type(module).__name__} (module {type(module).__module__}) defines no "
@@ -102,7 +105,8 @@ def eager_attention(module) -> Callable:
 
 def check_query_layout(layer_idx: int, query: torch.Tensor, expected_heads: int) -> None:
     """The attention function receives queries as ``[B, heads, tokens, head_dim]`` (the layout the
-    compressors read); anything else means the calling convention changed."""
+    compressors read); anything else means the calling convention changed. Raises
+    ``IntegrationError`` when ``query`` is not 4-D or its axis 1 is not ``expected_heads``."""
     if query.dim() != 4 or query.shape[1] != expected_heads:
         raise IntegrationError(f"layer {layer_idx}: the attention function received queries "
                                f"of shape {tuple(query.shape)}; expected [batch, {expected_heads} heads, tokens, "

@@ -1,7 +1,7 @@
 """Score LongBench predictions the way the official eval.py does (THUDM/LongBench commit 2e00731).
 
-    python -m harness.score DIR          # every <dataset>.jsonl in DIR -> {dataset: score}
-    python -m harness.score DIR --e      # LongBench-E: {dataset: {"0-4k": s, "4-8k": s, "8k+": s}}
+    kvh score DIR          # every <dataset>.jsonl in DIR -> {dataset: score}
+    kvh score DIR --e      # LongBench-E: {dataset: {"0-4k": s, "4-8k": s, "8k+": s}}
 
 Each line of ``<dataset>.jsonl`` is one sample: ``pred`` (str), ``answers`` (list of str),
 ``all_classes`` (list of str for trec/lsht, null otherwise) and, for LongBench-E, ``length``.
@@ -18,8 +18,8 @@ import logging
 import sys
 from pathlib import Path
 
-from harness import results
-from harness.longbench import metrics
+from harness.longbench import jsonl, metrics
+from harness.run import results
 
 RESULT = "result.json"
 SUFFIX = ".jsonl"
@@ -35,17 +35,12 @@ def _load(path: Path, bucketed: bool) -> dict:
     base = metrics.base_dataset(dataset)
     needs_classes = metrics.DATASET_METRIC[base] is metrics.classification_score
     columns = {"predictions": [], "answers": [], "lengths": [], "all_classes": None}
-    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):   # not splitlines: U+2028
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ScoreError(f"{where}: not valid JSON ({err.msg}); a run cut short can leave a partial last "
-                             "line: finish or re-run the dataset, or delete that line") from None
-        if not isinstance(row, dict):
-            raise ScoreError(f"{where}: expected a JSON object with pred, answers, all_classes")
+    lines = jsonl.numbered_objects(
+        path, path.read_text(encoding="utf-8"),
+        not_json=lambda where, err: ScoreError(f"{where}: not valid JSON ({err.msg}); a run cut short can leave a "
+                                               "partial last line: finish or re-run the dataset, or delete that line"),
+        not_object=lambda where, _: ScoreError(f"{where}: expected a JSON object with pred, answers, all_classes"))
+    for where, _, row in lines:
         missing = [key for key in ("pred", "answers") if key not in row]
         if needs_classes and "all_classes" not in row:
             missing.append("all_classes")
@@ -135,7 +130,8 @@ def summary_lines(scores: dict) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harness.score", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="kvh score", description=__doc__.split("\n\n")[0],
+                                     formatter_class=results.HelpFormatter)
     parser.add_argument("folder", type=Path, help="folder holding <dataset>.jsonl prediction files")
     parser.add_argument("--e", action="store_true", help="LongBench-E: score every file per length bucket")
     args = parser.parse_args(argv)

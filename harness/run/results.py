@@ -3,6 +3,8 @@ sample and flushed, so an interrupted run loses nothing finished and resumes whe
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import logging
 import os
@@ -104,13 +106,26 @@ def file_group(path: Path) -> str | None:
     return None if name == PREDICTIONS else name.removesuffix(".jsonl")
 
 
+def part_files(folder: Path) -> list[Path]:
+    """A data-parallel run's per-rank files (``<file>.rank<r>.part``) not yet merged (``distributed.merge``)."""
+    return sorted(Path(folder).glob("*.part"))
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def finished(folder: Path) -> dict[tuple[str | None, str], dict]:
     """Every finished row of a run folder (its ``*.jsonl`` files and any part files of a data-parallel
     run), keyed by (group, sample id): ids are unique within a group only (LongBench's ``samsum`` and
     ``samsum_e`` share ids)."""
-    from harness import distributed
     rows = {}
-    for path in sorted(Path(folder).glob("*.jsonl")) + distributed.part_files(folder):
+    for path in sorted(Path(folder).glob("*.jsonl")) + part_files(folder):
         for row in parse_rows(path)[0]:
             rows.setdefault((file_group(path), row["id"]), row)
     return rows
@@ -184,6 +199,10 @@ def read_json(path: Path):
                               "re-run the step that writes it, or delete it") from None
     except UnicodeDecodeError as error:
         raise ResultFileError(f"{path}: not UTF-8 text ({error.reason}); re-run the step that writes it") from None
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` keeps the module docstring's layout and shows every option's default."""
 
 
 def run_cli(main) -> None:

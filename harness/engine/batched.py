@@ -1,6 +1,6 @@
 """Batched, fixed-shape decoding of many compressed caches of one prompt, with CUDA graphs on a GPU.
 
-After a shared prefill (``harness.shared``) every method and budget has its own cache, and each layer
+After a shared prefill (``harness.engine.shared``) every method and budget has its own cache, and each layer
 of each cache holds a different number of tokens. The plain path decodes them one at a time, one
 model call per token, each call paying Python and kernel-launch overhead on every layer (the
 reference scripts' ``generate`` loop; 25-110 ms/token for an 8B model on an H100 whose weight-read
@@ -25,14 +25,14 @@ floor is about 6 ms). Here the rows are decoded together:
   launch. Graphs (with their buffers) are kept and reused for later prompts whose bucketed shapes
   match (capacities are rounded up to ``bucket`` slots). Where capture fails the step runs eagerly and
   the reason is recorded.
-* Rows stop on their own (``harness.stopping.Stopping``: stop token, stop string, ``max_new_tokens``);
+* Rows stop on their own (``harness.engine.stopping.Stopping``: stop token, stop string, ``max_new_tokens``);
   a finished row still rides along in the fixed-shape batch until the group finishes, its tokens
   ignored. ``min_new_tokens`` is a bias added to the logits inside the step (-inf at the stop ids
   while it applies), updated in place between steps, so a captured graph needs no re-capture.
 
-Greedy results equal the plain path (``harness.generate.decode_loop``) token for token on the CPU
+Greedy results equal the plain path (``harness.engine.generate.decode_loop``) token for token on the CPU
 (tests/test_batched.py); on a GPU in bf16 the reductions differ in order, so rare near-ties can flip
-(``python -m harness.bench --divergence`` reports the rate).
+(``kvh bench --divergence`` reports the rate).
 """
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from harness import compat, hook
-from harness.cache import text_config
-from harness.compat import IntegrationError
-from harness.stopping import Stopping
+from harness.engine import compat, hook
+from harness.engine.cache import text_config
+from harness.engine.compat import IntegrationError
+from harness.engine.stopping import Stopping
 from methods.base import repeat_heads
 
 SLOT_ATTENTION = "kvharness_slots"
@@ -60,7 +60,12 @@ _ACTIVE: dict[int, "SlotLayer"] = {}  # id(attention module) -> its layer of the
 
 
 class Segment:
-    """Rows ``[start, stop)`` of the batch that share one buffer layout in one layer."""
+    """Rows ``[start, stop)`` of the batch that share one buffer layout in one layer.
+
+    ``keys``, ``values``: ``[rows, H, capacity, d]`` zero-filled buffers (H: KV heads, or query heads
+    for query-head caches); ``fill``: ``[rows]`` int64, each row's next slot to write (a view into
+    ``SlotCache.fills``); ``window``: the layer's sliding window in tokens, None for full attention.
+    """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, fill: torch.Tensor, window: int | None, start: int):
         self.keys, self.values = keys, values       # [rows, H, capacity, d], zero-filled (finite padding)
@@ -70,6 +75,9 @@ class Segment:
         self.slots = torch.arange(keys.shape[2], device=keys.device)
 
     def write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Write one decode token per row, ``[rows, Hkv, 1, d]`` (repeated to ``H`` heads when the
+        segment holds query heads), at each row's ``fill`` slot, in place. ``fill`` is not advanced
+        (``SlotCache.advance`` does that)."""
         rows, heads, _, dim = self.keys.shape
         if key_states.shape[1] != heads:
             key_states = repeat_heads(key_states, heads // key_states.shape[1])
@@ -79,7 +87,8 @@ class Segment:
         self.values.scatter_(2, index, value_states)
 
     def mask(self) -> torch.Tensor:
-        """``[rows, 1, 1, capacity]``: True where the row's current query may attend (after ``write``)."""
+        """``[rows, 1, 1, capacity]`` bool: True where the row's current query may attend (after
+        ``write``): slots ``<= fill``, and ``> fill - window`` for a sliding-window layer."""
         last = self.fill[:, None]
         allowed = self.slots[None, :] <= last
         if self.window is not None:
@@ -113,6 +122,7 @@ class Segment:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the segment's key and value buffers together."""
         return 2 * self.keys.numel() * self.keys.element_size()
 
 
@@ -128,9 +138,13 @@ class SlotLayer(CacheLayerMixin):
         self.writes = self.attention_calls = 0    # proof that the model routes through this layer
 
     def lazy_initialization(self, key_states, value_states) -> None:  # buffers exist from the start
+        """Nothing to do: the buffers exist from construction."""
         return None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write one decode token per row, ``[B, Hkv, 1, d]``, into every segment's slots and count the
+        write. Returns the first segment's buffers ``[rows, H, capacity, d]`` (``slot_attention`` reads
+        the segments instead). Raises ``ValueError`` when a step brings more than one token per row."""
         if key_states.shape[2] != 1:
             raise ValueError(f"a SlotCache decodes one token per row per step; got {key_states.shape[2]} tokens")
         self.writes += 1
@@ -140,17 +154,25 @@ class SlotLayer(CacheLayerMixin):
         return self.segments[0].keys, self.segments[0].values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` for transformers: the first segment's capacity in slots, 0. The
+        real masks come from the slots (``Segment.mask``)."""
         return self.segments[0].keys.shape[2], 0
 
     def get_seq_length(self) -> int:
+        """0: lengths live in the per-row slots, and ``SlotCache.get_seq_length`` reports the tokens seen."""
         return 0
 
     def get_max_length(self) -> int:
+        """The largest segment capacity of this layer, in slots."""
         return max(seg.keys.shape[2] for seg in self.segments)
 
 
 class SlotCache(Cache):
-    """A transformers ``Cache`` of ``SlotLayer``s; ``advance()`` moves every row one slot on."""
+    """A transformers ``Cache`` of ``SlotLayer``s; ``advance()`` moves every row one slot on.
+
+    ``fills``: ``[num_layers, B]`` int64, each row's next slot per layer (the segments hold views of
+    it); ``seen``: tokens the model had seen before decoding started (the prompt length).
+    """
 
     def __init__(self, layers: list[SlotLayer], fills: torch.Tensor, seen: int):
         super().__init__(layers=layers)
@@ -158,13 +180,18 @@ class SlotCache(Cache):
         self.seen = seen            # tokens the model has seen before decoding (for cache_position only)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        """``seen`` for every layer, constant while decoding (used for ``cache_position`` only; the
+        step passes explicit position ids)."""
         return self.seen
 
     def advance(self) -> None:
+        """Every row of every layer on to its next slot (``fills += 1`` in place, so a captured graph
+        replays it)."""
         self.fills.add_(1)
 
     @property
     def nbytes(self) -> int:
+        """Bytes of every key and value buffer of every layer."""
         return sum(seg.nbytes for layer in self.layers for seg in layer.segments)
 
     def verify_routing(self) -> None:
@@ -181,7 +208,12 @@ class SlotCache(Cache):
 def slot_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                    softcap: float | None = None, **kwargs):
     """Attention of one decode query per row over its valid slots, segment by segment (``key`` and
-    ``value`` are ignored, and no mask is built for this implementation: the slots carry both)."""
+    ``value`` are ignored, and no mask is built for this implementation: the slots carry both).
+
+    ``query``: ``[B, Hq, 1, d]``; ``scaling`` defaults to ``1 / sqrt(d)``; ``softcap``: logit
+    soft-capping (Gemma 2). Returns ``(out [B, 1, Hq, d], None)``, the layout transformers' attention
+    functions return. Raises ``KeyError`` for a module outside ``slot_routing``.
+    """
     layer = _ACTIVE[id(module)]
     layer.attention_calls += 1       # Python side effect: counted when run eagerly or captured, not on replay
     scale = scaling if scaling is not None else 1 / math.sqrt(query.shape[-1])
@@ -195,7 +227,13 @@ AttentionInterface.register(SLOT_ATTENTION, slot_attention)
 
 @contextlib.contextmanager
 def slot_routing(model, cache: SlotCache):
-    """For the block, the model's attention reads ``cache`` through ``slot_attention``."""
+    """For the block, the model's attention reads ``cache`` through ``slot_attention``; the original
+    implementation is restored on exit (also when the block raises).
+
+    Raises ``IntegrationError`` when the attention modules found are not exactly layers
+    ``0..len(cache.layers) - 1``, and (from ``hook.set_attention``) when a module does not follow the
+    switch.
+    """
     modules = hook.all_attention_modules(model)
     if sorted(modules) != list(range(len(cache.layers))):
         raise IntegrationError(f"attention modules found for layers {sorted(modules)}; the slot cache has "
@@ -220,13 +258,18 @@ def _round_up(n: int, bucket: int) -> int:
 
 @dataclass
 class RowLayer:
+    """One layer of one prefilled cache, as the batched decoder copies it: ``keys``, ``values``
+    ``[1, H, n, d]`` (H: KV heads, or query heads after a ``query_head`` compression); ``window``: the
+    layer's sliding window in tokens, None for full attention."""
+
     keys: torch.Tensor    # [1, H, n, d]
     values: torch.Tensor
     window: int | None    # sliding window (the stored tokens are the most recent ones)
 
 
 def row_layers(cache) -> list[RowLayer]:
-    """The stored keys/values of every layer of a prefilled transformers cache (one prompt)."""
+    """The stored keys/values of every layer of a prefilled transformers cache (one prompt), as
+    ``RowLayer``s ``[1, H, n, d]``. Raises ``ValueError`` when a layer holds nothing."""
     out = []
     for layer in cache.layers:
         if layer.keys is None or layer.keys.numel() == 0:
@@ -244,7 +287,11 @@ def spans_devices(cache) -> bool:
 
 def layout(rows: list[list[RowLayer]], segments: list[list[int]], steps: int, bucket: int) -> tuple:
     """The buffer shapes of one decode batch: per segment, its row count and per layer
-    ``(heads, capacity, head_dim, window)`` (capacity: its longest row plus ``steps``, rounded up)."""
+    ``(heads, capacity, head_dim, window)`` (capacity: its longest row plus ``steps``, rounded up).
+
+    ``rows``: per cache, its ``RowLayer``s; ``segments``: row indices per segment; ``steps``: tokens to
+    decode; ``bucket``: the slot multiple capacities are rounded up to. ``heads`` is the most heads of
+    the segment's rows. The result is a hashable tuple (the key of a ``DecoderPool`` entry)."""
     out = []
     for segment in segments:
         layers = []
@@ -257,6 +304,9 @@ def layout(rows: list[list[RowLayer]], segments: list[list[int]], steps: int, bu
 
 
 def allocate(shape: tuple, dtype, device) -> SlotCache:
+    """Zero-filled slot buffers for a ``layout`` ``shape``, in ``dtype`` on ``device``: one
+    ``SlotLayer`` per model layer with one ``Segment`` ``[rows, heads, capacity, d]`` per segment,
+    ``fills`` ``[num_layers, B]`` int64 zeros and ``seen`` 0 (``load`` fills them in)."""
     batch = sum(count for count, _ in shape)
     num_layers = len(shape[0][1])
     fills = torch.zeros(num_layers, batch, dtype=torch.long, device=device)
@@ -274,7 +324,12 @@ def allocate(shape: tuple, dtype, device) -> SlotCache:
 
 def load(cache: SlotCache, rows: list[list[RowLayer]], seen: int) -> None:
     """Copy every row's stored tokens (``rows`` in batch order) to the front of its slots; decode step
-    0 writes right after them."""
+    0 writes right after them.
+
+    KV heads are repeated to the segment's head count; each row's ``fill`` becomes its token count,
+    the layers' routing counters restart at 0 and ``cache.seen`` becomes ``seen`` (tokens). Slots past
+    a row's tokens are left as they are (masked).
+    """
     for i, layer in enumerate(cache.layers):
         for seg in layer.segments:
             heads = seg.keys.shape[1]
@@ -292,7 +347,10 @@ def group_rows(costs: list[tuple[int, ...]], max_batch: int, waste: float = 2.0)
     """Rows (each given its per-layer cost, heads x tokens) into decode batches of at most
     ``max_batch`` rows, each batch a list of segments. Within a segment every row is padded to the
     segment's largest per layer, at most ``waste`` times the rows' own sizes; the segments of a batch
-    decode in the same forward (the weights, the bulk of a step's memory traffic, are read once)."""
+    decode in the same forward (the weights, the bulk of a step's memory traffic, are read once).
+
+    Rows are taken in increasing total cost. Returns the batches, each a list of segments, each a list
+    of row indices into ``costs``."""
     order = sorted(range(len(costs)), key=lambda i: sum(costs[i]))
     segments, current = [], []
     for i in order:
@@ -341,7 +399,10 @@ def compiled_logits():
 
 class Decoder:
     """Fixed buffers (cache, input ids, positions) and one greedy step over them; ``compiled``: the
-    forward goes through ``torch.compile`` (then, on a GPU, the compiled step is captured as a graph)."""
+    forward goes through ``torch.compile`` (then, on a GPU, the compiled step is captured as a graph).
+
+    ``ids``, ``positions``: ``[B, 1]`` int64, the tokens fed to the next step and their position ids;
+    ``bias``: ``[vocab]`` float32 added to the last logits (-inf at suppressed ids)."""
 
     def __init__(self, cache: SlotCache, batch: int, vocab: int, compiled: bool = False):
         device = cache.fills.device
@@ -355,6 +416,8 @@ class Decoder:
         self.graph_error: str | None = None
 
     def reset(self, first_tokens: torch.Tensor, positions: torch.Tensor) -> None:
+        """Start a decode: ``first_tokens`` (B token ids) and their ``positions`` (B position ids) are
+        copied in place into the ``[B, 1]`` int64 input buffers."""
         self.ids.copy_(first_tokens.view(-1, 1))
         self.positions.copy_(positions.view(-1, 1))
 
@@ -374,7 +437,11 @@ class Decoder:
         self.cache.advance()
 
     def capture(self, model) -> bool:
-        """Record one step into a CUDA graph (after two eager warm-up steps on a side stream, undone)."""
+        """Record one step into a CUDA graph (after two eager warm-up steps on a side stream, undone).
+
+        Returns True when a graph was captured. Any failure is caught: ``graph_error`` records it
+        (``"Type: message"``) and the steps run eagerly. The input buffers and fills are restored
+        either way. CUDA only."""
         saved = self.ids.clone(), self.positions.clone(), self.cache.fills.clone()
         try:
             stream = torch.cuda.Stream(device=self.ids.device)
@@ -400,6 +467,9 @@ class Decoder:
         self.cache.fills.copy_(saved[2])
 
     def step(self, model, graph: bool) -> None:
+        """One greedy step for every row: replay the captured graph when ``graph`` and one exists, else
+        run eagerly. Leaves the chosen tokens in ``ids`` ``[B, 1]`` and advances positions and fills,
+        all in place."""
         if graph and self.graph is not None:
             self.graph.replay()
         else:
@@ -416,6 +486,9 @@ class DecoderPool:
         self.reuses = 0
 
     def get(self, key: tuple, make) -> Decoder:
+        """The decoder kept under ``key`` (a reuse, counted in ``reuses``), or ``make()``'s new one, kept
+        when its cache buffers fit ``max_bytes``; least recently used entries are dropped beyond
+        ``max_entries`` or ``max_bytes``."""
         if key in self.entries:
             self.entries.move_to_end(key)
             self.reuses += 1
@@ -431,6 +504,7 @@ class DecoderPool:
         return sum(d.cache.nbytes for d in self.entries.values())
 
     def clear(self) -> None:
+        """Drop every kept decoder (its buffers and graph)."""
         self.entries.clear()
 
 
@@ -438,6 +512,7 @@ _POOLS: "weakref.WeakKeyDictionary[torch.nn.Module, DecoderPool]" = weakref.Weak
 
 
 def pool_for(model) -> DecoderPool:
+    """The ``DecoderPool`` of ``model``, created on first use (held weakly: it goes with the model)."""
     if model not in _POOLS:
         _POOLS[model] = DecoderPool()
     return _POOLS[model]
@@ -451,6 +526,10 @@ def clear_pools() -> None:
 
 @dataclass
 class DecodeStats:
+    """What ``decode_caches`` did, accumulated over calls that share it: rows and segments per decode
+    batch, batches that replayed a CUDA graph, batches that reused an earlier prompt's decoder, and the
+    last CUDA-graph capture failure (None when none)."""
+
     groups: list[int] = field(default_factory=list)     # rows per decode batch
     segments: list[int] = field(default_factory=list)   # buffer layouts (segments) per decode batch
     graphs: int = 0                                     # groups that replayed a CUDA graph
@@ -470,8 +549,15 @@ def decode_caches(model, first_token: torch.Tensor, caches: list, prompt_length:
                   stats: DecodeStats | None = None, compile: bool = False) -> list[tuple[list[int], str]]:
     """Greedy decoding of every cache in ``caches`` (each prefilled with the same prompt, whose first
     generated token is ``first_token``); returns ``(tokens, stopped_by)`` per cache, as
-    ``harness.generate.decode_loop`` would for each alone. ``compile``: the step's forward goes
-    through ``torch.compile`` (the first call compiles, about a minute for an 8B model)."""
+    ``harness.engine.generate.decode_loop`` would for each alone. ``compile``: the step's forward goes
+    through ``torch.compile`` (the first call compiles, about a minute for an 8B model).
+
+    ``first_token``: ``[1, 1]`` (its first element is used); ``prompt_length`` and ``max_new_tokens`` in
+    tokens; ``max_batch``: most rows decoded together; ``bucket``: slot multiple of the buffer
+    capacities; ``stats``: filled in when given. ``stopped_by`` is ``"stop_token"``, ``"stop_string"``
+    or ``"max_new_tokens"``. Raises ``ValueError`` (``row_layers``) for a cache with an empty layer and
+    ``IntegrationError`` when the model does not route through the slot cache (``slot_routing``,
+    ``SlotCache.verify_routing``)."""
     stats = stats if stats is not None else DecodeStats()
     first = int(first_token.reshape(-1)[0])
     results: list[tuple[list[int], str] | None] = [None] * len(caches)

@@ -1,7 +1,7 @@
-"""kvpress, timed on the benchmark's model and prompts: run by ``harness.bench`` in a subprocess.
+"""kvpress, timed on the benchmark's model and prompts: run by ``harness.bench.speed`` in a subprocess.
 
 kvpress (NVIDIA, pip package ``kvpress``) pins ``transformers<5.3``, older than the harness needs, so
-``python -m harness.bench --kvpress-site DIR`` runs this file with ``DIR`` (kvpress and its
+``kvh bench --kvpress-site DIR`` runs this file with ``DIR`` (kvpress and its
 transformers) first on the path. It imports nothing from the harness.
 
 What it measures, per context length, with kvpress's own code paths (kvpress 0.5.5
@@ -59,11 +59,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
-    import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
     import kvpress
+    import transformers
     from kvpress import SnapKVPress
     from kvpress.pipeline import KVPressTextGenerationPipeline
+    from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
     with open(args.config) as f:
         config_dict = json.load(f)
@@ -94,7 +94,7 @@ def main(argv=None) -> None:
                         torch.cuda.empty_cache()
                         torch.cuda.reset_peak_memory_stats()
 
-                    def prefill():
+                    def prefill(cache=cache):
                         if use_press:
                             with press(model):
                                 model.model(input_ids=ids, past_key_values=cache)

@@ -1,10 +1,10 @@
 """The paper-style LongBench table from run folders (reporters read only results folders).
 
-    python -m harness.table results/longbench/llama3 [more folders...] --out DIR
+    kvh table [results/longbench/llama3 more folders...] [--out DIR]
         [--reference results/reference] [--datasets narrativeqa qasper ...] [--latest] [--sweep-plot]
 
 Every folder below the given ones that holds both ``manifest.json`` and ``result.json`` (written by
-``harness.score``) is a LongBench run; a folder reached twice (a folder given twice, or nested
+``harness.longbench.score``) is a LongBench run; a folder reached twice (a folder given twice, or nested
 folders) counts once. Each run is a row keyed by (model, protocol, method, budget), read from the
 manifest (``config.model.name``, ``config.protocol.name``, ``method.name``, ``method.budget``;
 FullKV has no budget). Two runs with the same key are an error naming both folders, unless
@@ -20,29 +20,33 @@ for the same model, method and budget, each such entry adds a "published" row un
 "diff" row (ours - published) for the datasets both have; the averages are compared only when both
 are complete. Writes ``table.md``, ``table.csv``, ``table.tex`` (booktabs) and ``table.json`` into
 ``--out`` and prints the Markdown; ``--sweep-plot`` adds ``budget_sweep.png``/``.pdf`` (average score
-vs budget, one line per method, FullKV dashed).
+vs budget, one line per method, FullKV dashed). With no arguments it reads ``results`` and writes into
+``results/tables``.
+
+Where the folders hold no LongBench run but runs of other tasks (folders with ``predictions.jsonl``),
+it prints and writes their summary table instead (``table.md``, ``table.csv``, ``table.json``, as
+``kvh report`` makes it).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import results
-from harness.report import markdown
+from harness import config
+from harness.longbench import metrics
+from harness.longbench.score import RESULT  # the scorer's output (LongBench eval.py's file name)
+from harness.report import summary
+from harness.report.common import METHOD_NAMES, markdown, method_label, save_figure
+from harness.run import results
 
-RESULT = "result.json"  # harness.score's output (LongBench eval.py's file name)
-DEFAULT_REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference"
-
-# The 16 English datasets the KV-compression papers average, in their table order (reference-methods.md 4).
-DATASETS = ("narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "musique", "gov_report", "qmsum",
-            "multi_news", "trec", "triviaqa", "samsum", "passage_count", "passage_retrieval_en", "lcc",
-            "repobench-p")
+DEFAULT_FOLDERS = ["results"]
+DEFAULT_OUT = "results/tables"
+DEFAULT_REFERENCE = config.reference_dir()   # results/reference/ of the checkout, shipped as harness.reference
 
 # Column headers: the PyramidKV paper's (Table 1) for the 16, short forms for the Chinese ones.
 SHORT = {
@@ -53,21 +57,6 @@ SHORT = {
     "multifieldqa_zh": "MF-zh", "dureader": "DuReader", "vcsum": "VCSum", "lsht": "LSHT",
     "passage_retrieval_zh": "PRe-zh",
 }
-
-# LongBench's official categories (reference-eval.md A.1): the official Avg is the mean of their means.
-CATEGORIES = {
-    "Single-Doc QA": ("narrativeqa", "qasper", "multifieldqa_en", "multifieldqa_zh"),
-    "Multi-Doc QA": ("hotpotqa", "2wikimqa", "musique", "dureader"),
-    "Summarization": ("gov_report", "qmsum", "multi_news", "vcsum"),
-    "Few-shot": ("trec", "triviaqa", "samsum", "lsht"),
-    "Synthetic": ("passage_count", "passage_retrieval_en", "passage_retrieval_zh"),
-    "Code": ("lcc", "repobench-p"),
-}
-CATEGORY_OF = {dataset: category for category, members in CATEGORIES.items() for dataset in members}
-
-# Registry name -> display name, in the papers' row order.
-METHODS = {"fullkv": "FullKV", "streamingllm": "StreamingLLM", "h2o": "H2O", "snapkv": "SnapKV",
-           "pyramidkv": "PyramidKV", "dynamickv": "DynamicKV"}
 
 PAPER_AVG, OFFICIAL_AVG = "Avg ({n}, paper)", "Avg (official)"
 KEY_COLUMNS = ("Model", "Protocol", "Method", "Budget", "Row")
@@ -105,11 +94,6 @@ class Published:
 # ------------------------------------------------------------------------------------------------
 # Reading
 # ------------------------------------------------------------------------------------------------
-
-def find_runs(roots) -> list[Path]:
-    """Run folders (``manifest.json`` and ``result.json``) at or below the given folders, each once."""
-    return results.find_runs(roots, RESULT, also=results.MANIFEST)
-
 
 def _number(value) -> float | None:
     """A finished dataset score, or None (NaN, LongBench-E bucket dicts and the like are not)."""
@@ -185,37 +169,21 @@ def load_reference(path) -> list[Published]:
 # Averages and rows
 # ------------------------------------------------------------------------------------------------
 
-def _mean(values) -> float | None:
-    values = list(values)
-    return sum(values) / len(values) if values else None
-
-
-def averages(scores: dict, datasets=DATASETS) -> tuple[float | None, float | None, int]:
-    """(plain mean, mean of category means, datasets present) over the ``datasets`` in ``scores``.
-    Datasets outside LongBench's categories count in the plain mean only."""
-    present = [d for d in datasets if d in scores]
-    by_category: dict[str, list[float]] = {}
-    for d in present:
-        if d in CATEGORY_OF:
-            by_category.setdefault(CATEGORY_OF[d], []).append(scores[d])
-    return (_mean(scores[d] for d in present), _mean(_mean(v) for v in by_category.values()), len(present))
-
-
 def _sort_key(run: Run) -> tuple:
-    order = list(METHODS)
+    order = list(METHOD_NAMES)
     rank = order.index(run.method) if run.method in order else len(order)
     return run.model, run.protocol, -1 if run.budget is None else run.budget, rank, run.method
 
 
-def build_rows(runs: list[Run], reference: list[Published] = (), datasets=DATASETS) -> list[dict]:
+def build_rows(runs: list[Run], reference: list[Published] = (), datasets=metrics.ENGLISH_16) -> list[dict]:
     """Rows in table order, raw numbers: ``model, protocol, method, budget, row ("ours" | "published" |
     "diff"), source, scores {dataset: float}, paper, official`` (None where not computed) and
     ``present`` (datasets the averages cover; equal to len(datasets) when complete)."""
-    complete_16 = sorted(datasets) == sorted(DATASETS)  # the set the printed averages are over
+    complete_16 = sorted(datasets) == sorted(metrics.ENGLISH_16)  # the set the printed averages are over
     rows = []
     for run in sorted(runs, key=_sort_key):
         scores = {d: run.scores[d] for d in datasets if d in run.scores}
-        paper, official, present = averages(scores, datasets)
+        paper, official, present = metrics.subset_averages(scores, datasets)
         base = {"model": run.model, "protocol": run.protocol, "method": run.method, "budget": run.budget}
         ours = {**base, "row": "ours", "source": str(run.folder), "scores": scores, "paper": paper,
                 "official": official, "present": present}
@@ -224,7 +192,7 @@ def build_rows(runs: list[Run], reference: list[Published] = (), datasets=DATASE
             if (pub.model, pub.method, pub.budget) != (run.model, run.method, run.budget):
                 continue
             p_scores = {d: pub.scores[d] for d in datasets if d in pub.scores}
-            p_paper, p_official, p_present = averages(p_scores, datasets)
+            p_paper, p_official, p_present = metrics.subset_averages(p_scores, datasets)
             if complete_16 and pub.average is not None and (not pub.scores or p_present == len(datasets)):
                 p_paper, p_present = pub.average, len(datasets)   # the number as printed
             if not p_scores:
@@ -246,7 +214,7 @@ def build_rows(runs: list[Run], reference: list[Published] = (), datasets=DATASE
 # Formatting
 # ------------------------------------------------------------------------------------------------
 
-def header(datasets=DATASETS) -> list[str]:
+def header(datasets=metrics.ENGLISH_16) -> list[str]:
     return [*KEY_COLUMNS, *(SHORT.get(d, d) for d in datasets), PAPER_AVG.format(n=len(datasets)),
             OFFICIAL_AVG, "Source"]
 
@@ -272,13 +240,13 @@ def _source(source: str) -> str:
         return source
 
 
-def format_rows(rows: list[dict], datasets=DATASETS) -> list[list[str]]:
+def format_rows(rows: list[dict], datasets=metrics.ENGLISH_16) -> list[list[str]]:
     """Rows as text cells, in ``header(datasets)`` order."""
     cells = []
     for r in rows:
         signed = r["row"] == "diff"
         total = len(datasets)
-        cells.append([r["model"], r["protocol"], METHODS.get(r["method"], r["method"]),
+        cells.append([r["model"], r["protocol"], method_label(r["method"]),
                       FULL_BUDGET if r["budget"] is None else str(r["budget"]), r["row"],
                       *(_cell(r["scores"].get(d), signed) for d in datasets),
                       _average_cell(r["paper"], r["present"], total, signed),
@@ -287,7 +255,7 @@ def format_rows(rows: list[dict], datasets=DATASETS) -> list[list[str]]:
 
 
 def row_dicts(head: list[str], cells: list[list[str]]) -> list[dict]:
-    """One dict per row (header -> cell), e.g. for ``harness.wandb_log.log_run(table_rows=...)``."""
+    """One dict per row (header -> cell), e.g. for ``harness.report.wandb_log.log_run(table_rows=...)``."""
     return [dict(zip(head, row)) for row in cells]
 
 
@@ -331,7 +299,7 @@ def write_outputs(out, head: list[str], cells: list[list[str]], rows: list[dict]
 # Budget sweep plot
 # ------------------------------------------------------------------------------------------------
 
-def budget_sweep_plot(runs, path_stem, datasets=DATASETS, dpi: int = 150) -> list[Path]:
+def budget_sweep_plot(runs, path_stem, datasets=metrics.ENGLISH_16, dpi: int = 150) -> list[Path]:
     """Average score (plain mean over the ``datasets`` each run has; a point over fewer is labelled
     "3/16") vs budget: one panel per (model, protocol), one line per method, FullKV as a horizontal
     dashed line. ``runs`` are Run objects or run folders. Writes ``<path_stem>.png`` and ``.pdf``;
@@ -352,10 +320,10 @@ def budget_sweep_plot(runs, path_stem, datasets=DATASETS, dpi: int = 150) -> lis
         lines: dict[str, list[tuple[int, float]]] = {}
         budgets = sorted({r.budget for r in group if r.budget is not None})
         for run in group:
-            avg, _, present = averages(run.scores, datasets)
+            avg, _, present = metrics.subset_averages(run.scores, datasets)
             if avg is None:
                 continue
-            label = METHODS.get(run.method, run.method)
+            label = method_label(run.method)
             partial = "" if present == len(datasets) else f" ({present}/{len(datasets)})"
             if run.budget is None:
                 ax.axhline(avg, color="black", linestyle="--", linewidth=1.2, label=f"{label} ({avg:.2f}){partial}")
@@ -377,7 +345,6 @@ def budget_sweep_plot(runs, path_stem, datasets=DATASETS, dpi: int = 150) -> lis
         ax.set_title(f"{model} / {protocol}")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
-    from harness.heatmap import save_figure
     return save_figure(fig, path_stem, dpi)
 
 
@@ -385,32 +352,52 @@ def budget_sweep_plot(runs, path_stem, datasets=DATASETS, dpi: int = 150) -> lis
 # Command line
 # ------------------------------------------------------------------------------------------------
 
-def table(folders, reference=DEFAULT_REFERENCE, datasets=DATASETS, latest: bool = False):
+def table(folders, reference=DEFAULT_REFERENCE, datasets=metrics.ENGLISH_16, latest: bool = False):
     """Runs, header, text cells and raw rows for the run folders below ``folders``
     (``reference=None``: no published rows)."""
-    runs = dedupe([load_run(f) for f in find_runs(folders)], latest=latest)
+    runs = dedupe([load_run(f) for f in results.find_runs(folders, RESULT, also=results.MANIFEST)], latest=latest)
     published = load_reference(reference) if reference is not None else []
     rows = build_rows(runs, published, datasets)
     return runs, header(datasets), format_rows(rows, datasets), rows
 
 
+def other_tasks_table(folders, out, sweep_plot: bool = False) -> list[Path]:
+    """Where ``folders`` hold no LongBench run: the summary table of the other tasks' runs (folders with
+    ``predictions.jsonl``, as ``kvh report`` makes it), printed and written into ``out``
+    (``table.md``/``.csv``/``.json``); returns the written paths. No run of any task: SystemExit with
+    the LongBench message."""
+    runs = results.find_runs(folders, results.PREDICTIONS)
+    if not runs:
+        raise SystemExit(f"no LongBench runs (folders with {results.MANIFEST} and {RESULT}) under {folders}")
+    print(f"note: no LongBench runs (folders with {results.MANIFEST} and {RESULT}) under {folders}; "
+          f"the summary table of the {len(runs)} run(s) with {results.PREDICTIONS} instead", file=sys.stderr)
+    if sweep_plot:
+        print("note: --sweep-plot needs LongBench runs: no budget_sweep plot", file=sys.stderr)
+    head, rows = summary.passkey_table(runs)
+    print(markdown(head, rows))
+    written = summary.write_outputs(out, head, rows)
+    for p in written:
+        print(p, file=sys.stderr)
+    return written
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folders", nargs="+")
-    parser.add_argument("--out", required=True, help="folder for table.md/.csv/.tex/.json (and budget_sweep.*)")
+    parser = argparse.ArgumentParser(prog="kvh table", description=__doc__, formatter_class=results.HelpFormatter)
+    parser.add_argument("folders", nargs="*", default=DEFAULT_FOLDERS, help="results folders to search")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="folder for table.md/.csv/.tex/.json (and budget_sweep.*)")
     parser.add_argument("--reference", type=Path, default=None,
                         help="published numbers: a reference JSON file or a folder of them "
                              f"(default {DEFAULT_REFERENCE} where it exists)")
     parser.add_argument("--no-reference", action="store_true", help="no published/diff rows")
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), metavar="DATASET",
+    parser.add_argument("--datasets", nargs="+", default=list(metrics.ENGLISH_16), metavar="DATASET",
                         help="columns, in this order (default: the 16 English datasets)")
     parser.add_argument("--latest", action="store_true",
                         help="where several runs give the same row, keep the newest result.json")
     parser.add_argument("--sweep-plot", action="store_true", help="also write budget_sweep.png/.pdf into --out")
     args = parser.parse_args(argv)
-    unknown = [d for d in args.datasets if d not in CATEGORY_OF]
+    unknown = [d for d in args.datasets if d not in metrics.CATEGORIES]
     if unknown:
-        parser.error(f"unknown dataset(s) {', '.join(unknown)}; LongBench has {', '.join(CATEGORY_OF)}")
+        parser.error(f"unknown dataset(s) {', '.join(unknown)}; LongBench has {', '.join(metrics.CATEGORIES)}")
     if args.reference is not None and not args.reference.exists():
         parser.error(f"--reference {args.reference} does not exist")
     reference = None if args.no_reference else (args.reference or (DEFAULT_REFERENCE if DEFAULT_REFERENCE.is_dir()
@@ -420,7 +407,8 @@ def main(argv=None) -> None:
     except (DuplicateRunError, ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
     if not runs:
-        raise SystemExit(f"no LongBench runs (folders with {results.MANIFEST} and {RESULT}) under {args.folders}")
+        other_tasks_table(args.folders, args.out, args.sweep_plot)
+        return
     print(markdown(head, cells))
     written = write_outputs(args.out, head, cells, rows)
     if args.sweep_plot:

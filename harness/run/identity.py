@@ -31,11 +31,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from harness.config import schema
 from methods import ConfigError
 
 log = logging.getLogger(__name__)
 
-RESUME_MODES = ("auto", "new")
+RESUME_MODES = tuple(schema.Resume.__members__)   # auto | new
 #: top-level settings that cannot change a number
 NOT_IDENTITY = ("results_dir", "limit", "wandb", "wandb_project", "decode_batch", "threads",
                 "save_kept_positions", "methods", "budgets", "method_overrides", "method", "resume",
@@ -80,14 +81,6 @@ def inside(folder: Path, root: Path) -> Path:
     return Path(folder)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def sample_digest(sample) -> str:
     """sha256 (first 16 hex digits) of what a sample puts into the model and scores against."""
     parts = [sample.prompt, sample.answer_prefix, list(sample.answers), int(sample.max_new_tokens), sample.dataset,
@@ -101,7 +94,7 @@ def run_identity(cfg, knobs: dict, model_identity: dict, data_identity: dict) ->
     ``knobs``: the method's knobs (``{"name": ..., **compressor.knobs()}``); ``model_identity``: the
     resolved dtype, device type and weights fingerprint (``models.model_identity``); ``data_identity``:
     the task's data checksums (``task.data_identity``)."""
-    from harness import results
+    from harness.run import results
     config = OmegaConf.to_container(cfg, resolve=True)
     ident = {k: v for k, v in config.items() if k not in NOT_IDENTITY}
     if model_identity["device"] == "cpu":
@@ -125,11 +118,16 @@ def flatten(tree, prefix: str = "") -> dict:
 
 def differences(stored: dict, current: dict) -> list[tuple[str, object, object]]:
     """``(key, stored value, current value)`` for every dotted key that differs ("<absent>" where a
-    key is missing), keys under ``OPEN_SETS`` compared only where both sides have them."""
-    old, new = flatten(stored), flatten(current)
+    key is missing), keys under ``OPEN_SETS`` compared only where both sides have them. A key absent on
+    one side whose value on the other is its schema default (``harness.config.schema.defaults``: an
+    identity stored before the key had a default in the schema) is no difference."""
+    old, new, default = flatten(stored), flatten(current), schema.defaults()
     out = []
     for key in sorted(set(old) | set(new)):
         if any(key.startswith(p) for p in OPEN_SETS) and (key not in old or key not in new):
+            continue
+        if (key not in old or key not in new) and key in default and \
+                (old if key in old else new)[key] == default[key]:
             continue
         if key in UNKNOWN_IF_NONE and (old.get(key) is None or new.get(key) is None):
             continue
@@ -140,7 +138,7 @@ def differences(stored: dict, current: dict) -> list[tuple[str, object, object]]
 
 
 def has_rows(folder: Path) -> bool:
-    from harness import results
+    from harness.run import results
     return bool(results.finished(folder))
 
 
@@ -150,7 +148,7 @@ def resolve_folder(base: Path, ident: dict, mode: str, reject=None) -> tuple[Pat
     ``mode``: ``auto`` (resume ``base`` if its identity matches, else refuse) or ``new`` (the first of
     ``base``, ``base.2``, ``base.3``... that is empty or has this identity and is not ``reject``ed:
     ``reject(folder)`` is true where finished rows conflict with this run's samples). Raises ConfigError."""
-    from harness import results
+    from harness.run import results
     if mode not in RESUME_MODES:
         raise ConfigError(f"resume={mode!r} is not one of {list(RESUME_MODES)}; fix: resume=auto (resume a folder "
                           "with the same settings, refuse otherwise) or resume=new (a sibling folder)")

@@ -1,0 +1,276 @@
+"""The typed schema of every config group, registered in Hydra's ConfigStore.
+
+Composition itself rejects a misspelt key, a value of the wrong type (``method.budget=abc``) or a
+value outside a closed set (``protocol.pooling=meanpool``): OmegaConf names the key, the value and,
+for a closed set, the choices. Range and cross-field rules (``budget > window_size``, existing data
+paths) stay with the code that owns them (``methods``' ``validate``, each task's ``validate``) and also
+run before any model loads.
+
+Closed sets are enums built from the tuples their owners already use (``methods.base.POOLINGS``,
+``harness.engine.models.SOURCES``, ...): one definition per set. Defaults: a group's schema holds the
+default of every optional key (the YAML files set what differs); method knobs default to their
+method's dataclass fields.
+
+Registered names (all referenced from the YAML defaults lists):
+
+* ``schema``: the top-level run settings (``conf/config.yaml``), with ``model`` and ``protocol``
+  typed (``harness.engine.models.ModelConfig``, which the engine also applies to a partial model config
+  given to it directly, and ``ProtocolConfig``);
+* ``schema/method/<name>``: one per registered ``KVCompressor`` (its knobs, typed), which
+  ``conf/method/<name>.yaml`` lists first in its defaults (``- /schema/method/<name>@_here_``);
+* ``schema/task/<name>``: one per task (``PasskeyConfig``, ``NeedleConfig``, ``LongBenchConfig``), likewise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+import methods
+from harness.engine.generate import DECODE_MODES
+from harness.engine.models import AttentionBackend, Dtype, ModelConfig, ModelSource
+from harness.protocol.prompting import CHAT_MODES, SPECIAL_TOKEN_MODES, TRUNCATION_MODES
+from harness.tasks.haystack import KINDS as HAYSTACK_KINDS
+from harness.tasks.needle import DEPTH_GRID_KINDS
+from harness.tasks.needle import PRESETS as NEEDLE_PRESETS
+
+#: the enum of each closed set, by its tuple of values (the model's own come from harness.engine.models)
+_ENUMS: dict[tuple, type[enum.Enum]] = {tuple(e.__members__): e for e in (ModelSource, Dtype, AttentionBackend)}
+
+
+def closed_set(name: str, values) -> type[enum.Enum]:
+    """The enum of a tuple of allowed values (one class per tuple, shared by every field that uses it;
+    member names are the values themselves)."""
+    values = tuple(values)
+    if values not in _ENUMS:
+        _ENUMS[values] = enum.Enum(name, {v: v for v in values})
+    return _ENUMS[values]
+
+
+Pooling = closed_set("Pooling", methods.base.POOLINGS)
+Granularity = closed_set("Granularity", methods.base.GRANULARITIES)
+H2OVariant = closed_set("H2OVariant", methods.REGISTRY["h2o"].choices["variant"])
+ChatTemplate = closed_set("ChatTemplate", CHAT_MODES)
+Truncation = closed_set("Truncation", TRUNCATION_MODES)
+SpecialTokens = closed_set("SpecialTokens", SPECIAL_TOKEN_MODES)
+Decode = closed_set("Decode", DECODE_MODES)
+Resume = closed_set("Resume", ("auto", "new"))   # resume=: harness.run.identity.resolve_folder
+Haystack = closed_set("Haystack", HAYSTACK_KINDS)
+NeedleKind = closed_set("NeedleKind", tuple(NEEDLE_PRESETS))
+DepthGridKind = closed_set("DepthGridKind", DEPTH_GRID_KINDS)
+
+
+@dataclass
+class ProtocolConfig:
+    """``conf/protocol/*.yaml``: every knob of a reference protocol that changes numbers (DESIGN.md)."""
+    name: str = MISSING
+    dtype: Dtype = Dtype.auto                      # type: ignore[valid-type]
+    chat_template: ChatTemplate = ChatTemplate.auto   # type: ignore[valid-type]
+    chat_template_skip: Optional[List[str]] = None   # datasets sent without the template (LongBench pred.py)
+    truncation: Truncation = Truncation.middle     # type: ignore[valid-type]
+    prompt_special_tokens: SpecialTokens = SpecialTokens.text   # type: ignore[valid-type]
+    kernel_size: int = 7
+    pooling: Pooling = Pooling.maxpool             # type: ignore[valid-type]
+    granularity: Granularity = Granularity.query_head   # type: ignore[valid-type]
+    window_size: Dict[str, int] = field(default_factory=dict)   # per method name
+    streamingllm_sink_tokens: Optional[int] = None
+    h2o_variant: H2OVariant = H2OVariant.causal    # type: ignore[valid-type]
+    dynamickv_radio_max: float = 10.0
+    stop_tokens: Dict[str, List[str]] = field(default_factory=lambda: {"default": ["model"]})
+    min_new_tokens: Dict[str, int] = field(default_factory=lambda: {"default": 0})
+
+
+@dataclass
+class RunConfig:
+    """``conf/config.yaml``: the run settings; ``task`` and ``method`` are typed by their own option's
+    schema (``schema/task/<name>``, ``schema/method/<name>``)."""
+    model: ModelConfig = MISSING
+    protocol: ProtocolConfig = MISSING
+    task: Any = MISSING
+    method: Any = MISSING
+    results_dir: str = "results"
+    limit: Optional[int] = None
+    methods: Optional[List[str]] = None
+    budgets: Optional[List[int]] = None
+    method_overrides: Any = None                   # with methods: {knob: value} applied to every method
+    wandb: bool = True
+    wandb_project: str = "kv-harness"
+    save_kept_positions: bool = False
+    decode: Decode = Decode.batched                # type: ignore[valid-type]
+    cuda_graphs: bool = True
+    decode_batch: int = 16
+    decode_compile: bool = False
+    threads: Optional[int] = None
+    resume: Resume = Resume.auto                   # type: ignore[valid-type]
+    distributed_timeout_s: Optional[float] = None
+    debug: bool = False
+
+
+@dataclass
+class GridRange:
+    start: int = 1000
+    stop: int = 8000
+    step: int = 1000
+
+
+@dataclass
+class DepthGrid:
+    kind: DepthGridKind = DepthGridKind.linear     # type: ignore[valid-type]
+    count: int = 10
+
+
+@dataclass
+class PasskeyConfig:
+    """``conf/task/passkey.yaml`` (``harness.tasks.passkey``)."""
+    name: str = "passkey"
+    haystack: Haystack = Haystack.synthetic        # type: ignore[valid-type]
+    haystack_dir: Optional[str] = None
+    context_lengths: List[int] = field(default_factory=lambda: [2048])
+    depths: List[Any] = field(default_factory=lambda: [10, 50, 90])   # percents (int or float)
+    samples_per_cell: int = 1
+    max_new_tokens: int = 12
+    seed: int = 0
+
+
+@dataclass
+class NeedleConfig:
+    """``conf/task/needle.yaml`` (``harness.tasks.needle``)."""
+    name: str = "needle"
+    needle: NeedleKind = NeedleKind.san_francisco  # type: ignore[valid-type]
+    haystack: Haystack = Haystack.synthetic        # type: ignore[valid-type]
+    haystack_dir: Optional[str] = None
+    context_lengths: Optional[List[int]] = None
+    context_range: GridRange = field(default_factory=GridRange)
+    depths: Optional[List[Any]] = None             # percents (int or float)
+    depth_grid: DepthGrid = field(default_factory=DepthGrid)
+    buffer: int = 200
+    max_new_tokens: int = 30
+    stop_strings: List[str] = field(default_factory=lambda: ["\n"])
+    seed: int = 0
+
+
+@dataclass
+class LongBenchConfig:
+    """``conf/task/longbench.yaml`` (``harness.tasks.longbench``)."""
+    name: str = "longbench"
+    data_dir: Optional[str] = None
+    config_dir: Optional[str] = None
+    config_commit: str = MISSING
+    hub_repo: str = "THUDM/LongBench"
+    hub_revision: str = "main"
+    datasets: List[str] = MISSING
+    limit: Optional[int] = None
+    max_new_tokens: Optional[int] = None
+
+
+TASK_SCHEMAS = {"passkey": PasskeyConfig, "needle": NeedleConfig, "longbench": LongBenchConfig}
+_PYTHON_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+@functools.cache
+def method_schema(name: str) -> type:
+    """The schema of one registered method: ``name`` plus its dataclass fields, typed (a knob with
+    ``choices`` as an enum), each defaulting to the method's own default."""
+    cls = methods.REGISTRY[name]
+    fields = [("name", str, field(default=name))]
+    for f in dataclasses.fields(cls):
+        text = str(f.type) if not isinstance(f.type, type) else f.type.__name__
+        optional = text.endswith(" | None")
+        kind = _PYTHON_TYPES[text.removesuffix(" | None")]
+        default = f.default
+        if f.name in cls.choices:
+            kind = closed_set(f.name.title(), cls.choices[f.name])
+            default = kind[default]
+        if optional:
+            kind = Optional[kind]
+        fields.append((f.name, kind, field(default=default)))
+    return dataclasses.make_dataclass(f"{cls.__name__}Config", fields)
+
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Store every schema in Hydra's ConfigStore (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    store = ConfigStore.instance()
+    store.store(name="schema", node=RunConfig)
+    for name in methods.REGISTRY:
+        store.store(group="schema/method", name=name, node=method_schema(name))
+    for name, node in TASK_SCHEMAS.items():
+        store.store(group="schema/task", name=name, node=node)
+    _REGISTERED = True
+
+
+def _schema_of(group: str, name: str):
+    if group == "method":
+        return method_schema(name) if name in methods.REGISTRY else None
+    return TASK_SCHEMAS.get(name)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check ``cfg.method`` and ``cfg.task`` against the schema of their ``name`` (a user's own YAML that
+    lists no ``schema_<name>`` default is checked too), and resolve every interpolation once so that an
+    interpolated value of the wrong type fails here. Raises OmegaConf's ``ValidationError`` (key, value,
+    choices) or ``methods.ConfigError`` for an unknown method or task name."""
+    for group in ("method", "task"):
+        node = cfg.get(group)
+        if node is None:
+            continue
+        schema = _schema_of(group, str(node.get("name")))
+        if schema is None:
+            known = sorted(methods.REGISTRY) if group == "method" else sorted(TASK_SCHEMAS)
+            raise methods.ConfigError(f"{group}.name={node.get('name')!r} is not one of {known}; fix: a "
+                                      f"{group} config whose name is one of them")
+        if OmegaConf.get_type(node) is not schema and not OmegaConf.is_missing(cfg, group):
+            try:
+                OmegaConf.merge(OmegaConf.structured(schema), node)
+            except OmegaConfBaseException as error:   # the key as the user writes it: method.pooling
+                error.full_key = f"{group}.{getattr(error, 'full_key', '') or ''}".rstrip(".")
+                raise
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+@functools.cache
+def defaults(task: str | None = None) -> dict[str, object]:
+    """Every schema default of the run settings, the model, the protocol and ``task`` as a flat
+    ``{"model.seed": 0, "task.buffer": 200, "decode": "batched", ...}`` (enums as names): a key that a
+    stored run identity lacks means this value (``identity.differences``)."""
+    out: dict[str, object] = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict) and value and key not in ("config", "window_size", "stop_tokens",
+                                                                    "min_new_tokens", "method_overrides"):
+                walk(value, f"{prefix}{key}.")
+            elif value != "???":
+                out[f"{prefix}{key}"] = value
+
+    run = OmegaConf.to_container(OmegaConf.structured(RunConfig), enum_to_str=True)
+    walk({k: v for k, v in run.items() if k not in ("model", "protocol", "task", "method")}, "")
+    walk(OmegaConf.to_container(OmegaConf.structured(ModelConfig), enum_to_str=True), "model.")
+    walk(OmegaConf.to_container(OmegaConf.structured(ProtocolConfig), enum_to_str=True), "protocol.")
+    tasks: dict[str, list] = {}
+    for name, node in TASK_SCHEMAS.items():
+        if task in (None, name):
+            found: dict[str, object] = {}
+            walk_into = OmegaConf.to_container(OmegaConf.structured(node), enum_to_str=True)
+            out_before = dict(out)
+            walk(walk_into, "task.")
+            found = {k: v for k, v in out.items() if k not in out_before}
+            out.clear()
+            out.update(out_before)
+            for key, value in found.items():
+                tasks.setdefault(key, []).append(value)
+    # a task key counts where every task that has it agrees on its default (task=None)
+    out.update({key: values[0] for key, values in tasks.items() if all(v == values[0] for v in values)})
+    return out
