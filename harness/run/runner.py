@@ -248,81 +248,98 @@ def run(cfg: DictConfig) -> list[dict]:
 
 
 def _run(cfg: DictConfig, job: Plan, locks: contextlib.ExitStack) -> list[dict]:
-    task, compressors, folders = job.task, job.compressors, job.folders
+    """The run after ``plan``: samples (checked before the weights load), the model, the folders'
+    manifests, one generation per (sample, method) not yet done, then the scores (rank 0)."""
     distributed.init(cfg.distributed_timeout_s)
     rank, world = distributed.world()
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    skip = set(cfg.protocol.chat_template_skip or [])
-    special_tokens = cfg.protocol.prompt_special_tokens
-    built = {}
-
-    def build(tokenizer):   # before the weights load: settings only the tokenizer can judge fail early
-        for token in cfg.model.extra_stop_tokens or []:
-            token_id = tokenizer.convert_tokens_to_ids(token)
-            if token_id is None or token_id == tokenizer.unk_token_id:
-                raise methods.ConfigError(f"model.extra_stop_tokens: {token!r} is not a token of {cfg.model.name}'s "
-                                          "tokenizer; fix: the exact token text (e.g. <|eot_id|>), or remove it")
-        view = SimpleNamespace(tokenizer=tokenizer, max_input_tokens=cfg.model.max_input_tokens,
-                               chat_template=bool(cfg.model.chat_template))
-        chat = use_chat_template(cfg.protocol.chat_template, view.chat_template, tokenizer)
-        samples = task_samples(task, cfg.task, view, chat, cfg.protocol.truncation, special_tokens)
-        if cfg.limit:
-            samples = samples[: int(cfg.limit)]
-        digests = {(s.group, s.id): identity.sample_digest(s) for s in samples}
-        if len(digests) != len(samples):
-            seen, repeated = set(), []
-            for s in samples:
-                (repeated.append(s.id) if (s.group, s.id) in seen else seen.add((s.group, s.id)))
-            raise methods.ConfigError(f"task {cfg.task.name}: sample id(s) {sorted(set(repeated))[:5]} occur twice (two "
-                                      "grid points give the same id, e.g. repeated lengths or depths); fix: give each "
-                                      "length and depth once")
-        for c in compressors:   # finished rows must have been made from these samples
-            rows = results.finished(folders[id(c)])
-            if identity.conflicts(rows, digests):
-                if cfg.resume != "new":
-                    identity.check_samples(folders[id(c)], rows, digests)
-                base = run_folder(cfg, c)
-                folder, stored = identity.resolve_folder(
-                    base, job.identities[id(c)], "new",
-                    reject=lambda f: bool(identity.conflicts(results.finished(f), digests)))
-                log.info("%s: resume=new -> %s (the earlier folders hold other samples)", c.name, folder)
-                folders[id(c)], job.stored[id(c)] = folder, stored
-                if rank == 0:
-                    lock_folder(folder, locks)
-        built.update(chat=chat, samples=samples, digests=digests)
-
+    built: dict = {}
     log.info("loading model %s (source %s)", cfg.model.name, cfg.model.source)   # every check above ran first
-    lm = _cached_model(OmegaConf.to_yaml(cfg.model, resolve=True), build)
+    lm = _cached_model(OmegaConf.to_yaml(cfg.model, resolve=True),
+                       lambda tokenizer: built.update(build_samples(cfg, job, locks, tokenizer)))
     if lm.info["dtype"] != job.model_identity["dtype"]:
         raise RuntimeError(f"model {cfg.model.name} loaded in {lm.info['dtype']}, not the {job.model_identity['dtype']} "
                            "its config resolves to; the run identity would be wrong")
     check_loaded_commit(cfg, job, lm)
-    chat, samples, digests = built["chat"], built["samples"], built["digests"]
     if rank == 0:   # invalid lines go to <file>.bad before anyone counts what is done
-        for folder in folders.values():
+        for folder in job.folders.values():
             for path in list(folder.glob("*.jsonl")) + results.part_files(folder):
                 results.quarantine(path)
     distributed.barrier()
-    done = {id(c): set(results.finished(folders[id(c)])) for c in compressors}
-    all_samples, samples = samples, samples[rank::world]
-    writers: dict[tuple, results.PredictionWriter] = {}
+    done = {id(c): set(results.finished(job.folders[id(c)])) for c in job.compressors}
+    all_samples = built["samples"]
+    write_manifests(cfg, job, lm, built["chat"], all_samples, done)
+    generate_rows(cfg, job, lm, built["chat"], all_samples[rank::world], built["digests"], done)
+    distributed.barrier()
+    if rank != 0:
+        return []
+    return finish(cfg, job, [(s.group, s.id) for s in all_samples])
+
+
+def build_samples(cfg: DictConfig, job: Plan, locks: contextlib.ExitStack, tokenizer) -> dict:
+    """The task's samples, built with the tokenizer before the weights load (settings only the tokenizer
+    can judge fail early): stop tokens exist, ids are unique, and every folder's finished rows were made
+    from these very samples (else refused, or ``resume=new`` moves to a sibling folder). Returns
+    ``{"chat": bool, "samples": [Sample], "digests": {(group, id): sha256}}``."""
+    for token in cfg.model.extra_stop_tokens or []:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise methods.ConfigError(f"model.extra_stop_tokens: {token!r} is not a token of {cfg.model.name}'s "
+                                      "tokenizer; fix: the exact token text (e.g. <|eot_id|>), or remove it")
+    view = SimpleNamespace(tokenizer=tokenizer, max_input_tokens=cfg.model.max_input_tokens,
+                           chat_template=bool(cfg.model.chat_template))
+    chat = use_chat_template(cfg.protocol.chat_template, view.chat_template, tokenizer)
+    samples = task_samples(job.task, cfg.task, view, chat, cfg.protocol.truncation, cfg.protocol.prompt_special_tokens)
+    if cfg.limit:
+        samples = samples[: int(cfg.limit)]
+    digests = {(s.group, s.id): identity.sample_digest(s) for s in samples}
+    if len(digests) != len(samples):
+        seen, repeated = set(), []
+        for s in samples:
+            (repeated.append(s.id) if (s.group, s.id) in seen else seen.add((s.group, s.id)))
+        raise methods.ConfigError(f"task {cfg.task.name}: sample id(s) {sorted(set(repeated))[:5]} occur twice (two "
+                                  "grid points give the same id, e.g. repeated lengths or depths); fix: give each "
+                                  "length and depth once")
+    for c in job.compressors:   # finished rows must have been made from these samples
+        rows = results.finished(job.folders[id(c)])
+        if identity.conflicts(rows, digests):
+            if cfg.resume != "new":
+                identity.check_samples(job.folders[id(c)], rows, digests)
+            base = run_folder(cfg, c)
+            folder, stored = identity.resolve_folder(
+                base, job.identities[id(c)], "new",
+                reject=lambda f: bool(identity.conflicts(results.finished(f), digests)))
+            log.info("%s: resume=new -> %s (the earlier folders hold other samples)", c.name, folder)
+            job.folders[id(c)], job.stored[id(c)] = folder, stored
+            if distributed.world()[0] == 0:
+                lock_folder(folder, locks)
+    return {"chat": chat, "samples": samples, "digests": digests}
+
+
+def write_manifests(cfg: DictConfig, job: Plan, lm, chat: bool, all_samples: list[Sample], done: dict) -> None:
+    """Each method's ``manifest.json`` (rank 0): a fresh folder's full record, or a resumed folder's
+    record with this session added; logs how many samples each folder already has."""
+    rank, world = distributed.world()
+    skip = set(cfg.protocol.chat_template_skip or [])
     session = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "config": OmegaConf.to_container(cfg, resolve=True), "environment": results.environment(),
                "world_size": world, "samples": len(all_samples)}
     manifest = {"config": session["config"], "model": lm.info, "dtype": lm.info["dtype"], "chat_template": chat,
                 "stop_token_ids": lm.stop_token_ids, "environment": session["environment"],
-                "samples": len(all_samples), "shared_prefill": len(compressors) > 1,
+                "samples": len(all_samples), "shared_prefill": len(job.compressors) > 1,
                 "generation": {dataset or "default": {
                     "stop_token_ids": generation_rules.stop_ids(cfg.protocol, dataset, lm),
                     "min_new_tokens": generation_rules.min_new_tokens(cfg.protocol, dataset),
                     "chat_template": chat and dataset not in skip} for dataset in {s.dataset for s in all_samples}}}
-    if task.checksums is not None:
-        manifest["data_sha256"] = task.checksums(cfg.task)
-    if task.environment is not None:
-        manifest["scorer"] = task.environment()
-    for c in compressors:
-        folders[id(c)].mkdir(parents=True, exist_ok=True)
+    if job.task.checksums is not None:
+        manifest["data_sha256"] = job.task.checksums(cfg.task)
+    if job.task.environment is not None:
+        manifest["scorer"] = job.task.environment()
+    mine = all_samples[rank::world]
+    for c in job.compressors:
+        folder = job.folders[id(c)]
+        folder.mkdir(parents=True, exist_ok=True)
         if rank == 0:
             stored = job.stored[id(c)]
             if stored is not None:   # the same identity: keep the first session's record, add this one
@@ -331,16 +348,25 @@ def _run(cfg: DictConfig, job: Plan, locks: contextlib.ExitStack) -> list[dict]:
             else:
                 record = {**manifest, "world_size": world, "method": {"name": c.name, **c.knobs()},
                           "identity": job.identities[id(c)], "sessions": [session]}
-            results.write_json(folders[id(c)] / results.MANIFEST, record)
-        finished = sum((s.group, s.id) in done[id(c)] for s in samples)
-        log.info("%s: %d of %d samples already done -> %s", c.name, finished, len(samples), folders[id(c)])
+            results.write_json(folder / results.MANIFEST, record)
+        finished = sum((s.group, s.id) in done[id(c)] for s in mine)
+        log.info("%s: %d of %d samples already done -> %s", c.name, finished, len(mine), folder)
+
+
+def generate_rows(cfg: DictConfig, job: Plan, lm, chat: bool, samples: list[Sample], digests: dict,
+                  done: dict) -> None:
+    """Generate and append one row per (sample, method) not yet done: one prompt encoding and, for
+    several methods, one shared prefill per sample (``generate_many``); rows flushed as they come."""
+    rank, world = distributed.world()
+    skip = set(cfg.protocol.chat_template_skip or [])
+    special_tokens = cfg.protocol.prompt_special_tokens
     device = next(lm.model.parameters()).device
-    fast = {"decode": cfg.decode, "cuda_graphs": bool(cfg.cuda_graphs),
-            "compile": bool(cfg.decode_compile)}
+    fast = {"decode": cfg.decode, "cuda_graphs": bool(cfg.cuda_graphs), "compile": bool(cfg.decode_compile)}
     stop_strings = list(cfg.task.get("stop_strings") or [])   # a task setting (needle) only some tasks have
+    writers: dict[tuple, results.PredictionWriter] = {}
     warned_specials = False
     for sample in samples:
-        todo = [c for c in compressors if (sample.group, sample.id) not in done[id(c)]]
+        todo = [c for c in job.compressors if (sample.group, sample.id) not in done[id(c)]]
         if not todo:
             continue
         sample_chat = chat and sample.dataset not in skip
@@ -361,31 +387,32 @@ def _run(cfg: DictConfig, job: Plan, locks: contextlib.ExitStack) -> list[dict]:
                              stop_strings, min_new, **fast)]
         else:
             outs = generate_many(lm.model, lm.tokenizer, input_ids, todo, sample.max_new_tokens, stops,
-                                 stop_strings, min_new, max_batch=int(cfg.decode_batch),
-                                 **fast)
+                                 stop_strings, min_new, max_batch=int(cfg.decode_batch), **fast)
         seconds = (time.perf_counter() - start) / len(todo)
         for c, out in zip(todo, outs):
-            row = _row(task, sample, out, seconds, c) | {"sample_sha256": digests[(sample.group, sample.id)]}
+            row = _row(job.task, sample, out, seconds, c) | {"sample_sha256": digests[(sample.group, sample.id)]}
             if cfg.save_kept_positions and out.report is not None:
-                save_positions(folders[id(c)], sample.id, out.report)
+                save_positions(job.folders[id(c)], sample.id, out.report)
             key = (id(c), sample.group)
             if key not in writers:
                 suffix = distributed.PART.format(rank=rank) if world > 1 else ""
-                writers[key] = results.PredictionWriter(folders[id(c)], sample.group, suffix)
+                writers[key] = results.PredictionWriter(job.folders[id(c)], sample.group, suffix)
             writers[key].append(row)
             log.info("%-12s %s score=%.2f %r", c.name, sample.id, row["score"], out.text[:50])
-    sample_keys = [(s.group, s.id) for s in all_samples]
-    distributed.barrier()
-    if rank != 0:
-        return []
+
+
+def finish(cfg: DictConfig, job: Plan, sample_keys: list[tuple]) -> list[dict]:
+    """Rank 0, after every rank is done: merge the part files, summarise each folder (``scores.json``),
+    the task's final scores (LongBench's ``result.json``), W&B. Returns one summary per method."""
     summaries = []
-    for c in compressors:
-        distributed.merge(folders[id(c)], {key: k for k, key in enumerate(sample_keys)})
-        summary = summarize(folders[id(c)], c.name, sample_keys)
-        if task.finalize is not None and summary["samples"]:
-            summary["datasets"] = task.finalize(folders[id(c)])
-            results.write_json(folders[id(c)] / results.SCORES, summary)
-        log_to_wandb(cfg, folders[id(c)], c, summary)
+    for c in job.compressors:
+        folder = job.folders[id(c)]
+        distributed.merge(folder, {key: k for k, key in enumerate(sample_keys)})
+        summary = summarize(folder, c.name, sample_keys)
+        if job.task.finalize is not None and summary["samples"]:
+            summary["datasets"] = job.task.finalize(folder)
+            results.write_json(folder / results.SCORES, summary)
+        log_to_wandb(cfg, folder, c, summary)
         summaries.append(summary)
     return summaries
 
