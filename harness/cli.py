@@ -109,6 +109,7 @@ def check_overrides(argv: list[str]) -> str | None:
         elif not arg.startswith("--config-dir=") and not arg.lstrip("+").startswith("hydra.searchpath="):
             overrides.append(arg)
     try:
+        config.check_not_shadowing(user_searchpath(argv))
         config.plain(config.compose(overrides, searchpath=user_searchpath(argv)))
     except (HydraException, OmegaConfBaseException) as error:
         return check_group_choices(argv) or config.describe(error)

@@ -74,7 +74,7 @@ class DynamicKV(KVCompressor):
             raise ConfigError(f"dynamickv: variant={self.variant!r} is not one of {VARIANTS}")
         if not isinstance(self.m, int) or isinstance(self.m, bool) or self.m <= 0:
             raise ConfigError(f"dynamickv: m={self.m!r} must be a positive integer (the code uses 4)")
-        if not isinstance(self.radio_max, (int, float)) or self.radio_max <= 0:
+        if isinstance(self.radio_max, bool) or not isinstance(self.radio_max, (int, float)) or self.radio_max <= 0:
             raise ConfigError(f"dynamickv: radio_max={self.radio_max!r} must be a positive number (5 or 10 in the scripts)")
 
     @property

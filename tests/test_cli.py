@@ -172,3 +172,38 @@ def test_bad_decode_batch_fails_before_the_model_loads(tmp_path, value):
     assert "decode_batch=" in out.stderr
     assert ("must be a positive integer" if value != "true" else "must be an integer") in out.stderr
     assert not (tmp_path / "passkey").exists()
+
+
+def test_kvh_subcommands_give_one_line_and_exit_2_on_bad_input(tmp_path, capsys):
+    """Reporters on a folder with nothing to report: one ``error:`` line, exit 2 (kept-plot raised a
+    ValueError traceback before)."""
+    from harness import cli
+    for argv in (["kept-plot", str(tmp_path), "--out", str(tmp_path / "k")], ["table", str(tmp_path / "none")],
+                 ["nope"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(argv)
+        assert exit_.value.code == 2, argv
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith("error: "), (argv, err)
+
+
+def test_every_subcommand_help_lists_defaults(capsys):
+    from harness import cli
+    for command in cli.TOOLS:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([command, "--help"])
+        assert exit_.value.code == 0
+        text = capsys.readouterr().out
+        assert text.startswith(f"usage: kvh {command}"), command
+        if command != "score":
+            assert "(default:" in text, command
+
+
+@pytest.mark.parametrize("override, message", [
+    ("method_overrides=abc", "method_overrides='abc' must map knobs to values"),
+    ("method_overrides={budget: abc}", "snapkv: budget='abc' must be an integer"),
+])
+def test_method_overrides_are_checked(tmp_path, override, message):
+    from methods import ConfigError
+    with pytest.raises(ConfigError, match=message):
+        runner.plan(config(tmp_path, "methods=[snapkv]", override))

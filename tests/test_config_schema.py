@@ -5,6 +5,7 @@ shipped configs compose and become the same plain config the runner always saw."
 import dataclasses
 import enum
 import os
+import re
 import subprocess
 import sys
 import typing
@@ -64,7 +65,7 @@ def test_the_cases_cover_every_group_and_closed_set():
     assert {"decode", "resume", "model.source", "model.dtype", "model.attn_implementation", "protocol.pooling",
             "protocol.granularity", "protocol.h2o_variant", "protocol.truncation", "protocol.chat_template",
             "protocol.prompt_special_tokens", "task.haystack", "task.needle", "task.depth_grid.kind",
-            "method.pooling", "method.granularity", "method.variant", "method.budget", "method.radio_max",
+            "method.pooling", "method.granularity", "method.variant", "method.budget", "method.m",
             "task.context_range.step", "wandb"} <= keys
     assert len(CASES) > 60
 
@@ -140,3 +141,38 @@ def test_the_command_line_rejects_before_loading(tmp_path):
     assert lines == ["error: protocol.pooling='meanpool' is not one of [maxpool, avgpool]; "
                      "fix: protocol.pooling=<one of them>"]
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("override, key", [("+protocol.kernal_size=5", "protocol.kernal_size"), ("+foo=1", "foo"),
+                                           ("+method.foo=1", "method.foo"), ("+model.sed=1", "model.sed"),
+                                           ("+task.depth_grid.kinds=linear", "task.depth_grid.kinds")])
+def test_a_key_added_with_plus_that_no_schema_has_is_refused(override, key):
+    """Hydra's ``+key=value`` adds a key even to a typed config; it would be ignored, so it is refused."""
+    choices = ["task=needle"] if "depth_grid" in override else []
+    with pytest.raises(methods.ConfigError, match=rf"^{re.escape(key)} is not a setting .*fix: remove it"):
+        config.plain(config.compose([*choices, override]))
+
+
+def test_a_user_file_named_like_a_shipped_one_is_refused(tmp_path):
+    """Hydra finds the shipped configs first, so ``my_conf/method/snapkv.yaml`` would silently not be used."""
+    (tmp_path / "method").mkdir()
+    (tmp_path / "method" / "snapkv.yaml").write_text("name: snapkv\nbudget: 77\n")
+    with pytest.raises(methods.ConfigError, match=r"snapkv.yaml has the name of a shipped config.*method=my_snapkv"):
+        config.check_not_shadowing([str(tmp_path)])
+    (tmp_path / "method" / "snapkv.yaml").rename(tmp_path / "method" / "my_snapkv.yaml")
+    config.check_not_shadowing([str(tmp_path)])
+    assert "my_snapkv" in config.group_options("method", [str(tmp_path)])
+
+
+def test_a_float_knob_keeps_the_value_as_written():
+    """``radio_max=5`` stays 5, not 5.0: the run folder's name (``radiomax5``) is what it was before typing."""
+    from harness.run.results import run_name
+    for override, text in (("protocol.dynamickv_radio_max=5", "radiomax5_"), ("protocol.dynamickv_radio_max=7.5",
+                                                                                "radiomax7.5_")):
+        cfg = config.plain(config.compose(["method=dynamickv", override]))
+        knobs = OmegaConf.to_container(cfg.method, resolve=True)
+        assert text in run_name(methods.build(knobs.pop("name"), **knobs).knobs() | {"name": "dynamickv"}) + "_"
+    with pytest.raises(methods.ConfigError, match="radio_max='abc' must be a positive number"):
+        methods.build("dynamickv", radio_max="abc")
+    with pytest.raises(methods.ConfigError, match="radio_max=True must be a positive number"):
+        methods.build("dynamickv", radio_max=True)

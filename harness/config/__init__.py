@@ -3,9 +3,10 @@ typed schema of every config group (``schema``), composition outside a Hydra app
 plain config the runner works on (``plain``).
 
 The configs are found through Hydra's package search path (``pkg://harness.conf``), so a wheel
-installed anywhere runs them; a user's own configs come first on the search path
-(``hydra.searchpath=[file:///my/conf]`` or ``--config-dir``), for the run and for every lookup the run
-makes later (``methods=[...]``).
+installed anywhere runs them; a user's own config directories (``--config-dir DIR`` or
+``hydra.searchpath=[file:///my/conf]``) add options to every group, for the run and for every lookup
+the run makes later (``methods=[...]``). Hydra searches the shipped configs first, so a user file named
+like a shipped one is refused (``check_not_shadowing``) rather than silently ignored.
 
 May import: ``methods``, ``harness.engine`` / ``harness.protocol`` / ``harness.tasks`` (their tuples of
 allowed values, the one source of each closed choice). Imported by ``harness.run`` and the CLI.
@@ -38,8 +39,9 @@ def reference_dir() -> Path:
 
 
 def search_dirs(extra: list[str] | tuple = ()) -> list[Path]:
-    """Config directories in the order Hydra searches them: ``extra`` (a user's own, as ``file://`` URLs or
-    paths) before the shipped one."""
+    """Config directories: ``extra`` (a user's own, as ``file://`` URLs or paths), then the shipped one.
+    (Hydra itself searches the shipped one first: ``check_not_shadowing`` refuses a user file that it
+    would hide.)"""
     dirs = [Path(str(d).removeprefix("file://")).expanduser() for d in extra if not str(d).startswith("pkg://")]
     return [*dirs, config_dir()]
 
@@ -47,6 +49,20 @@ def search_dirs(extra: list[str] | tuple = ()) -> list[Path]:
 def group_options(group: str, extra: list[str] | tuple = ()) -> list[str]:
     """The YAML options of a config group over the search path (``method`` -> ``['dynamickv', ...]``)."""
     return sorted({p.stem for d in search_dirs(extra) for p in (d / group).glob("*.yaml")})
+
+
+def check_not_shadowing(extra: list[str] | tuple = ()) -> None:
+    """A user's config file named like a shipped one (``my_conf/method/snapkv.yaml``) would never be used:
+    Hydra searches the shipped configs first. ``methods.ConfigError`` naming both files and the fix."""
+    from methods import ConfigError
+    shipped = config_dir()
+    for folder in search_dirs(extra)[:-1]:
+        for group in GROUPS:
+            for path in sorted((folder / group).glob("*.yaml")):
+                if (shipped / group / path.name).is_file():
+                    raise ConfigError(f"{path} has the name of a shipped config ({group}={path.stem}), which Hydra "
+                                      f"finds first, so yours would not be used; fix: give it another name "
+                                      f"({group}/my_{path.stem}.yaml, then {group}=my_{path.stem})")
 
 
 def compose(overrides: list[str] | tuple = (), searchpath: list[str] | tuple = ()) -> DictConfig:
@@ -101,15 +117,15 @@ def describe(error: BaseException) -> str:
         kind = {"bool": "true or false", "integer": "an integer", "float": "a number"}.get(match[2].lower(),
                                                                                          f"a {match[2].lower()}")
         return f"{key}={match[1]!r} must be {kind}; fix: {key}=<{kind}>"
+    match = re.match(r"Key '(.*)' not in '(\w+)'|Key '(.*)' is not in struct", first)
+    if match and key:
+        return (f"{key} is not a setting (misspelt, or added with +); fix: remove it or use a setting that "
+                f"kvh run --cfg job lists")
+    match = re.match(r"Invalid value assigned: (\w+) is not a ListConfig", first)
+    if match and key:
+        return f"{key} must be a list, e.g. {key}=[a,b]; fix: put the value(s) in square brackets"
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     where = f"{key}: " if key and key not in first else ""
     detail = first if cause is not error else " ".join(lines[:2])
     return f"{where}{detail} (kvh run --cfg job shows the composed config)"
 
-
-def _register() -> None:
-    from harness.config import schema
-    schema.register()   # Hydra's ConfigStore, before any composition (the YAML defaults lists name them)
-
-
-_register()

@@ -82,8 +82,9 @@ class ProtocolConfig:
     window_size: Dict[str, int] = field(default_factory=dict)   # per method name
     streamingllm_sink_tokens: Optional[int] = None
     h2o_variant: H2OVariant = H2OVariant.causal    # type: ignore[valid-type]
-    dynamickv_radio_max: float = 10.0
-    stop_tokens: Dict[str, List[str]] = field(default_factory=lambda: {"default": ["model"]})
+    dynamickv_radio_max: Any = 10.0                # a number; untyped so that 5 stays 5 (see _PYTHON_TYPES)
+    # entries are text (a token or a symbol); untyped so that a number is refused, not read as its digits
+    stop_tokens: Dict[str, List[Any]] = field(default_factory=lambda: {"default": ["model"]})
     min_new_tokens: Dict[str, int] = field(default_factory=lambda: {"default": 0})
 
 
@@ -171,7 +172,9 @@ class LongBenchConfig:
 
 
 TASK_SCHEMAS = {"passkey": PasskeyConfig, "needle": NeedleConfig, "longbench": LongBenchConfig}
-_PYTHON_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+#: a float knob stays untyped (Any): OmegaConf would turn 5 into 5.0, and the run folder's name with it
+#: (``radiomax5`` -> ``radiomax5.0``: an existing folder would no longer be found); the method checks it
+_PYTHON_TYPES = {"int": int, "float": Any, "str": str, "bool": bool}
 
 
 @functools.cache
@@ -211,6 +214,9 @@ def register() -> None:
     _REGISTERED = True
 
 
+register()   # on import: the YAML defaults lists name these schemas, so they must exist before any composition
+
+
 def _schema_of(group: str, name: str):
     if group == "method":
         return method_schema(name) if name in methods.REGISTRY else None
@@ -219,9 +225,12 @@ def _schema_of(group: str, name: str):
 
 def validate(cfg: DictConfig) -> None:
     """Check ``cfg.method`` and ``cfg.task`` against the schema of their ``name`` (a user's own YAML that
-    lists no ``schema_<name>`` default is checked too), and resolve every interpolation once so that an
-    interpolated value of the wrong type fails here. Raises OmegaConf's ``ValidationError`` (key, value,
-    choices) or ``methods.ConfigError`` for an unknown method or task name."""
+    lists no ``/schema/<group>/<name>`` default is checked too), refuse a key that no schema has (Hydra's
+    ``+key=value`` adds one even to a typed config: ``+protocol.kernal_size=5`` would be ignored), and
+    resolve every interpolation once so that an interpolated value of the wrong type fails here. Raises
+    OmegaConf's ``ValidationError`` (key, value, choices) or ``methods.ConfigError`` (an unknown method or
+    task name, an unknown key)."""
+    check_keys(cfg)
     for group in ("method", "task"):
         node = cfg.get(group)
         if node is None:
@@ -238,6 +247,31 @@ def validate(cfg: DictConfig) -> None:
                 error.full_key = f"{group}.{getattr(error, 'full_key', '') or ''}".rstrip(".")
                 raise
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def _fields(node: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(node)}
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """Every key of the run settings, model, protocol, task and method is one its schema declares;
+    ``methods.ConfigError`` naming the unknown key and the known ones otherwise."""
+    groups = [("", cfg, RunConfig), ("model.", cfg.get("model"), ModelConfig),
+              ("protocol.", cfg.get("protocol"), ProtocolConfig)]
+    for group in ("method", "task"):
+        node = cfg.get(group)
+        if isinstance(node, DictConfig):
+            groups.append((f"{group}.", node, _schema_of(group, str(node.get("name")))))
+    groups.append(("task.context_range.", (cfg.get("task") or {}).get("context_range"), GridRange))
+    groups.append(("task.depth_grid.", (cfg.get("task") or {}).get("depth_grid"), DepthGrid))
+    for prefix, node, schema in groups:
+        if not isinstance(node, DictConfig) or schema is None:
+            continue
+        unknown = sorted(set(node.keys()) - _fields(schema))
+        if unknown:
+            raise methods.ConfigError(f"{prefix}{unknown[0]} is not a setting (misspelt, or added with +); the "
+                                      f"settings{' of ' + prefix.rstrip('.') if prefix else ''} are "
+                                      f"{sorted(_fields(schema))}; fix: remove it or use one of them")
 
 
 @functools.cache

@@ -21,6 +21,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from harness.engine.compat import BACKENDS
+from harness.run.results import cache_root  # noqa: E402  (re-exported: the engine's caches live there)
 
 log = logging.getLogger(__name__)
 SOURCES = ("hub", "gguf", "package", "random")
@@ -96,10 +97,6 @@ class LoadedModel:
     info: dict = field(default_factory=dict)
 
 
-def cache_root() -> Path:
-    """The harness's cache directory: ``$KV_HARNESS_CACHE``, else ``~/.cache/kv-harness`` (not created
-    here)."""
-    return Path(os.environ.get("KV_HARNESS_CACHE", Path.home() / ".cache" / "kv-harness"))
 
 
 def resolve_device(device: str) -> torch.device:

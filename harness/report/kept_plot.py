@@ -67,11 +67,15 @@ def plot(labels, layers, matrix, path_stem: Path, title: str = "") -> list[Path]
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="kvh kept-plot", description=__doc__, formatter_class=results.HelpFormatter)
-    parser.add_argument("folders", nargs="+")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--by", choices=("run", "sample"), default="run")
+    parser.add_argument("folders", nargs="+", help="results folders; every run below them is read")
+    parser.add_argument("--out", required=True, help="folder for kept_per_layer_by_<by>.png/.pdf")
+    parser.add_argument("--by", choices=("run", "sample"), default="run",
+                        help="one row per run (mean over its samples) or per sample")
     args = parser.parse_args(argv)
-    labels, layers, matrix = allocation_rows(results.find_runs(args.folders, results.PREDICTIONS), args.by)
+    try:
+        labels, layers, matrix = allocation_rows(results.find_runs(args.folders, results.PREDICTIONS), args.by)
+    except ValueError as error:
+        raise SystemExit(f"{error} under {args.folders}") from None
     for path in plot(labels, layers, matrix, Path(args.out) / f"kept_per_layer_by_{args.by}"):
         print(path)
 

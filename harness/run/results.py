@@ -106,6 +106,12 @@ def file_group(path: Path) -> str | None:
     return None if name == PREDICTIONS else name.removesuffix(".jsonl")
 
 
+def cache_root() -> Path:
+    """The harness's cache directory (``$KV_HARNESS_CACHE``, else ``~/.cache/kv-harness``): GGUF dense
+    copies, memoised sha256s, LongBench downloads."""
+    return Path(os.environ.get("KV_HARNESS_CACHE", Path.home() / ".cache" / "kv-harness"))
+
+
 def part_files(folder: Path) -> list[Path]:
     """A data-parallel run's per-rank files (``<file>.rank<r>.part``) not yet merged (``distributed.merge``)."""
     return sorted(Path(folder).glob("*.part"))

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import methods
 from harness import config
+from harness.config import schema  # noqa: F401  (registers the typed configs with Hydra)
 from harness.engine.generate import check_decode, generate
 from harness.engine.models import check_model_config, load_model, model_identity
 from harness.engine.shared import generate_many
@@ -62,6 +63,7 @@ def method_configs(cfg: DictConfig) -> list[dict]:
     if not names:
         return [OmegaConf.to_container(cfg.method, resolve=True)]
     searchpath = run_searchpath()
+    config.check_not_shadowing(searchpath)
     choices = config.group_options("method", searchpath)
     out = []
     for name in names:
@@ -71,7 +73,13 @@ def method_configs(cfg: DictConfig) -> list[dict]:
         node = OmegaConf.create({"protocol": cfg.protocol, "method": composed})
         knobs = OmegaConf.to_container(node.method, resolve=True)
         if cfg.method_overrides:
+            if not isinstance(cfg.method_overrides, DictConfig):
+                raise methods.ConfigError(f"method_overrides={cfg.method_overrides!r} must map knobs to values; fix: "
+                                          "\"method_overrides={granularity: kv_head}\"")
             knobs.update(OmegaConf.to_container(cfg.method_overrides, resolve=True))
+        if isinstance(knobs["budget"], bool) or not isinstance(knobs["budget"], int):
+            raise methods.ConfigError(f"{name}: budget={knobs['budget']!r} must be an integer (from "
+                                      "method_overrides or the method's config)")
         budgets = [knobs["budget"]] if name == "fullkv" or not cfg.budgets else list(cfg.budgets)
         out += [{**knobs, "budget": int(b)} for b in budgets]
     return out

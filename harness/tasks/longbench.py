@@ -47,8 +47,7 @@ KNOWN_SHA256 = {
 
 
 def _cache_dir() -> Path:
-    from harness.engine.models import cache_root
-    return cache_root() / "longbench"
+    return results.cache_root() / "longbench"
 
 
 def config_tables(cfg) -> dict[str, dict]:
