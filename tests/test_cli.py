@@ -207,3 +207,10 @@ def test_method_overrides_are_checked(tmp_path, override, message):
     from methods import ConfigError
     with pytest.raises(ConfigError, match=message):
         runner.plan(config(tmp_path, "methods=[snapkv]", override))
+
+
+@pytest.mark.parametrize("override", ["budgets=[64]", "method_overrides={window_size: 8}"])
+def test_sweep_settings_without_methods_are_refused_not_ignored(tmp_path, override):
+    from methods import ConfigError
+    with pytest.raises(ConfigError, match=r"applies to the methods of methods=\[\.\.\.\].*fix: methods=\[snapkv\]"):
+        runner.plan(config(tmp_path, override))

@@ -187,6 +187,11 @@ def check_settings(cfg: DictConfig) -> None:
     if timeout is not None and timeout <= 0:
         raise methods.ConfigError(f"distributed_timeout_s={timeout:g} must be a positive number of seconds (or null: "
                                   f"{distributed.DEFAULT_TIMEOUT_S})")
+    for key in ("budgets", "method_overrides"):
+        if cfg[key] and not cfg.methods:   # they act on methods=[...] only; alone they would be ignored
+            raise methods.ConfigError(f"{key} applies to the methods of methods=[...], and this run has none (it "
+                                      f"runs method={cfg.method.name}); fix: methods=[{cfg.method.name}] {key}=..., "
+                                      "or set the method's own knobs (method.budget=...)")
     if not str(cfg.results_dir or "").strip():
         raise methods.ConfigError("results_dir is empty; fix: results_dir=<folder>")
 
