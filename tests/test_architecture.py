@@ -155,3 +155,22 @@ def test_every_module_is_importable_by_its_name():
     for name in MODULES:
         if name != "harness.bench.kvpress":
             assert importlib.util.find_spec(name) is not None, name
+
+
+def test_every_public_function_of_methods_and_the_engine_has_a_docstring():
+    """methods/ and harness/engine/: every public function, class and public method of a public class."""
+    missing = []
+    for name, path in MODULES.items():
+        if not (name.startswith("methods") or name.startswith("harness.engine")):
+            continue
+
+        def visit(body, prefix):
+            for node in body:
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and \
+                        not node.name.startswith("_"):
+                    if not ast.get_docstring(node):
+                        missing.append(f"{name}:{node.lineno} {prefix}{node.name}")
+                    if isinstance(node, ast.ClassDef):
+                        visit(node.body, f"{prefix}{node.name}.")
+        visit(ast.parse(path.read_text(encoding="utf-8")).body, "")
+    assert not missing, missing

@@ -100,7 +100,7 @@ def compose_config(*overrides):
     (["protocol.chat_template=sometimes"], r"protocol.chat_template='sometimes' is not one of \[auto, always, never\]"),
     (["protocol.prompt_special_tokens=escape"], r"protocol.prompt_special_tokens='escape' is not one of \[text, parse\]"),
     (["+model.chat_template_file=nope/missing.jinja"], r"model.chat_template_file='nope/missing.jinja': no such file"),
-    (["protocol.stop_tokens.samsum=eos"], r"protocol.stop_tokens.samsum: .*not a ListConfig"),
+    (["protocol.stop_tokens.samsum=eos"], r"protocol.stop_tokens.samsum must be a list, e.g. protocol.stop_tokens.samsum=\[a,b\]"),
     (["protocol.min_new_tokens.default=-1"], r"protocol.min_new_tokens.default=-1 must be an integer >= 0"),
 ])
 def test_protocol_and_template_settings_fail_before_the_model_loads(tmp_path, monkeypatch, overrides, message):

@@ -247,6 +247,23 @@ def validate(cfg: DictConfig) -> None:
                 error.full_key = f"{group}.{getattr(error, 'full_key', '') or ''}".rstrip(".")
                 raise
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    check_untyped(cfg)
+
+
+def check_untyped(cfg: DictConfig) -> None:
+    """What the schema leaves untyped so that a value keeps its written form (float knobs: ``5`` stays
+    ``5``) is checked here: the protocol's number, and the run's method built once with its knobs, so that
+    its own checks (a float knob's type, ``budget > window_size``) also fail at composition."""
+    protocol = cfg.get("protocol")
+    if isinstance(protocol, DictConfig) and "dynamickv_radio_max" in protocol:
+        value = protocol.dynamickv_radio_max
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise methods.ConfigError(f"protocol.dynamickv_radio_max={value!r} must be a number; fix: e.g. "
+                                      "protocol.dynamickv_radio_max=10.0")
+    node = cfg.get("method")
+    if isinstance(node, DictConfig) and not cfg.get("methods"):
+        knobs = OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+        methods.build(knobs.pop("name"), **knobs)
 
 
 def _fields(node: type) -> set[str]:
