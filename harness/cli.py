@@ -179,7 +179,6 @@ def main(argv: list[str] | None = None) -> None:
     if command in TOOLS:
         from harness.run import results
         module = importlib.import_module(TOOLS[command])
-        sys.argv = [f"kvh {command}", *argv[1:]]
         if command == "score":
             sys.exit(module.main(argv[1:]))
         return results.run_cli(lambda: module.main(argv[1:]))

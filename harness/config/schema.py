@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -271,57 +272,56 @@ def _fields(node: type) -> set[str]:
 
 
 def check_keys(cfg: DictConfig) -> None:
-    """Every key of the run settings, model, protocol, task and method is one its schema declares;
-    ``methods.ConfigError`` naming the unknown key and the known ones otherwise."""
-    groups = [("", cfg, RunConfig), ("model.", cfg.get("model"), ModelConfig),
-              ("protocol.", cfg.get("protocol"), ProtocolConfig)]
+    """Every key of the run settings, model, protocol, task and method (nested settings included) is one
+    its schema declares; ``methods.ConfigError`` naming the unknown key and the known ones otherwise."""
+    _check_keys(cfg, RunConfig, "")
     for group in ("method", "task"):
         node = cfg.get(group)
         if isinstance(node, DictConfig):
-            groups.append((f"{group}.", node, _schema_of(group, str(node.get("name")))))
-    groups.append(("task.context_range.", (cfg.get("task") or {}).get("context_range"), GridRange))
-    groups.append(("task.depth_grid.", (cfg.get("task") or {}).get("depth_grid"), DepthGrid))
-    for prefix, node, schema in groups:
-        if not isinstance(node, DictConfig) or schema is None:
-            continue
-        unknown = sorted(set(node.keys()) - _fields(schema))
-        if unknown:
-            raise methods.ConfigError(f"{prefix}{unknown[0]} is not a setting (misspelt, or added with +); the "
-                                      f"settings{' of ' + prefix.rstrip('.') if prefix else ''} are "
-                                      f"{sorted(_fields(schema))}; fix: remove it or use one of them")
+            _check_keys(node, _schema_of(group, str(node.get("name"))), f"{group}.")
+
+
+def _check_keys(node, schema, prefix: str) -> None:
+    if not isinstance(node, DictConfig) or not dataclasses.is_dataclass(schema):
+        return
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    unknown = sorted(set(node.keys()) - set(fields))
+    if unknown:
+        raise methods.ConfigError(f"{prefix}{unknown[0]} is not a setting (misspelt, or added with +); the "
+                                  f"settings{' of ' + prefix.rstrip('.') if prefix else ''} are {sorted(fields)}; "
+                                  "fix: remove it or use one of them")
+    hints = typing.get_type_hints(schema)
+    for key, kind in hints.items():
+        if key in node and dataclasses.is_dataclass(kind):   # model, protocol, context_range, depth_grid
+            _check_keys(node[key], kind, f"{prefix}{key}.")
+
+
+def _flat(node: type, prefix: str) -> dict[str, object]:
+    """A schema's defaults as flat dotted keys (enums as names; required keys left out)."""
+    def walk(tree, path):
+        for key, value in tree.items():
+            if isinstance(value, dict) and value and key not in _OPEN_DICTS:
+                yield from walk(value, f"{path}{key}.")
+            elif value != "???":
+                yield f"{path}{key}", value
+    return dict(walk(OmegaConf.to_container(OmegaConf.structured(node), enum_to_str=True), prefix))
+
+
+#: settings that are maps of their own (kept whole, not walked into)
+_OPEN_DICTS = ("config", "window_size", "stop_tokens", "min_new_tokens", "method_overrides")
 
 
 @functools.cache
-def defaults(task: str | None = None) -> dict[str, object]:
-    """Every schema default of the run settings, the model, the protocol and ``task`` as a flat
+def defaults() -> dict[str, object]:
+    """Every schema default of the run settings, the model, the protocol and the tasks as a flat
     ``{"model.seed": 0, "task.buffer": 200, "decode": "batched", ...}`` (enums as names): a key that a
-    stored run identity lacks means this value (``identity.differences``)."""
-    out: dict[str, object] = {}
-
-    def walk(node, prefix):
-        for key, value in node.items():
-            if isinstance(value, dict) and value and key not in ("config", "window_size", "stop_tokens",
-                                                                    "min_new_tokens", "method_overrides"):
-                walk(value, f"{prefix}{key}.")
-            elif value != "???":
-                out[f"{prefix}{key}"] = value
-
-    run = OmegaConf.to_container(OmegaConf.structured(RunConfig), enum_to_str=True)
-    walk({k: v for k, v in run.items() if k not in ("model", "protocol", "task", "method")}, "")
-    walk(OmegaConf.to_container(OmegaConf.structured(ModelConfig), enum_to_str=True), "model.")
-    walk(OmegaConf.to_container(OmegaConf.structured(ProtocolConfig), enum_to_str=True), "protocol.")
-    tasks: dict[str, list] = {}
-    for name, node in TASK_SCHEMAS.items():
-        if task in (None, name):
-            found: dict[str, object] = {}
-            walk_into = OmegaConf.to_container(OmegaConf.structured(node), enum_to_str=True)
-            out_before = dict(out)
-            walk(walk_into, "task.")
-            found = {k: v for k, v in out.items() if k not in out_before}
-            out.clear()
-            out.update(out_before)
-            for key, value in found.items():
-                tasks.setdefault(key, []).append(value)
-    # a task key counts where every task that has it agrees on its default (task=None)
-    out.update({key: values[0] for key, values in tasks.items() if all(v == values[0] for v in values)})
+    stored run identity lacks means this value (``identity.differences``). A task key counts where
+    every task that has it agrees on its default."""
+    out = {k: v for k, v in _flat(RunConfig, "").items() if k.split(".")[0] not in ("model", "protocol")}
+    out |= _flat(ModelConfig, "model.") | _flat(ProtocolConfig, "protocol.")
+    per_task = [_flat(node, "task.") for node in TASK_SCHEMAS.values()]
+    for key in set().union(*per_task):
+        values = [flat[key] for flat in per_task if key in flat]
+        if all(v == values[0] for v in values):
+            out[key] = values[0]
     return out

@@ -21,7 +21,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from harness.engine.compat import BACKENDS
-from harness.run.results import cache_root  # noqa: E402  (re-exported: the engine's caches live there)
+from harness.run.results import cache_root
 
 log = logging.getLogger(__name__)
 SOURCES = ("hub", "gguf", "package", "random")

@@ -173,6 +173,7 @@ class Plan:
     identities: dict       # id(compressor) -> run identity
     stored: dict           # id(compressor) -> the stored manifest it resumes, or None
     model_identity: dict
+    cfg: DictConfig        # the plain, checked config (``config.plain``) the run works on
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -233,7 +234,7 @@ def plan(cfg: DictConfig) -> Plan:
         repeated = sorted({n for n in names if names.count(n) > 1})
         raise methods.ConfigError(f"methods/budgets give the same run {repeated} twice (one results folder); fix: "
                                   "name each method and budget once")
-    return Plan(task, compressors, folders, identities, stored, model_ident)
+    return Plan(task, compressors, folders, identities, stored, model_ident, cfg)
 
 
 def lock_folder(folder: Path, stack: contextlib.ExitStack) -> None:
@@ -251,8 +252,8 @@ def lock_folder(folder: Path, stack: contextlib.ExitStack) -> None:
 
 def run(cfg: DictConfig) -> list[dict]:
     """Run (or resume) the configured job; returns one summary per method (also in scores.json)."""
-    cfg = config.plain(cfg)
     job = plan(cfg)
+    cfg = job.cfg
     with contextlib.ExitStack() as locks:
         if distributed.world()[0] == 0:
             for folder in job.folders.values():
