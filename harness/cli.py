@@ -118,11 +118,47 @@ def check_overrides(argv: list[str]) -> str | None:
     return None
 
 
+def show_job(argv: list[str]) -> None:
+    """``kvh run --cfg job ...`` (``-c job``): the resolved settings and one entry per method and budget
+    with its knobs as built and its results folder (``runner.describe_job``), as YAML; nothing runs.
+    (Hydra's own ``--cfg job`` shows the composed config with interpolations and the default ``method``
+    block that ``methods=[...]`` replaces; ``--cfg hydra``/``all`` still go to Hydra.)"""
+    import yaml
+
+    from harness import config
+    from harness.run.runner import describe_job
+    overrides, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--cfg", "-c", "--config-dir", "-cd"):
+            skip = True
+        elif arg not in ("--resolve",) and not arg.startswith("--config-dir="):
+            overrides.append(arg) if not arg.lstrip("+").startswith("hydra.searchpath=") else None
+    try:
+        searchpath = user_searchpath(argv)
+        shown = describe_job(config.compose(overrides, searchpath=searchpath), searchpath)
+    except user_errors() as error:
+        report_error(error)
+        sys.exit(2)
+    print("# kvh run: what this command runs (settings resolved; runs: each method and budget, its knobs as "
+          "built and its folder)")
+    print(yaml.safe_dump(shown, sort_keys=False, allow_unicode=True), end="")
+
+
 def run_app(argv: list[str]) -> None:
-    """``kvh run``: check the command line, then hand it to the Hydra app."""
+    """``kvh run``: check the command line, then hand it to the Hydra app (``--cfg job``: ``show_job``)."""
     from harness.run import distributed
     if distributed.world()[1] > 1:   # a torchrun worker: end with the launcher, even during start-up
         distributed.watch_launcher()
+    cfg_flag = next((i for i, a in enumerate(argv) if a in ("--cfg", "-c")), None)
+    if (cfg_flag is not None and argv[cfg_flag + 1:cfg_flag + 2] == ["job"]
+            and not any(a in ("-m", "--multirun") for a in argv)):
+        problem = check_overrides([a for i, a in enumerate(argv) if i not in (cfg_flag, cfg_flag + 1)])
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(2)
+        return show_job(argv)
     problem = check_overrides(argv)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -180,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         from harness.run import results
         module = importlib.import_module(TOOLS[command])
         if command == "score":
+            results.configure_logging()
             sys.exit(module.main(argv[1:]))
         return results.run_cli(lambda: module.main(argv[1:]))
     if "=" in command or command.startswith("-"):

@@ -76,7 +76,7 @@ def test_report_builds_a_table(tmp_path):
     from harness.report.summary import find_runs, passkey_table
     header, rows = passkey_table(find_runs([tmp_path]))
     assert header[0] == "run" and header[-2:] == ["mean", "samples"]
-    assert [r[0].split("/")[-1] for r in rows] == ["fullkv", "streamingllm_b64_w60_k7_maxpool_qh_sinktokens4"]
+    assert [r[0].split("/")[-1] for r in rows] == ["fullkv", "streamingllm_b64_sink4_qh"]
     assert all(r[-1] == 2 for r in rows)
 
 

@@ -81,8 +81,8 @@ def test_multirun_two_methods_by_two_budgets_gives_four_runs_and_one_table(tmp_p
     from harness.report.summary import find_runs, passkey_table
     runs = find_runs([tmp_path / "passkey", tmp_path / "passkey" / "tiny_llama"])   # overlapping roots: counted once
     assert sorted(r.name for r in runs) == ["snapkv_b48_w32_k7_maxpool_qh", "snapkv_b64_w32_k7_maxpool_qh",
-                                            "streamingllm_b48_w44_k7_maxpool_qh_sinktokens4",
-                                            "streamingllm_b64_w60_k7_maxpool_qh_sinktokens4"]
+                                            "streamingllm_b48_sink4_qh",
+                                            "streamingllm_b64_sink4_qh"]
     header, rows = passkey_table(runs)
     assert len(rows) == 4 and all(row[-1] == 1 for row in rows)
 

@@ -203,7 +203,7 @@ def test_load_cells_and_pivot(fake_results):
     # fullkv: 9 cells of (1, 1) and the 3 cells at depth 100 of (1, 0.5) -> mean (18 + 4.5) / 24.
     assert heatmap.load_cells(full)["score"].mean() == pytest.approx(22.5 / 24)
     assert heatmap.run_label(full) == "FullKV"
-    assert heatmap.run_label(snap) == "SnapKV b64"
+    assert heatmap.run_label(snap) == "SnapKV @64"
 
 
 def test_load_cells_other_fields(fake_results):

@@ -103,19 +103,6 @@ def test_kept_plot_reads_allocations(tmp_path):
     assert (tmp_path / "fig" / "kept_per_layer_by_run.png").stat().st_size > 5_000
 
 
-def test_heatmaps_are_logged_to_wandb_offline(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    import matplotlib.pyplot as plt
-
-    from harness.report.wandb_log import log_images
-    fig = plt.figure()
-    fig.savefig(tmp_path / "panel.png")
-    run_dir = log_images(tmp_path, {"panel": tmp_path / "panel.png"}, name="heatmaps/test")
-    assert run_dir and Path(run_dir).exists() and "offline-run" in run_dir
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert log_images(tmp_path, {"panel": tmp_path / "panel.png"}, name="x") is None
-
-
 def test_missing_haystack_folder_names_the_path_and_the_fix(tmp_path):
     from harness.tasks.haystack import load_haystack
     with pytest.raises(ConfigError, match=r"task.haystack_dir='.*nowhere' is not a folder.*task.haystack=synthetic"):

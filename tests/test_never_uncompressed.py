@@ -347,7 +347,7 @@ def test_the_prefill_and_its_check_make_no_host_copy(tiny, name):
 
 @pytest.mark.parametrize("key, value, message", [
     ("dtype", "fp16", r"model.dtype: Invalid value 'fp16', expected one of \[auto, float32, float16, bfloat16\]; fix"),
-    ("source", "hf", r"model.source: Invalid value 'hf', expected one of \[hub, gguf, package, random\]; fix"),
+    ("source", "hf", r"model.source: Invalid value 'hf', expected one of \[auto, hub, gguf, package, random\]; fix"),
     ("device", "gpu", r"model.device='gpu' is not a device .*fix: model.device=auto, cpu, cuda"),
 ])
 def test_bad_model_settings_fail_before_loading_with_the_fix(key, value, message):

@@ -1,24 +1,23 @@
 """The paper-style LongBench table (harness.report.table), the published reference numbers
-(results/reference/*.json) and the wandb logger (harness.report.wandb_log), on hand-written run folders."""
+(results/reference/*.json), on hand-written run folders (the wandb logger: test_wandb.py)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
-import warnings
 from pathlib import Path
 
 import pytest
 
-from harness.longbench import metrics
-from harness.report import common, table, wandb_log
+from harness.longbench import metrics, score
+from harness.report import common, table
 from harness.run import results
 
 from conftest import ROOT, SHARED
 
 REFERENCE = ROOT / "results" / "reference"
-PAPER, OFFICIAL = "Avg (16, paper)", "Avg (official)"
+PAPER, OFFICIAL = "Paper avg (mean of 16 datasets)", "Official avg (mean of 6 category means)"
 
 # A complete run, chosen so that the averages are easy by hand:
 #   category means: Single-Doc (20+30+40)/3 = 30, Multi-Doc (40+30+20)/3 = 30, Summarization
@@ -43,16 +42,21 @@ def longbench_runs(roots) -> list[Path]:
     return results.find_runs(roots, table.RESULT, also=results.MANIFEST)
 
 
-def make_run(root: Path, model: str, protocol: str, method: str, budget, scores: dict, name: str | None = None) -> Path:
+def make_run(root: Path, model: str, protocol: str, method: str, budget, scores: dict, name: str | None = None,
+             samples: dict | None = None) -> Path:
+    """A scored LongBench run: manifest.json, result.json and ``<dataset>.jsonl`` with ``samples[dataset]``
+    lines (default: the dataset's whole test set, e.g. 200)."""
     folder = root / "longbench" / model / protocol / (name or (method if method == "fullkv" else f"{method}_b{budget}"))
     folder.mkdir(parents=True)
     manifest = {"method": {"name": method, "budget": budget, "window_size": 8},
                 "config": {"model": {"name": model, "source": "hub"}, "protocol": {"name": protocol}}}
     (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     (folder / "result.json").write_text(json.dumps(scores), encoding="utf-8")
-    for dataset in scores:  # the per-dataset predictions a real run holds (the table does not read them)
-        (folder / f"{dataset}.jsonl").write_text(json.dumps({"id": "0", "pred": "x", "answers": ["x"],
-                                                            "all_classes": None, "length": 1}) + "\n")
+    for dataset in scores:  # the per-dataset predictions a real run holds (the table counts their lines)
+        count = (samples or {}).get(dataset, score.DATASET_SIZES.get(dataset, 1))
+        (folder / f"{dataset}.jsonl").write_text("".join(
+            json.dumps({"id": str(i), "pred": "x", "answers": ["x"], "all_classes": None, "length": 1}) + "\n"
+            for i in range(count)))
     return folder
 
 
@@ -155,7 +159,7 @@ def test_find_runs_counts_each_folder_once(runs):
         longbench_runs([runs / "missing"])
 
 
-def test_duplicate_runs(runs, tmp_path, capsys):
+def test_duplicate_runs(runs, tmp_path, capsys, caplog):
     first = runs / "longbench" / "llama3" / "dynamickv_paper" / "snapkv_b128"
     second = make_run(runs, "llama3", "dynamickv_paper", "snapkv", 128, {**SNAP, "qasper": 99.0},
                       name="snapkv_b128_w8_k7_maxpool_qh")
@@ -168,9 +172,9 @@ def test_duplicate_runs(runs, tmp_path, capsys):
     with pytest.raises(SystemExit, match="same row"):
         table.main([str(runs), "--out", str(tmp_path / "o1"), "--no-reference"])
 
-    capsys.readouterr()
+    caplog.clear()
     table.main([str(runs), "--out", str(tmp_path / "o2"), "--no-reference", "--latest"])
-    assert "ignored" in capsys.readouterr().err
+    assert [r.levelname for r in caplog.records if "ignored" in r.getMessage()] == ["WARNING"]
     snap = [r for r in _csv(tmp_path / "o2" / "table.csv") if r["Method"] == "SnapKV" and r["Budget"] == "128"
             and r["Protocol"] == "dynamickv_paper"]
     assert len(snap) == 1 and snap[0]["Qasper"] == "99.00"  # the newest result.json
@@ -180,10 +184,11 @@ def test_datasets_option_and_errors(runs, tmp_path, capsys):
     out = tmp_path / "out"
     table.main([str(runs), "--out", str(out), "--no-reference", "--datasets", "narrativeqa", "qasper", "trec"])
     rows = _csv(out / "table.csv")
-    assert list(rows[0])[5:] == ["NrtvQA", "Qasper", "TREC", "Avg (3, paper)", OFFICIAL, "Source"]
+    paper3, official2 = "Paper avg (mean of 3 datasets)", "Official avg (mean of 2 category means)"
+    assert list(rows[0])[5:] == ["NrtvQA", "Qasper", "TREC", paper3, official2, "Source"]
     full = next(r for r in rows if r["Method"] == "FullKV")
-    # all three present: no count mark; official = (27.5 + 60) / 2
-    assert (full["Avg (3, paper)"], full[OFFICIAL]) == ("38.33", "43.75")
+    # all three present: no count mark; official = (Single-Doc 27.5 + Few-shot 60) / 2
+    assert (full[paper3], full[official2]) == ("38.33", "43.75")
     assert all(r["Row"] == "ours" for r in rows)
     with pytest.raises(SystemExit):
         table.main([str(runs), "--out", str(out), "--datasets", "qasperr"])
@@ -345,6 +350,63 @@ def test_table_averages_are_the_scorer_averages(tmp_path):
     assert metrics.subset_averages({}, ("qasper",)) == (None, None, 0)
 
 
+def test_partial_datasets_show_their_sample_count(tmp_path, capsys):
+    """A dataset scored on fewer samples than LongBench's test set has (a run with task.limit=2) is
+    marked "(2/200)" in ours and the diff row, explained under the Markdown table; whole ones are not."""
+    root = tmp_path / "results"
+    make_run(root, "llama3", "dynamickv_paper", "snapkv", 128, SNAP,
+             samples={"narrativeqa": 2, "multifieldqa_en": 150, "lcc": 499})
+    reference = write_reference(tmp_path / "ref")
+    out = tmp_path / "out"
+    table.main([str(root), "--out", str(out), "--reference", str(reference)])
+    printed = capsys.readouterr().out
+    ours, published, diff = _csv(out / "table.csv")
+    assert (ours["NrtvQA"], ours["MF-en"], ours["Lcc"], ours["Qasper"]) == (
+        "20.00 (2/200)", "40.00", "60.00 (499/500)", "30.00")   # multifieldqa_en has 150 test samples
+    assert (published["NrtvQA"], diff["NrtvQA"], diff["Lcc"]) == ("20.50", "-0.50 (2/200)", "+1.00 (499/500)")
+    assert (ours[PAPER], ours[OFFICIAL]) == ("40.00", "40.83")   # the averages still include them
+    note = "(n/N) after a dataset's score: it was scored on only n of its N test samples"
+    assert printed.rstrip().splitlines()[-1].startswith(note)
+    assert (out / "table.md").read_text(encoding="utf-8").strip() == printed.strip()
+    data = json.loads((out / "table.json").read_text(encoding="utf-8"))
+    assert data["rows"][0]["samples"]["narrativeqa"] == 2 and data["rows"][0]["samples"]["qasper"] == 200
+    assert data["notes"] == [table.PARTIAL_NOTE]
+    # whole datasets only: no mark, no note
+    make_run(tmp_path / "whole", "llama3", "dynamickv_paper", "snapkv", 128, SNAP)
+    _, head, cells, rows = table.table([tmp_path / "whole"], reference=None)
+    assert "(" not in "".join(cells[0][5:21]) and table.footnotes(rows) == []
+
+
+def test_longbench_scores_json_carries_both_averages_not_a_micro_average(tmp_path):
+    """``scores.json`` of a LongBench run: the paper and official averages over the datasets present,
+    named, with the datasets they cover; no "score" (a mean over all samples of all datasets)."""
+    from harness.run import runner
+
+    datasets = {**FULL_PARTIAL, "multifieldqa_zh": 40.0}
+    counts = {"narrativeqa": 1, "qasper": 1, "trec": 6, "multifieldqa_zh": 2}
+    for dataset, n in counts.items():   # the micro-average of these rows would be 100 * 6 / 10 = 60
+        (tmp_path / f"{dataset}.jsonl").write_text("".join(
+            json.dumps({"id": f"{dataset}{i}", "score": float(dataset == "trec")}) + "\n" for i in range(n)))
+    keys = [(d, f"{d}{i}") for d, n in counts.items() for i in range(n)]
+    summary = runner.summarize(tmp_path, "snapkv", keys, finalize=lambda folder: dict(datasets))
+    assert json.loads((tmp_path / "scores.json").read_text()) == summary
+    assert "score" not in summary and summary["samples"] == 10 and summary["datasets"] == datasets
+    # paper = (25 + 30 + 60) / 3; official = (Single-Doc (25 + 30) / 2, Few-shot 60) / 2 (see FULL_PARTIAL)
+    assert (summary["paper_average"], summary["official_average"]) == (38.33, 43.75)
+    assert summary["averages_cover"] == ["narrativeqa", "qasper", "trec"]
+    assert len(summary["averages_missing"]) == 13 and "hotpotqa" in summary["averages_missing"]
+    assert summary["official_average_categories"] == {"Single-Doc QA": 27.5, "Few-shot": 60.0}
+    assert (summary["official_average_zh"], summary["official_average_zh_covers"]) == (40.0, ["multifieldqa_zh"])
+    # English and code only: no Chinese average (lcc alone would make one); Chinese only: no English ones
+    only_zh = runner.summarize(tmp_path, "snapkv", keys, finalize=lambda folder: {"multifieldqa_zh": 40.0})
+    assert (only_zh["paper_average"], only_zh["official_average"], only_zh["averages_cover"]) == (None, None, [])
+    english = runner.summarize(tmp_path, "snapkv", keys, finalize=lambda folder: {"qasper": 10.0, "lcc": 50.0})
+    assert "official_average_zh" not in english and english["official_average"] == 30.0
+    # other tasks: "score" = 100 x the mean per-sample score
+    passkey = runner.summarize(tmp_path, "snapkv", keys)
+    assert passkey == {"method": "snapkv", "folder": str(tmp_path), "samples": 10, "score": 60.0}
+
+
 def write_passkey_run(root: Path, name: str, scores: list[float]) -> Path:
     """A finished passkey-like run: manifest.json and one predictions.jsonl row per score (depths 0 and
     100, context length 400)."""
@@ -371,7 +433,7 @@ def test_table_without_arguments_reads_results_and_writes_results_tables(tmp_pat
     assert [(r["Method"], r[PAPER], r[OFFICIAL]) for r in ours] == [("SnapKV", "40.00", "40.83")]
 
 
-def test_table_of_other_tasks_when_no_longbench_run(tmp_path, monkeypatch, capsys):
+def test_table_of_other_tasks_when_no_longbench_run(tmp_path, monkeypatch, capsys, caplog):
     from harness.report import summary
 
     monkeypatch.chdir(tmp_path)
@@ -379,7 +441,8 @@ def test_table_of_other_tasks_when_no_longbench_run(tmp_path, monkeypatch, capsy
     write_passkey_run(tmp_path / "results", "snapkv_b64", [0.0, 1.0])
     table.main(["--sweep-plot"])
     captured = capsys.readouterr()
-    assert "no LongBench runs" in captured.err and "budget_sweep" in captured.err
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("no LongBench runs" in m for m in warned) and any("budget_sweep" in m for m in warned)
     head = ["run", "depth 0%", "depth 100%", "400 tok", "mean", "samples"]
     expected = [["passkey/tiny/fullkv", 100.0, 50.0, 75.0, 75.0, 4],
                 ["passkey/tiny/snapkv_b64", 0.0, 100.0, 50.0, 50.0, 2]]
@@ -401,56 +464,10 @@ def test_table_of_other_tasks_when_no_longbench_run(tmp_path, monkeypatch, capsy
     assert not (tmp_path / "none").exists()
 
 
-# ------------------------------------------------------------------------------------------------
-# wandb
-# ------------------------------------------------------------------------------------------------
+def test_report_rows_in_the_papers_method_order(tmp_path):
+    from harness.report import summary
 
-@pytest.fixture
-def offline_wandb(tmp_path, monkeypatch):
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(var, str(tmp_path / "wandb_home" / var.lower()))
-    monkeypatch.chdir(tmp_path)
-
-
-def test_wandb_offline_run(offline_wandb, runs, tmp_path):
-    folder = runs / "longbench" / "llama3" / "dynamickv_paper" / "snapkv_b128"
-    _, head, cells, _ = table.table([folder], reference=None)
-    predictions = [{"id": "a", "dataset": "qasper", "pred": "x", "answers": ["x", "y"], "score": 1.0},
-                   {"id": "b", "dataset": "trec", "pred": "y", "answers": ["z"]}]
-    run_dir = wandb_log.log_run(folder, {"method": {"name": "snapkv", "budget": 128}}, SNAP,
-                                table.row_dicts(head, cells), predictions)
-    assert run_dir is not None
-    run_dir = Path(run_dir)
-    assert run_dir.is_dir() and run_dir.name.startswith("offline-run-") and run_dir.parent == folder / "wandb"
-    assert list(run_dir.glob("*.wandb"))
-
-    assert wandb_log.log_run(tmp_path / "off", {}, SNAP, enabled=False) is None
-    assert not (tmp_path / "off").exists()
-
-
-def test_wandb_mode(monkeypatch):
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    assert wandb_log.wandb_mode() == "offline"
-    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    assert wandb_log.wandb_mode() == "online"
-    monkeypatch.setenv("WANDB_MODE", "dryrun")
-    assert wandb_log.wandb_mode() == "offline"
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert wandb_log.log_run(Path("unused"), {}, {}) is None
-
-
-def test_wandb_failure_is_a_warning(offline_wandb, tmp_path, monkeypatch):
-    import wandb
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("no wandb today")
-
-    monkeypatch.setattr(wandb, "init", broken)
-    with pytest.warns(RuntimeWarning, match="no wandb today"):
-        assert wandb_log.log_run(tmp_path / "run", {"a": 1}, {"qasper": 1.0}) is None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert wandb_log.log_run(tmp_path / "run", {"a": 1}, {"qasper": 1.0}, [{"x": 1}], [{"id": "1"}]) is None
+    for name in ("dynamickv", "fullkv", "h2o"):   # alphabetical on disk
+        write_passkey_run(tmp_path / "results", name, [1.0, 0.0])
+    _, rows = summary.passkey_table(results.find_runs([tmp_path / "results"], results.PREDICTIONS))
+    assert [row[0] for row in rows] == ["passkey/tiny/fullkv", "passkey/tiny/h2o", "passkey/tiny/dynamickv"]

@@ -38,6 +38,7 @@ import methods
 from harness.engine.generate import DECODE_MODES
 from harness.engine.models import AttentionBackend, Dtype, ModelConfig, ModelSource
 from harness.protocol.prompting import CHAT_MODES, SPECIAL_TOKEN_MODES, TRUNCATION_MODES
+from harness.run.progress import MODES as PROGRESS_MODES
 from harness.tasks.haystack import KINDS as HAYSTACK_KINDS
 from harness.tasks.needle import DEPTH_GRID_KINDS
 from harness.tasks.needle import PRESETS as NEEDLE_PRESETS
@@ -63,6 +64,7 @@ Truncation = closed_set("Truncation", TRUNCATION_MODES)
 SpecialTokens = closed_set("SpecialTokens", SPECIAL_TOKEN_MODES)
 Decode = closed_set("Decode", DECODE_MODES)
 Resume = closed_set("Resume", ("auto", "new"))   # resume=: harness.run.identity.resolve_folder
+Progress = closed_set("Progress", PROGRESS_MODES)
 Haystack = closed_set("Haystack", HAYSTACK_KINDS)
 NeedleKind = closed_set("NeedleKind", tuple(NEEDLE_PRESETS))
 DepthGridKind = closed_set("DepthGridKind", DEPTH_GRID_KINDS)
@@ -104,6 +106,9 @@ class RunConfig:
     method_overrides: Any = None                   # with methods: {knob: value} applied to every method
     wandb: bool = True
     wandb_project: str = "kv-harness"
+    wandb_group: Optional[str] = None              # null: the Hydra run/sweep folder's name (wandb_log.default_group)
+    wandb_dir: str = "${results_dir}"              # wandb writes <wandb_dir>/wandb/; WANDB_DIR, where set, wins
+    wandb_tags: List[str] = field(default_factory=list)
     save_kept_positions: bool = False
     decode: Decode = Decode.batched                # type: ignore[valid-type]
     cuda_graphs: bool = True
@@ -113,6 +118,7 @@ class RunConfig:
     resume: Resume = Resume.auto                   # type: ignore[valid-type]
     distributed_timeout_s: Optional[float] = None
     debug: bool = False
+    progress: Progress = Progress.auto             # type: ignore[valid-type]  # harness.run.progress
 
 
 @dataclass

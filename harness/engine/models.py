@@ -24,7 +24,7 @@ from harness.engine.compat import BACKENDS
 from harness.run.results import cache_root
 
 log = logging.getLogger(__name__)
-SOURCES = ("hub", "gguf", "package", "random")
+SOURCES = ("auto", "hub", "gguf", "package", "random")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 #: closed sets of a model config, as enums (member name = value) for the typed schema
@@ -37,9 +37,9 @@ AttentionBackend = enum.Enum("AttentionBackend", {b: b for b in BACKENDS})
 class ModelConfig:
     """A model config (``conf/model/*.yaml``, the ``model`` group's schema): where the weights come from
     and how they run. The one place of every model setting's default."""
-    name: str = MISSING
-    source: ModelSource = MISSING                  # type: ignore[valid-type]
-    name_or_path: Optional[str] = None             # hub id or local directory (source=hub)
+    name: Optional[str] = None                     # results go to <task>/<name>/...; null: from name_or_path
+    source: ModelSource = MISSING                  # type: ignore[valid-type]  # auto: gguf for a .gguf file, else hub
+    name_or_path: Optional[str] = None             # hub id or local directory (source=hub), or a .gguf file (auto)
     revision: Optional[str] = None                 # hub commit or branch (source=hub)
     path: Optional[str] = None                     # a .gguf file (source=gguf)
     package: Optional[str] = None                  # a PyPI package shipping a GGUF file (source=package)
@@ -55,7 +55,8 @@ class ModelConfig:
     device: str = "auto"                           # auto, cpu, cuda, cuda:1, ...
     device_map: Optional[str] = None               # auto/balanced: spread the layers over every visible GPU
     attn_implementation: Optional[AttentionBackend] = None   # type: ignore[valid-type]  # None: sdpa
-    chat_template: bool = False                    # a chat model (its prompts go through the template)
+    chat_template: Optional[bool] = False          # a chat model (its prompts go through the template);
+    #                                                null: a chat model exactly when its tokenizer has a template
     chat_template_file: Optional[str] = None       # a Jinja file (relative: under conf/) for models without one
     max_input_tokens: Optional[int] = None         # prompts are truncated to this (protocol.truncation)
     extra_stop_tokens: List[str] = field(default_factory=list)   # e.g. Llama-3's <|eot_id|>
@@ -70,15 +71,55 @@ def model_config(cfg) -> DictConfig:
         if isinstance(cfg, DictConfig):   # resolved where it stands (model.dtype: ${protocol.dtype})
             cfg = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg)
-        if OmegaConf.is_missing(merged, "name"):
-            merged.name = "model"
         plain = OmegaConf.to_container(merged, resolve=True, enum_to_str=True, throw_on_missing=True)
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None) or ""
         first = str(error).splitlines()[0]
         raise ConfigError(f"model.{key}: {first}; fix: model.{key}=<a value of that kind> (harness/engine/models.py "
                           "ModelConfig lists every model setting)") from None
+    plain.update(resolved_source(plain))
     return OmegaConf.create(plain)
+
+
+def resolved_source(cfg) -> dict:
+    """What ``source: auto`` and ``name: null`` stand for (``conf/model/custom.yaml``), as the keys to
+    set: a ``name_or_path`` ending in ``.gguf`` is ``source=gguf`` with that ``path``, anything else
+    ``source=hub`` (a hub id or a local directory); the name is the model's own (``model_name``).
+    Returns ``{}`` where there is nothing to resolve."""
+    out = {}
+    if cfg.get("source") == "auto":
+        target = str(cfg.get("name_or_path") or cfg.get("path") or "")
+        if not target:
+            from methods import ConfigError
+            raise ConfigError("model.source=auto needs model.name_or_path (a hub id, a local directory or a .gguf "
+                              "file); fix: model.name_or_path=<one of them>")
+        if target.lower().endswith(".gguf"):
+            out = {"source": "gguf", "path": target, "name_or_path": None}
+        else:
+            out = {"source": "hub", "name_or_path": target}
+    if cfg.get("name") is None:
+        out["name"] = model_name({**cfg, **out})
+    return out
+
+
+def model_name(cfg) -> str:
+    """A results-folder name for a model config without ``name``: the hub id's repository name
+    (``Meta-Llama-3-8B-Instruct``), a local directory's name (a hub-cache snapshot folder: its
+    repository's), a GGUF file's stem, the package's name, or ``model``; characters other than letters,
+    digits and ``_ . + = -`` become ``-``."""
+    source = cfg.get("source")
+    target = cfg.get("path") if source == "gguf" else cfg.get("name_or_path")
+    if source == "package":
+        target = cfg.get("package")
+    name = "model"
+    if target:
+        path = Path(str(target)).expanduser()
+        name = path.stem if source == "gguf" else path.name
+        parts = path.parts
+        if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+            name = parts[-3].split("--")[-1]   # <cache>/models--org--name/snapshots/<commit>
+    name = re.sub(r"[^A-Za-z0-9_.+=-]", "-", name).strip(".-") or "model"
+    return name
 
 
 @dataclass
@@ -185,6 +226,22 @@ def check_weights_source(cfg) -> None:
         elif not HUB_ID.fullmatch(name):
             raise ConfigError(f"model.name_or_path={name!r} is neither an existing local directory nor a hub id "
                               "(owner/name); fix: give a folder that exists here, or a hub id")
+
+
+def check_hub_access(cfg) -> None:
+    """A hub model (``source=hub`` with a hub id, not a local directory) can be loaded: its
+    ``config.json`` is reachable on the hub or in the local hub cache (``harness.engine.hub``; an
+    unreachable hub with a cached model switches this process to the cache). Asks the hub once, in
+    seconds, instead of transformers' half a minute of retries. Raises ``methods.ConfigError`` (two
+    lines: the problem, the fix) otherwise. Other sources need nothing."""
+    cfg = model_config(cfg)
+    name = str(cfg.name_or_path or "")
+    if cfg.source != "hub" or not name or Path(name).expanduser().exists() or name.startswith(("/", ".", "~")):
+        return
+    from harness.engine.hub import check_hub_file
+    check_hub_file(name, "config.json", cfg.revision, setting=f"model.name_or_path={name!r}",
+                   instead="model=custom model.name_or_path=<a local folder with config.json, or a .gguf file> "
+                           "(README: Your own models)")
 
 
 def weights_fingerprint(cfg) -> dict:
@@ -473,6 +530,7 @@ def load_model(cfg, on_tokenizer=None) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     check_model_config(cfg)
+    check_hub_access(cfg)
     source = cfg.source
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -521,11 +579,19 @@ def load_model(cfg, on_tokenizer=None) -> LoadedModel:
     stops = stop_token_ids(model, tokenizer, list(cfg.extra_stop_tokens or []))
     return LoadedModel(model=model, tokenizer=tokenizer, name=cfg.name, stop_token_ids=stops,
                        max_input_tokens=cfg.max_input_tokens,
-                       chat_template=bool(cfg.chat_template),
+                       chat_template=is_chat_model(cfg.chat_template, tokenizer),
                        info={"origin": origin, "dtype": str(model.dtype).removeprefix("torch."),
                              "commit": getattr(model.config, "_commit_hash", None) if source == "hub" else None,
                              "trust_remote_code": bool(cfg.trust_remote_code),
                              "device": str(device), "attn_implementation": attn, **template})
+
+
+def is_chat_model(setting: bool | None, tokenizer) -> bool:
+    """``model.chat_template`` resolved: true or false as set; null (``conf/model/custom.yaml``) means
+    a chat model exactly when ``tokenizer`` carries a chat template (after ``chat_template_file``)."""
+    if setting is None:
+        return bool(getattr(tokenizer, "chat_template", None))
+    return bool(setting)
 
 
 def chat_template_file(cfg) -> Path | None:

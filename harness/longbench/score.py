@@ -23,6 +23,9 @@ from harness.run import results
 
 RESULT = "result.json"
 SUFFIX = ".jsonl"
+#: Test samples per LongBench v1 dataset (THUDM/LongBench README, 4,750 in all; reference-eval.md A.1,
+#: column n): what a complete run scores. LongBench-E's ``<name>_e`` sets are not listed.
+DATASET_SIZES = {name: 200 for name in metrics.CATEGORIES} | {"multifieldqa_en": 150, "lcc": 500, "repobench-p": 500}
 
 
 class ScoreError(results.ResultFileError):
@@ -102,6 +105,13 @@ def score_dir(folder: Path, longbench_e: bool = False) -> dict:
         raise ScoreError(f"{folder}: no <dataset>.jsonl files to score (known datasets: "
                          f"{', '.join(metrics.known_datasets())})")
     return {p.name[: -len(SUFFIX)]: score_file(p, longbench_e) for p in files}
+
+
+def sample_counts(folder: Path) -> dict[str, int]:
+    """``{dataset: samples scored}``: the non-empty lines of each ``<dataset>.jsonl`` in the folder (what
+    ``score_dir`` scores), in name order; compare with ``DATASET_SIZES`` to find a partial dataset."""
+    files = sorted(p for p in Path(folder).iterdir() if p.name.endswith(SUFFIX) and p.is_file())
+    return {p.name[: -len(SUFFIX)]: len(results.jsonl_lines(p.read_bytes())) for p in files}
 
 
 def summary_lines(scores: dict) -> list[str]:

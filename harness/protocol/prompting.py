@@ -16,7 +16,7 @@ def check_protocol(protocol, model_cfg) -> None:
     mode = protocol.chat_template
     if mode not in CHAT_MODES:
         raise ConfigError(f"protocol.chat_template={mode!r} is not one of {CHAT_MODES}")
-    if mode == "always" and not model_cfg.chat_template:
+    if mode == "always" and model_cfg.chat_template is False:   # null: judged once the tokenizer is loaded
         raise ConfigError(f"protocol.chat_template=always, but model {model_cfg.name!r} is not configured as a "
                           "chat model (model.chat_template=false); fix: model.chat_template=true, with "
                           "model.chat_template_file=<a .jinja file> where the model's files carry no template, or a "

@@ -3,7 +3,9 @@
     kvh report results/passkey/smollm2_135m [more folders...]
 
 Every folder below the given ones that holds a ``predictions.jsonl`` is a run; each becomes a row
-with its score per depth (averaged over context lengths), per context length, and the mean.
+with its score per depth (averaged over context lengths), per context length, and the mean (100 x the
+mean of the rows' ``score``: the needle task's word recall, passkey's share of keys found), rows in
+the papers' method order (FullKV first, then each method by budget ascending; ``manifest.json``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import csv
 from collections import defaultdict
 from pathlib import Path
 
-from harness.report.common import markdown
+from harness.report.common import markdown, run_info
 from harness.run import results
 from harness.run.results import find_runs  # noqa: F401  (the run finder; callers import it from here too)
 
@@ -27,10 +29,12 @@ def _label(value) -> str:
 
 
 def passkey_table(runs: list[Path]) -> tuple[list[str], list[list]]:
-    """Header and rows: run, one column per depth, one per context length, mean, samples."""
+    """Header and rows: run, one column per depth, one per context length, mean, samples (scores in
+    percent, one decimal); runs in ``common.RunInfo.order`` (FullKV first, the papers' order, budget
+    ascending)."""
     data = {}
     depths, lengths = set(), set()
-    for run in runs:
+    for run in sorted(runs, key=lambda r: run_info(r).order):
         rows = results.read_predictions(run)
         by_depth, by_length = defaultdict(list), defaultdict(list)
         for r in rows:

@@ -11,9 +11,13 @@ FullKV has no budget). Two runs with the same key are an error naming both folde
 ``--latest`` keeps the one whose ``result.json`` is newest.
 
 Columns: the datasets (default the 16 English ones the papers average, with the paper's short
-headers), "Avg (16, paper)" = plain mean over the 16 (the KV-compression papers' Avg) and "Avg
-(official)" = mean of the LongBench category means (the leaderboard's Avg; reference-eval.md A.3).
-An average over fewer datasets than the columns is marked with the count, e.g. "38.20 (3/16)".
+headers), "Paper avg (mean of 16 datasets)" = plain mean over the 16 (the KV-compression papers' Avg)
+and "Official avg (mean of 6 category means)" = mean of the LongBench category means (the
+leaderboard's Avg; reference-eval.md A.3); with ``--datasets`` the counts are those of the columns.
+An average over fewer datasets than the columns is marked with the count, e.g. "38.20 (3/16)". A
+dataset scored on fewer samples than it has (``<dataset>.jsonl`` lines against LongBench's test set
+size, ``harness.longbench.score.DATASET_SIZES``: a run with ``task.limit`` or one cut short) is
+marked with the count, e.g. "31.20 (2/200)", and explained under the Markdown table.
 
 Where ``--reference`` (default ``results/reference``, every ``*.json`` there) has published numbers
 for the same model, method and budget, each such entry adds a "published" row under ours and a
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import math
 import sys
 from dataclasses import dataclass, field
@@ -39,10 +44,12 @@ from pathlib import Path
 
 from harness import config
 from harness.longbench import metrics
-from harness.longbench.score import RESULT  # the scorer's output (LongBench eval.py's file name)
+from harness.longbench.score import DATASET_SIZES, RESULT, sample_counts  # RESULT: LongBench eval.py's file name
 from harness.report import summary
-from harness.report.common import METHOD_NAMES, markdown, method_label, save_figure
+from harness.report.common import markdown, method_label, method_rank, save_figure
 from harness.run import results
+
+log = logging.getLogger(__name__)
 
 DEFAULT_FOLDERS = ["results"]
 DEFAULT_OUT = "results/tables"
@@ -58,7 +65,9 @@ SHORT = {
     "passage_retrieval_zh": "PRe-zh",
 }
 
-PAPER_AVG, OFFICIAL_AVG = "Avg ({n}, paper)", "Avg (official)"
+PAPER_AVG, OFFICIAL_AVG = "Paper avg (mean of {n} datasets)", "Official avg (mean of {k} category means)"
+PARTIAL_NOTE = ("(n/N) after a dataset's score: it was scored on only n of its N test samples (task.limit, or a "
+                "run cut short); the averages include that score.")
 KEY_COLUMNS = ("Model", "Protocol", "Method", "Budget", "Row")
 FULL_BUDGET = "full"  # the Budget cell of FullKV rows
 
@@ -75,6 +84,7 @@ class Run:
     method: str
     budget: int | None
     scores: dict = field(default_factory=dict)
+    samples: dict = field(default_factory=dict)   # dataset -> samples scored (lines of <dataset>.jsonl)
 
     @property
     def key(self) -> tuple:
@@ -119,7 +129,8 @@ def load_run(folder) -> Run:
                          "method.budget, config.model.name and config.protocol.name") from None
     raw = results.read_json(folder / RESULT)
     scores = {dataset: score for dataset, score in ((d, _number(v)) for d, v in raw.items()) if score is not None}
-    return Run(folder, str(model), str(protocol), str(name), _budget(name, method.get("budget")), scores)
+    return Run(folder, str(model), str(protocol), str(name), _budget(name, method.get("budget")), scores,
+               sample_counts(folder))
 
 
 def _describe(key: tuple) -> str:
@@ -129,7 +140,7 @@ def _describe(key: tuple) -> str:
 
 def dedupe(runs: list[Run], latest: bool = False) -> list[Run]:
     """One run per (model, method, budget, protocol). Several: DuplicateRunError naming the folders,
-    or with ``latest`` the one whose result.json was written last (the others are named on stderr)."""
+    or with ``latest`` the one whose result.json was written last (the others are named in a warning)."""
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
         groups.setdefault(run.key, []).append(run)
@@ -144,8 +155,8 @@ def dedupe(runs: list[Run], latest: bool = False) -> list[Run]:
                                     "pass --latest to keep the newest result.json, or move the others away")
         group.sort(key=lambda r: (r.folder / RESULT).stat().st_mtime)
         kept.append(group[-1])
-        print(f"note: {_describe(key)}: kept {group[-1].folder} (newest result.json), ignored "
-              + ", ".join(str(r.folder) for r in group[:-1]), file=sys.stderr)
+        log.warning("%s: kept %s (newest result.json), ignored %s", _describe(key), group[-1].folder,
+                    ", ".join(str(r.folder) for r in group[:-1]))
     return kept
 
 
@@ -170,23 +181,25 @@ def load_reference(path) -> list[Published]:
 # ------------------------------------------------------------------------------------------------
 
 def _sort_key(run: Run) -> tuple:
-    order = list(METHOD_NAMES)
-    rank = order.index(run.method) if run.method in order else len(order)
-    return run.model, run.protocol, -1 if run.budget is None else run.budget, rank, run.method
+    """The papers' layout: per model and protocol, FullKV first, then each budget ascending with its
+    methods in the papers' order (``common.METHOD_NAMES``)."""
+    return run.model, run.protocol, -1 if run.budget is None else run.budget, method_rank(run.method), run.method
 
 
 def build_rows(runs: list[Run], reference: list[Published] = (), datasets=metrics.ENGLISH_16) -> list[dict]:
     """Rows in table order, raw numbers: ``model, protocol, method, budget, row ("ours" | "published" |
-    "diff"), source, scores {dataset: float}, paper, official`` (None where not computed) and
-    ``present`` (datasets the averages cover; equal to len(datasets) when complete)."""
+    "diff"), source, scores {dataset: float}, paper, official`` (None where not computed),
+    ``present`` (datasets the averages cover; equal to len(datasets) when complete) and ``samples``
+    {dataset: samples scored} (ours and diff rows; published rows: empty)."""
     complete_16 = sorted(datasets) == sorted(metrics.ENGLISH_16)  # the set the printed averages are over
     rows = []
     for run in sorted(runs, key=_sort_key):
         scores = {d: run.scores[d] for d in datasets if d in run.scores}
         paper, official, present = metrics.subset_averages(scores, datasets)
         base = {"model": run.model, "protocol": run.protocol, "method": run.method, "budget": run.budget}
+        samples = {d: run.samples[d] for d in scores if d in run.samples}
         ours = {**base, "row": "ours", "source": str(run.folder), "scores": scores, "paper": paper,
-                "official": official, "present": present}
+                "official": official, "present": present, "samples": samples}
         rows.append(ours)
         for pub in reference:
             if (pub.model, pub.method, pub.budget) != (run.model, run.method, run.budget):
@@ -198,7 +211,7 @@ def build_rows(runs: list[Run], reference: list[Published] = (), datasets=metric
             if not p_scores:
                 p_official = None
             rows.append({**base, "row": "published", "source": pub.label, "scores": p_scores, "paper": p_paper,
-                         "official": p_official, "present": p_present})
+                         "official": p_official, "present": p_present, "samples": {}})
             both = len(datasets) if present == len(datasets) and p_present == len(datasets) else None
 
             def diff(a, b):
@@ -206,7 +219,8 @@ def build_rows(runs: list[Run], reference: list[Published] = (), datasets=metric
 
             rows.append({**base, "row": "diff", "source": f"ours - {pub.label}",
                          "scores": {d: scores[d] - p_scores[d] for d in datasets if d in scores and d in p_scores},
-                         "paper": diff(paper, p_paper), "official": diff(official, p_official), "present": both})
+                         "paper": diff(paper, p_paper), "official": diff(official, p_official), "present": both,
+                         "samples": samples})
     return rows
 
 
@@ -215,8 +229,11 @@ def build_rows(runs: list[Run], reference: list[Published] = (), datasets=metric
 # ------------------------------------------------------------------------------------------------
 
 def header(datasets=metrics.ENGLISH_16) -> list[str]:
+    """The column names: the keys, one short name per dataset, the two averages named by what they
+    average ("Paper avg (mean of 16 datasets)", "Official avg (mean of 6 category means)"), Source."""
+    categories = {metrics.CATEGORIES[d] for d in datasets if d in metrics.CATEGORIES}
     return [*KEY_COLUMNS, *(SHORT.get(d, d) for d in datasets), PAPER_AVG.format(n=len(datasets)),
-            OFFICIAL_AVG, "Source"]
+            OFFICIAL_AVG.format(k=len(categories)), "Source"]
 
 
 def _cell(value, signed: bool = False) -> str:
@@ -224,6 +241,24 @@ def _cell(value, signed: bool = False) -> str:
         return ""
     value = round(value, 2) + 0.0  # no "-0.00"
     return f"{value:+.2f}" if signed else f"{value:.2f}"
+
+
+def partial(row: dict, dataset: str) -> tuple[int, int] | None:
+    """(samples scored, test set size) where the row's ``dataset`` score is over fewer samples than
+    LongBench's test set has (``DATASET_SIZES``), else None."""
+    count, size = row.get("samples", {}).get(dataset), DATASET_SIZES.get(dataset)
+    return (count, size) if count is not None and size is not None and count < size else None
+
+
+def _score_cell(row: dict, dataset: str, signed: bool) -> str:
+    text = _cell(row["scores"].get(dataset), signed)
+    mark = partial(row, dataset) if text else None
+    return text + (f" ({mark[0]}/{mark[1]})" if mark else "")
+
+
+def footnotes(rows: list[dict], datasets=metrics.ENGLISH_16) -> list[str]:
+    """Lines to print under the table: ``PARTIAL_NOTE`` where a score is marked "(n/N)", else none."""
+    return [PARTIAL_NOTE] if any(partial(r, d) for r in rows for d in datasets if d in r["scores"]) else []
 
 
 def _average_cell(value, present, total: int, signed: bool) -> str:
@@ -248,7 +283,7 @@ def format_rows(rows: list[dict], datasets=metrics.ENGLISH_16) -> list[list[str]
         total = len(datasets)
         cells.append([r["model"], r["protocol"], method_label(r["method"]),
                       FULL_BUDGET if r["budget"] is None else str(r["budget"]), r["row"],
-                      *(_cell(r["scores"].get(d), signed) for d in datasets),
+                      *(_score_cell(r, d, signed) for d in datasets),
                       _average_cell(r["paper"], r["present"], total, signed),
                       _average_cell(r["official"], r["present"], total, signed), _source(r["source"])])
     return cells
@@ -282,17 +317,23 @@ def latex(head: list[str], cells: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(out, head: list[str], cells: list[list[str]], rows: list[dict]) -> list[Path]:
-    """``table.md``, ``table.csv``, ``table.tex`` and ``table.json`` (raw numbers) in ``out``."""
+def write_outputs(out, head: list[str], cells: list[list[str]], rows: list[dict], notes: list[str] = ()
+                  ) -> list[Path]:
+    """``table.md`` (with ``notes`` under it), ``table.csv``, ``table.tex`` and ``table.json`` (raw
+    numbers, and the notes) in ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "table.md", out / "table.csv", out / "table.tex", out / "table.json"]
-    paths[0].write_text(markdown(head, cells) + "\n", encoding="utf-8")
+    paths[0].write_text(_with_notes(markdown(head, cells), notes) + "\n", encoding="utf-8")
     with paths[1].open("w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows([head, *cells])
     paths[2].write_text(latex(head, cells), encoding="utf-8")
-    results.write_json(paths[3], {"header": head, "cells": cells, "rows": rows})
+    results.write_json(paths[3], {"header": head, "cells": cells, "rows": rows, "notes": list(notes)})
     return paths
+
+
+def _with_notes(table_text: str, notes) -> str:
+    return "\n\n".join([table_text, *notes])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -341,7 +382,7 @@ def budget_sweep_plot(runs, path_stem, datasets=metrics.ENGLISH_16, dpi: int = 1
             ax.set_xticks(budgets, [str(b) for b in budgets])
             ax.minorticks_off()
         ax.set_xlabel("KV budget (tokens per head per layer)")
-        ax.set_ylabel(f"LongBench average ({len(datasets)} datasets, plain mean)")
+        ax.set_ylabel(PAPER_AVG.format(n=len(datasets)))
         ax.set_title(f"{model} / {protocol}")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
@@ -369,10 +410,10 @@ def other_tasks_table(folders, out, sweep_plot: bool = False) -> list[Path]:
     runs = results.find_runs(folders, results.PREDICTIONS)
     if not runs:
         raise SystemExit(f"no LongBench runs (folders with {results.MANIFEST} and {RESULT}) under {folders}")
-    print(f"note: no LongBench runs (folders with {results.MANIFEST} and {RESULT}) under {folders}; "
-          f"the summary table of the {len(runs)} run(s) with {results.PREDICTIONS} instead", file=sys.stderr)
+    log.warning("no LongBench runs (folders with %s and %s) under %s; the summary table of the %d run(s) with %s "
+                "instead", results.MANIFEST, RESULT, folders, len(runs), results.PREDICTIONS)
     if sweep_plot:
-        print("note: --sweep-plot needs LongBench runs: no budget_sweep plot", file=sys.stderr)
+        log.warning("--sweep-plot needs LongBench runs: no budget_sweep plot")
     head, rows = summary.passkey_table(runs)
     print(markdown(head, rows))
     written = summary.write_outputs(out, head, rows)
@@ -409,8 +450,9 @@ def main(argv=None) -> None:
     if not runs:
         other_tasks_table(args.folders, args.out, args.sweep_plot)
         return
-    print(markdown(head, cells))
-    written = write_outputs(args.out, head, cells, rows)
+    notes = footnotes(rows, tuple(args.datasets))
+    print(_with_notes(markdown(head, cells), notes))
+    written = write_outputs(args.out, head, cells, rows, notes)
     if args.sweep_plot:
         written += budget_sweep_plot(runs, Path(args.out) / "budget_sweep", tuple(args.datasets))
     for p in written:

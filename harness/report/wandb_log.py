@@ -1,35 +1,61 @@
-"""Weights & Biases logging of one finished run, never in the way of the run itself.
+"""Weights & Biases logging of one finished results folder, never in the way of the run itself.
 
     from harness.report.wandb_log import log_run
-    log_run(folder, config, scores, table_rows, predictions)   # -> the wandb run directory, or None
+    log_run(folder, config, scores, table_rows, predictions, group="2026-05-09_07-35-25",
+            job_type="needle", tags=["smollm2_135m", "snapkv", "budget:128"])   # -> the wandb run directory
 
-Logs the config, the per-dataset scores (as summary values ``score/<dataset>`` and as a table), the
-summary table (e.g. ``harness.report.table.row_dicts``) and a predictions table (id, dataset, pred,
-answers, score where present). The wandb files go below the run folder (``<folder>/wandb/``).
-Without ``WANDB_API_KEY`` the run is logged offline (``wandb sync <dir>`` uploads it later), so
-logging needs no network and never waits for one; ``WANDB_MODE`` (online, offline, disabled),
-where set, decides instead. Any wandb error becomes a warning: logging never fails a run.
+The folder's one W&B run (``harness.report.wandb_runs``: created once, its id kept in
+``<folder>/wandb_run.json``, resumed by every later logging; grouped per job; offline without an API
+key; files in ``wandb_dir``; any wandb error one logged warning) gets the config, the per-dataset
+scores (summary values ``score/<dataset>`` and a table), the summary table, a predictions table (id,
+dataset, pred, answers, score where present), the folder's result files as one versioned artifact of
+type ``results`` (``*.jsonl`` predictions, ``result.json``, ``scores.json``, ``manifest.json``;
+``artifact_name``) and the run's own figures: where its rows form a context-length x depth grid
+(needle, passkey), the heatmap drawn into ``<folder>/figures/heatmap.png``.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import warnings
+import re
 from pathlib import Path
 
-PROJECT = "kv-harness"
-_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
+# default_group, log_images, wandb_mode: for callers that know this module only (the runner: default_group)
+from harness.report.wandb_runs import default_group, log_folder_run, log_images, run_name, wandb_mode  # noqa: F401
+from harness.run import results
+
 PREDICTION_COLUMNS = ("id", "dataset", "pred", "answers", "score")
+#: the folder's files logged as its ``results`` artifact, besides the ``*.jsonl`` predictions
+RESULT_FILES = ("result.json", results.SCORES, results.MANIFEST)
+ARTIFACT_TYPE = "results"
 
 
-def wandb_mode() -> str:
-    """``WANDB_MODE`` where set (dryrun = offline, run = online), else online with ``WANDB_API_KEY``
-    and offline without."""
-    mode = os.environ.get("WANDB_MODE", "").strip().lower()
-    if mode:
-        return _MODES.get(mode, "offline")
-    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+def artifact_name(folder: Path) -> str:
+    """``<task>-<model>-<protocol>-<method folder>`` from the folder's last four path parts, with every
+    character W&B refuses in an artifact name (anything but letters, digits, ``-``, ``_``, ``.``) as ``_``."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join(Path(folder).parts[-4:]))[:128]
+
+
+def result_files(folder: Path) -> list[Path]:
+    """The folder's files that make its ``results`` artifact: the predictions (``*.jsonl``: LongBench's
+    ``<dataset>.jsonl``), then ``result.json``, ``scores.json``, ``manifest.json`` where present."""
+    folder = Path(folder)
+    return sorted(folder.glob("*.jsonl")) + [folder / name for name in RESULT_FILES if (folder / name).is_file()]
+
+
+def run_figures(folder: Path) -> dict[str, Path]:
+    """The run's own figures, drawn into ``<folder>/figures/``: ``{"heatmap": <png>}`` where its rows
+    form a context-length x depth grid (needle, passkey); {} for a task without one (LongBench)."""
+    from harness.report import heatmap
+    try:
+        cells = heatmap.load_cells(folder)
+    except ValueError:   # no grid rows, or no score to draw
+        return {}
+    stem = Path(folder) / "figures" / "heatmap"
+    stem.parent.mkdir(exist_ok=True)
+    heatmap.plot_heatmap(cells, heatmap.run_label(folder), stem)
+    png = stem.with_suffix(".png")
+    return {"heatmap": png} if png.is_file() else {}
 
 
 def _cell(value):
@@ -56,40 +82,20 @@ def _table(wandb, rows: list[dict], columns=None):
                        allow_mixed_types=True)
 
 
-def _logged(folder: Path, name: str, log, enabled: bool, project: str, **init) -> str | None:
-    """Open a wandb run under ``folder``, call ``log(wandb, run)``, finish; returns the run directory,
-    or None when disabled or when wandb failed (a warning says why: logging never fails a run)."""
-    if not enabled or wandb_mode() == "disabled":
-        return None
-    folder = Path(folder)
-    run = None
-    try:
-        import wandb
-
-        folder.mkdir(parents=True, exist_ok=True)
-        run = wandb.init(project=project, dir=str(folder), name=name, mode=wandb_mode(), reinit="finish_previous",
-                         settings=wandb.Settings(silent=True, console="off", x_disable_stats=True), **init)
-        log(wandb, run)
-        run_dir = str(Path(run.settings.sync_dir)) if run.settings.sync_dir else str(Path(run.dir).parent)
-        run.finish()
-        return run_dir
-    except Exception as err:  # noqa: BLE001 - logging must never fail a run
-        warnings.warn(f"wandb logging of {folder} failed ({type(err).__name__}: {err}); the run's results are "
-                      "unaffected", RuntimeWarning, stacklevel=3)
-        if run is not None:
-            try:
-                run.finish(exit_code=1)
-            except Exception:  # noqa: BLE001
-                pass
-        return None
-
-
 def log_run(folder: Path, config: dict, scores: dict, table_rows: list[dict] | None = None,
-            predictions: list[dict] | None = None, enabled: bool = True, project: str = PROJECT) -> str | None:
-    """Log one run to wandb; returns the wandb run directory (``<folder>/wandb/<offline-|>run-...``),
-    or None when disabled (``enabled=False`` or ``WANDB_MODE=disabled``) or when wandb failed
-    (a warning says why)."""
-    def log(wandb, run):
+            predictions: list[dict] | None = None, enabled: bool = True, project: str | None = None, *,
+            group: str | None = None, job_type: str | None = None, tags=None, name: str | None = None,
+            wandb_dir=None, figures: bool = True) -> str | None:
+    """Log one results folder into its W&B run (see the module docstring): ``config`` (with
+    ``wandb_group``), ``scores`` (dataset -> score), ``table_rows``, ``predictions``, the folder's
+    ``results`` artifact and, with ``figures``, its heatmap. ``group`` None: the stored one, else
+    ``default_group()``; ``name`` None: ``<model>/<method folder>``; ``wandb_dir`` None: ``WANDB_DIR``,
+    else where the folder's run was logged before. Returns the wandb run directory
+    (``<wandb_dir>/wandb/<offline-|>run-...``), or None when disabled (``enabled=False`` or
+    ``WANDB_MODE=disabled``) or when wandb failed (a logged warning says why)."""
+    folder = Path(folder)
+
+    def log_into(wandb, run):
         flat = _flat_scores(scores)
         run.summary.update(flat)
         logged = {"scores": _table(wandb, [{"dataset": k[len("score/"):], "score": v} for k, v in flat.items()],
@@ -99,14 +105,15 @@ def log_run(folder: Path, config: dict, scores: dict, table_rows: list[dict] | N
         if predictions:
             columns = [c for c in PREDICTION_COLUMNS if c != "score" or any("score" in p for p in predictions)]
             logged["predictions"] = _table(wandb, predictions, columns)
-        run.log(logged)
-    return _logged(folder, "/".join(Path(folder).parts[-3:]), log, enabled, project, config=config)
+        files = result_files(folder)
+        if files:
+            artifact = wandb.Artifact(artifact_name(folder), type=ARTIFACT_TYPE, metadata={"folder": str(folder)})
+            for path in files:
+                artifact.add_file(str(path), name=path.name)
+            run.log_artifact(artifact)
+        if figures:
+            logged.update({key: wandb.Image(str(path)) for key, path in run_figures(folder).items()})
+        return logged
 
-
-def log_images(folder: Path, images: dict[str, Path], name: str, enabled: bool = True,
-               project: str = PROJECT) -> str | None:
-    """Log figures (e.g. needle heatmaps: ``{"panel": path}``) as one W&B run under ``folder``;
-    same offline and never-fail rules as ``log_run``."""
-    def log(wandb, run):
-        run.log({key: wandb.Image(str(path)) for key, path in images.items()})
-    return _logged(folder, name, log, enabled, project, job_type="figures")
+    return log_folder_run(folder, log_into, enabled, wandb_dir, config, project=project, group=group,
+                          job_type=job_type, name=name or run_name(folder), tags=tags)

@@ -38,9 +38,9 @@ log = logging.getLogger(__name__)
 
 RESUME_MODES = tuple(schema.Resume.__members__)   # auto | new
 #: top-level settings that cannot change a number
-NOT_IDENTITY = ("results_dir", "limit", "wandb", "wandb_project", "decode_batch", "threads",
-                "save_kept_positions", "methods", "budgets", "method_overrides", "method", "resume",
-                "debug", "distributed_timeout_s", "hydra")
+NOT_IDENTITY = ("results_dir", "limit", "progress", "wandb", "wandb_project", "wandb_group", "wandb_dir", "wandb_tags",
+                "decode_batch", "threads", "save_kept_positions", "methods", "budgets", "method_overrides", "method",
+                "resume", "debug", "distributed_timeout_s", "hydra")
 #: model settings that cannot change a number (where the weights come from is in ``weights``)
 MODEL_NOT_IDENTITY = ("name", "device_map", "dense_cache", "path", "package", "file", "hub_id", "name_or_path",
                       "revision", "dtype", "device", "chat_template_file")

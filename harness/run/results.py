@@ -26,11 +26,19 @@ NOT_IN_NAME = {"query_chunk"}
 
 
 def run_name(method: dict) -> str:
-    """``snapkv_b256_w32_k7_maxpool_qh`` plus any method-specific knob (``sink4``...)."""
+    """The results folder of a method: its knobs as set, e.g. ``snapkv_b256_w32_k7_maxpool_qh`` plus any
+    method-specific knob (``variantcausal``...). StreamingLLM scores nothing, so its name has no kernel
+    or pooling, and with ``sink_tokens`` set (its window is then ``budget - sink_tokens``, derived, not
+    set) it names the sinks: ``streamingllm_b128_sink4_qh``; without, ``streamingllm_b128_w32_qh``."""
     knobs = dict(method)
     name = knobs.pop("name")
     if name == "fullkv":
         return "fullkv"
+    if name == "streamingllm":
+        sinks = knobs.get("sink_tokens")
+        parts = [name, f"b{knobs['budget']}", f"sink{sinks}" if sinks is not None else f"w{knobs['window_size']}",
+                 _SHORT.get(knobs.get("granularity"), str(knobs.get("granularity")))]
+        return "_".join(parts)
     parts = [name, f"b{knobs.pop('budget')}", f"w{knobs.pop('window_size')}", f"k{knobs.pop('kernel_size')}",
              knobs.pop("pooling"), _SHORT.get(knobs.get("granularity"), str(knobs.get("granularity")))]
     knobs.pop("granularity", None)
@@ -52,7 +60,7 @@ def find_runs(roots, marker: str = PREDICTIONS, also: str | None = None) -> list
             if also is None or (folder / also).is_file():
                 found.add(folder)
             else:
-                print(f"skipped {folder}: {marker} without {also}", file=sys.stderr)
+                log.warning("skipped %s: %s without %s", folder, marker, also)
     return sorted(found)
 
 
@@ -211,9 +219,18 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """``--help`` keeps the module docstring's layout and shows every option's default."""
 
 
+def configure_logging(level: int = logging.INFO) -> None:
+    """Once per command (a no-op where logging is configured, e.g. by Hydra for ``kvh run``): records
+    of ``level`` and above to stderr as ``LEVEL name: message``; primary output (tables, JSON, written
+    paths) is printed to stdout by the commands themselves."""
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
 def run_cli(main) -> None:
-    """Run a command-line ``main``: a user error (a message given to ``SystemExit``, an unreadable
-    results file, a missing folder) prints one ``error:`` line and exits with code 2."""
+    """Run a command-line ``main`` with logging configured (``configure_logging``): a user error (a
+    message given to ``SystemExit``, an unreadable results file, a missing folder) prints one
+    ``error:`` line and exits with code 2."""
+    configure_logging()
     try:
         main()
     except SystemExit as exit_:

@@ -21,11 +21,18 @@ import methods
 from harness import config
 from harness.config import schema  # noqa: F401  (registers the typed configs with Hydra)
 from harness.engine.generate import check_decode, generate
-from harness.engine.models import check_model_config, load_model, model_identity
+from harness.engine.models import (
+    check_hub_access,
+    check_model_config,
+    is_chat_model,
+    load_model,
+    model_identity,
+    resolved_source,
+)
 from harness.engine.shared import generate_many
 from harness.protocol import generation_rules
 from harness.protocol.prompting import check_protocol, encode, special_text, use_chat_template
-from harness.run import distributed, identity, results
+from harness.run import distributed, identity, progress, results
 from harness.tasks import Sample, get_task
 
 log = logging.getLogger(__name__)
@@ -55,14 +62,15 @@ def run_searchpath() -> list[str]:
             if s.schema == "file" and s.provider not in ("main", "hydra")]
 
 
-def method_configs(cfg: DictConfig) -> list[dict]:
+def method_configs(cfg: DictConfig, searchpath: list[str] | None = None) -> list[dict]:
     """The methods of this run as knob dicts: ``cfg.method``, or every name in ``cfg.methods`` (each
-    composed as ``method=<name>`` over the run's config search path, typed, under this run's protocol)
-    at every budget in ``cfg.budgets``, with ``cfg.method_overrides`` applied to all."""
+    composed as ``method=<name>`` over the config search path, typed, under this run's protocol)
+    at every budget in ``cfg.budgets``, with ``cfg.method_overrides`` applied to all. ``searchpath``:
+    the user's config directories (default: the running Hydra app's, ``run_searchpath``)."""
     names = cfg.methods
     if not names:
         return [OmegaConf.to_container(cfg.method, resolve=True)]
-    searchpath = run_searchpath()
+    searchpath = run_searchpath() if searchpath is None else searchpath
     config.check_not_shadowing(searchpath)
     choices = config.group_options("method", searchpath)
     out = []
@@ -83,6 +91,28 @@ def method_configs(cfg: DictConfig) -> list[dict]:
         budgets = [knobs["budget"]] if name == "fullkv" or not cfg.budgets else list(cfg.budgets)
         out += [{**knobs, "budget": int(b)} for b in budgets]
     return out
+
+
+def describe_job(cfg: DictConfig, searchpath: list[str] | None = None) -> dict:
+    """What a job will run (``kvh run --cfg job``), resolved: the settings without the ``method`` block
+    where ``methods=[...]`` replaces it, the model with its source and name resolved, and ``runs``:
+    each method's knobs as built (derived knobs included) with its results folder. Raises
+    ``methods.ConfigError`` for a config that cannot run (the checks of composition and of the methods'
+    knobs; data and model files are checked by the run itself)."""
+    cfg = config.plain(cfg)
+    check_settings(cfg)
+    check_model_config(cfg.model)
+    cfg.model.update(resolved_source(OmegaConf.to_container(cfg.model, resolve=True)))
+    runs = []
+    for knobs in method_configs(cfg, searchpath):
+        knobs = dict(knobs)
+        compressor = methods.build(knobs.pop("name"), **knobs)
+        runs.append({"folder": str(run_folder(cfg, compressor)), "method": {"name": compressor.name,
+                                                                          **compressor.knobs()}})
+    shown = OmegaConf.to_container(cfg, resolve=True)
+    if cfg.methods:
+        del shown["method"]
+    return {**shown, "runs": runs}
 
 
 def build_compressors(cfg: DictConfig) -> list[methods.KVCompressor]:
@@ -215,6 +245,8 @@ def plan(cfg: DictConfig) -> Plan:
     check_settings(cfg)
     compressors = build_compressors(cfg)        # bad knobs fail here, before any model loads
     check_model_config(cfg.model)
+    cfg.model.update(resolved_source(OmegaConf.to_container(cfg.model, resolve=True)))   # source auto, name null
+    check_hub_access(cfg.model)
     generation_rules.check(cfg.protocol)
     check_protocol(cfg.protocol, cfg.model)
     task = get_task(cfg.task.name)
@@ -300,9 +332,15 @@ def build_samples(cfg: DictConfig, job: Plan, locks: contextlib.ExitStack, token
         token_id = tokenizer.convert_tokens_to_ids(token)
         if token_id is None or token_id == tokenizer.unk_token_id:
             raise methods.ConfigError(f"model.extra_stop_tokens: {token!r} is not a token of {cfg.model.name}'s "
-                                      "tokenizer; fix: the exact token text (e.g. <|eot_id|>), or remove it")
+                                      f"tokenizer ({cfg.model.name_or_path or cfg.model.path}); fix: the exact token "
+                                      "text, or model.extra_stop_tokens=[]; for a model of your own use model=custom, "
+                                      "which takes the stop tokens from the model's own tokenizer and generation config")
     view = SimpleNamespace(tokenizer=tokenizer, max_input_tokens=cfg.model.max_input_tokens,
-                           chat_template=bool(cfg.model.chat_template))
+                           chat_template=is_chat_model(cfg.model.chat_template, tokenizer))
+    if cfg.model.chat_template is None:
+        log.info("model.chat_template=null: %s's tokenizer %s a chat template, so it runs as a %s model (set "
+                 "model.chat_template=true or false to decide)", cfg.model.name,
+                 "has" if view.chat_template else "has no", "chat" if view.chat_template else "base")
     chat = use_chat_template(cfg.protocol.chat_template, view.chat_template, tokenizer)
     samples = task_samples(job.task, cfg.task, view, chat, cfg.protocol.truncation, cfg.protocol.prompt_special_tokens)
     if cfg.limit:
@@ -370,49 +408,67 @@ def write_manifests(cfg: DictConfig, job: Plan, lm, chat: bool, all_samples: lis
 def generate_rows(cfg: DictConfig, job: Plan, lm, chat: bool, samples: list[Sample], digests: dict,
                   done: dict) -> None:
     """Generate and append one row per (sample, method) not yet done: one prompt encoding and, for
-    several methods, one shared prefill per sample (``generate_many``); rows flushed as they come."""
+    several methods, one shared prefill per sample (``generate_many``); rows flushed as they come. A
+    progress bar counts (sample, method) generations of this rank, starting at those already done."""
     rank, world = distributed.world()
-    skip = set(cfg.protocol.chat_template_skip or [])
+    writers: dict[tuple, results.PredictionWriter] = {}
+    total = len(samples) * len(job.compressors)
+    initial = sum((s.group, s.id) in done[id(c)] for s in samples for c in job.compressors)
+    bar = progress.progress_bar(total, initial, cfg.progress, rank, world, desc=f"{cfg.task.name} {cfg.model.name}")
+    warned = [False]   # the special-token warning, once per run
+    with bar, progress.redirected(bar):
+        for sample in samples:
+            todo = [c for c in job.compressors if (sample.group, sample.id) not in done[id(c)]]
+            if todo:
+                generate_sample(cfg, job, lm, chat, sample, todo, digests[(sample.group, sample.id)], writers, warned)
+                bar.update(len(todo))
+
+
+def generate_sample(cfg: DictConfig, job: Plan, lm, chat: bool, sample: Sample, todo: list, digest: str,
+                    writers: dict, warned: list) -> None:
+    """One sample for the methods in ``todo``: encode, generate (one shared prefill for several), append
+    each method's row (``writers``: open prediction files by (method, group)), and log one line with
+    every method's score."""
+    rank, world = distributed.world()
     special_tokens = cfg.protocol.prompt_special_tokens
     device = next(lm.model.parameters()).device
     fast = {"decode": cfg.decode, "cuda_graphs": bool(cfg.cuda_graphs), "compile": bool(cfg.decode_compile)}
     stop_strings = list(cfg.task.get("stop_strings") or [])   # a task setting (needle) only some tasks have
-    writers: dict[tuple, results.PredictionWriter] = {}
-    warned_specials = False
-    for sample in samples:
-        todo = [c for c in job.compressors if (sample.group, sample.id) not in done[id(c)]]
-        if not todo:
-            continue
-        sample_chat = chat and sample.dataset not in skip
-        input_ids = encode(sample, lm.tokenizer, sample_chat, device, special_tokens)
-        written_specials = special_text(sample.prompt, lm.tokenizer)
-        if written_specials:
-            sample.meta["special_text_in_prompt"] = written_specials
-            if special_tokens == "parse" and not warned_specials:
-                warned_specials = True
-                log.warning("sample %s: the prompt contains special-token text %s, which "
-                            "protocol.prompt_special_tokens=parse turns into control tokens, as the reference "
-                            "scripts do (recorded per sample as special_text_in_prompt)", sample.id, written_specials)
-        stops = generation_rules.stop_ids(cfg.protocol, sample.dataset, lm)
-        min_new = generation_rules.min_new_tokens(cfg.protocol, sample.dataset)
-        start = time.perf_counter()
-        if len(todo) == 1:
-            outs = [generate(lm.model, lm.tokenizer, input_ids, todo[0], sample.max_new_tokens, stops,
-                             stop_strings, min_new, **fast)]
-        else:
-            outs = generate_many(lm.model, lm.tokenizer, input_ids, todo, sample.max_new_tokens, stops,
-                                 stop_strings, min_new, max_batch=int(cfg.decode_batch), **fast)
-        seconds = (time.perf_counter() - start) / len(todo)
-        for c, out in zip(todo, outs):
-            row = _row(job.task, sample, out, seconds, c) | {"sample_sha256": digests[(sample.group, sample.id)]}
-            if cfg.save_kept_positions and out.report is not None:
-                save_positions(job.folders[id(c)], sample.id, out.report)
-            key = (id(c), sample.group)
-            if key not in writers:
-                suffix = distributed.PART.format(rank=rank) if world > 1 else ""
-                writers[key] = results.PredictionWriter(job.folders[id(c)], sample.group, suffix)
-            writers[key].append(row)
-            log.info("%-12s %s score=%.2f %r", c.name, sample.id, row["score"], out.text[:50])
+    sample_chat = chat and sample.dataset not in set(cfg.protocol.chat_template_skip or [])
+    input_ids = encode(sample, lm.tokenizer, sample_chat, device, special_tokens)
+    written_specials = special_text(sample.prompt, lm.tokenizer)
+    if written_specials:
+        sample.meta["special_text_in_prompt"] = written_specials
+        if special_tokens == "parse" and not warned[0]:
+            warned[0] = True
+            log.warning("sample %s: the prompt contains special-token text %s, which "
+                        "protocol.prompt_special_tokens=parse turns into control tokens, as the reference "
+                        "scripts do (recorded per sample as special_text_in_prompt)", sample.id, written_specials)
+    stops = generation_rules.stop_ids(cfg.protocol, sample.dataset, lm)
+    min_new = generation_rules.min_new_tokens(cfg.protocol, sample.dataset)
+    log.debug("%s: %d prompt tokens, up to %d new, %d method(s)", sample.id, input_ids.shape[1],
+              sample.max_new_tokens, len(todo))
+    start = time.perf_counter()
+    if len(todo) == 1:
+        outs = [generate(lm.model, lm.tokenizer, input_ids, todo[0], sample.max_new_tokens, stops,
+                         stop_strings, min_new, **fast)]
+    else:
+        outs = generate_many(lm.model, lm.tokenizer, input_ids, todo, sample.max_new_tokens, stops,
+                             stop_strings, min_new, max_batch=int(cfg.decode_batch), **fast)
+    elapsed = time.perf_counter() - start
+    scores = []
+    for c, out in zip(todo, outs):
+        row = _row(job.task, sample, out, elapsed / len(todo), c) | {"sample_sha256": digest}
+        if cfg.save_kept_positions and out.report is not None:
+            save_positions(job.folders[id(c)], sample.id, out.report)
+        key = (id(c), sample.group)
+        if key not in writers:
+            suffix = distributed.PART.format(rank=rank) if world > 1 else ""
+            writers[key] = results.PredictionWriter(job.folders[id(c)], sample.group, suffix)
+        writers[key].append(row)
+        scores.append(f"{job.folders[id(c)].name}={row['score']:.1f}")
+        log.debug("%s %s: %r", job.folders[id(c)].name, sample.id, out.text[:80])
+    log.info("%s (%d tokens, %.1f s): %s", sample.id, input_ids.shape[1], elapsed, ", ".join(scores))
 
 
 def finish(cfg: DictConfig, job: Plan, sample_keys: list[tuple]) -> list[dict]:
@@ -422,10 +478,7 @@ def finish(cfg: DictConfig, job: Plan, sample_keys: list[tuple]) -> list[dict]:
     for c in job.compressors:
         folder = job.folders[id(c)]
         distributed.merge(folder, {key: k for k, key in enumerate(sample_keys)})
-        summary = summarize(folder, c.name, sample_keys)
-        if job.task.finalize is not None and summary["samples"]:
-            summary["datasets"] = job.task.finalize(folder)
-            results.write_json(folder / results.SCORES, summary)
+        summary = summarize(folder, c.name, sample_keys, job.task.finalize)   # LongBench: datasets, averages
         log_to_wandb(cfg, folder, c, summary)
         summaries.append(summary)
     return summaries
@@ -439,25 +492,62 @@ def _counter(task, lm, chat: bool, special_tokens: str = "text"):
 
 
 def log_to_wandb(cfg: DictConfig, folder: Path, compressor, summary: dict) -> None:
-    """W&B: config, scores, predictions; offline without an API key; ``wandb=false`` turns it off."""
+    """W&B (``harness.report.wandb_log``): the folder's one W&B run, resumed on a re-run, in the job's group
+    (``wandb_group``), job type = task, tagged with model, method, budget, protocol, decode path and
+    ``wandb_tags``; config, scores, predictions, the result files as an artifact, the heatmap of a grid
+    task. Offline without an API key, files in ``wandb_dir``; ``wandb=false`` turns it off."""
     if not cfg.wandb:
         return
     from harness.report import wandb_log
     scores = summary.get("datasets") or {cfg.task.name: summary["score"]}
     rows = [{k: r.get(k) for k in ("id", "dataset", "pred", "answers", "score", "context_length", "depth")}
             for r in results.read_predictions(folder)]
+    knobs = compressor.knobs()
+    tags = [cfg.model.name, compressor.name, *([] if compressor.is_noop else [f"budget:{knobs['budget']}"]),
+            f"protocol:{cfg.protocol.name}", f"decode:{cfg.decode}", *(cfg.get("wandb_tags") or [])]
     wandb_log.log_run(folder, {**OmegaConf.to_container(cfg, resolve=True),
-                               "method": {"name": compressor.name, **compressor.knobs()}},
-                      scores, [summary | {"folder": str(folder)}], rows, project=cfg.wandb_project)
+                               "method": {"name": compressor.name, **knobs}, "folder": str(folder)},
+                      scores, [summary | {"folder": str(folder)}], rows, project=cfg.wandb_project,
+                      group=cfg.get("wandb_group") or wandb_log.default_group(), job_type=cfg.task.name, tags=tags,
+                      name=f"{cfg.model.name}/{folder.name}", wandb_dir=cfg.get("wandb_dir"))
 
 
-def summarize(folder: Path, method: str, sample_keys: list[tuple]) -> dict:
-    """Mean score over the finished samples of this run's sample list (keys: (group, id)); scores.json
-    is written only when there is at least one."""
+def summarize(folder: Path, method: str, sample_keys: list[tuple], finalize=None) -> dict:
+    """The summary of the finished samples of this run's sample list (keys: (group, id)), written to
+    ``scores.json`` when there is at least one (a run with none never replaces a summary).
+
+    Always ``method``, ``folder`` and ``samples`` (how many are finished). Without ``finalize``
+    (passkey, needle), or with no finished sample: ``score`` = 100 x the mean of the rows' ``score``
+    over those samples (needle: word recall of the needle; passkey: share of keys found), NaN for none.
+    With ``finalize`` (the task's final scorer, ``Task.finalize``: LongBench's official scores, which
+    also writes ``result.json``): ``datasets`` = ``finalize(folder)`` ({dataset: 0-100}; LongBench-E:
+    per length bucket) and LongBench's two averages (reference-eval.md A.3; ``harness.longbench.metrics``)
+    over the datasets present, in place of ``score`` (a mean over all samples of all datasets is
+    neither): ``paper_average`` (plain mean, the KV-compression papers' Avg) and ``official_average``
+    (mean of the category means, the leaderboard's English Avg), both over ``averages_cover`` (those
+    of the 16 English + code datasets that were scored; ``averages_missing``: the others), None when
+    none was; ``official_average_categories`` = the category means. Where a Chinese dataset was
+    scored, also ``official_average_zh`` over ``official_average_zh_covers`` (5 Chinese + 2 code)."""
     rows = results.finished(folder)
     rows = [rows[key] for key in sample_keys if key in rows]
-    mean = sum(r["score"] for r in rows) / len(rows) if rows else float("nan")
-    summary = {"method": method, "folder": str(folder), "samples": len(rows), "score": round(100 * mean, 2)}
-    if rows:   # a run with no finished sample never replaces a summary
+    summary = {"method": method, "folder": str(folder), "samples": len(rows)}
+    if finalize is None or not rows:
+        mean = sum(r["score"] for r in rows) / len(rows) if rows else float("nan")
+        summary["score"] = round(100 * mean, 2)
+    else:
+        from harness.longbench import metrics
+        datasets = finalize(folder)
+        flat = {name: value for name, value in datasets.items() if isinstance(value, (int, float))}
+        english = [name for name in metrics.ENGLISH_16 if name in flat]
+        paper = metrics.paper_average(flat, strict=False) if english else {}
+        official = metrics.official_average(flat, "en", strict=False) if english else {}
+        summary |= {"paper_average": paper.get("value"), "official_average": official.get("value"),
+                    "averages_cover": english, "averages_missing": [n for n in metrics.ENGLISH_16 if n not in flat],
+                    "official_average_categories": official.get("categories", {})}
+        if any(metrics.LANGUAGES.get(name) == "zh" for name in flat):
+            chinese = metrics.official_average(flat, "zh", strict=False)
+            summary |= {"official_average_zh": chinese["value"], "official_average_zh_covers": chinese["datasets"]}
+        summary["datasets"] = datasets
+    if rows:
         results.write_json(Path(folder) / results.SCORES, summary)
     return summary

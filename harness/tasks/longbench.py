@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 ANSWER_PREFIX = ""
 CONFIG_URL = "https://raw.githubusercontent.com/THUDM/LongBench/{commit}/LongBench/config/{name}"
 CONFIG_FILES = ("dataset2prompt.json", "dataset2maxlen.json")
+#: seconds a config-file download may wait for the server
+DOWNLOAD_TIMEOUT_S = 30
 #: sha256 of official data files we have seen (THUDM/LongBench data.zip), checked when present.
 KNOWN_SHA256 = {
     "multi_news.jsonl": "f8817c00af317c2d7f81128f334bcfe5780c6c2a515d5c96811aa0ddf8b5ee6b",
@@ -80,12 +82,13 @@ def _download(url: str, path: Path) -> None:
         log.info("downloading %s", url)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            urllib.request.urlretrieve(url, tmp)
+            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:   # a stalled network fails
+                tmp.write_bytes(response.read())
         except OSError as error:
             tmp.unlink(missing_ok=True)
-            raise ConfigError(f"could not download {url} ({error}); fix: give the official files with "
-                              "task.config_dir=<folder with dataset2prompt.json and dataset2maxlen.json> "
-                              "(or KV_HARNESS_LONGBENCH_CONFIG)") from None
+            raise ConfigError(f"task.config_dir=null: could not download {url} ({error}).\nfix: "
+                              "task.config_dir=<folder with dataset2prompt.json and dataset2maxlen.json> or the "
+                              "environment variable KV_HARNESS_LONGBENCH_CONFIG (README: Your own data)") from None
         tmp.replace(path)
 
 
@@ -105,6 +108,12 @@ def data_file(cfg, dataset: str) -> Path:
     if not folder.is_dir():
         from filelock import FileLock
         from huggingface_hub import hf_hub_download
+
+        from harness.engine.hub import check_hub_file
+        check_hub_file(cfg.hub_repo, "data.zip", cfg.hub_revision, repo_type="dataset",
+                       setting=f"task.data_dir=null (LongBench's data.zip from the hub, {cfg.hub_repo})",
+                       instead="task.data_dir=<a folder with the official <dataset>.jsonl files> or the environment "
+                               "variable KV_HARNESS_LONGBENCH_DIR (README: Your own data)")
         folder.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(folder) + ".lock"):
             if not folder.is_dir():
