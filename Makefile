@@ -60,15 +60,19 @@ lock:
 	rm -rf .lockenv
 
 # Needle-in-a-Haystack: every method of METHODS at BUDGET, one shared prefill per cell, heatmaps + table.
+# The model's results folder is read from the run's own summary lines (stdout: one JSON line per method),
+# since model=custom files results under the model's own name.
+MODEL_DIR = $(PYTHON) -c "import json, pathlib, sys; print(pathlib.Path(json.loads(open(sys.argv[1]).readline())['folder']).parents[1])"
 needle:
+	@mkdir -p "$(RESULTS)"
 	$(PYTHON) -m harness run task=needle model=$(MODEL) "methods=[$(METHODS)]" "budgets=[$(BUDGET)]" \
 	    task.haystack=$(HAYSTACK) "task.context_lengths=$(LENGTHS)" task.depth_grid.count=$(DEPTHS) \
-	    wandb=$(WANDB) "results_dir='$(RESULTS)'" $(OVERRIDES)
-	$(PYTHON) -m harness heatmap "$(RESULTS)/needle/$(MODEL)" --out "$(RESULTS)/needle/$(MODEL)/figures" \
-	    $(if $(filter true,$(WANDB)),--wandb)
-	$(PYTHON) -m harness report "$(RESULTS)/needle/$(MODEL)" --out "$(RESULTS)/needle/$(MODEL)"
-	@echo "figures: $(RESULTS)/needle/$(MODEL)/figures (panel.png, panel.pdf, one heatmap per method)"
-	@echo "table:   $(RESULTS)/needle/$(MODEL)/table.md"
+	    wandb=$(WANDB) "results_dir='$(RESULTS)'" $(OVERRIDES) > "$(RESULTS)/.needle_summary.jsonl"
+	@cat "$(RESULTS)/.needle_summary.jsonl"
+	dir=$$($(MODEL_DIR) "$(RESULTS)/.needle_summary.jsonl") && \
+	$(PYTHON) -m harness heatmap "$$dir" --out "$$dir/figures" $(if $(filter true,$(WANDB)),--wandb) && \
+	$(PYTHON) -m harness report "$$dir" --out "$$dir" && \
+	echo "figures: $$dir/figures (panel.png, panel.pdf, one heatmap per method)" && echo "table:   $$dir/table.md"
 
 # The main job: SmolLM2-135M-Instruct on the CPU, 1K-4K tokens x 5 depths, all six methods at budget 128.
 demo:
@@ -76,9 +80,11 @@ demo:
 
 # Passkey retrieval (a synthetic task that needs no data).
 passkey:
+	@mkdir -p "$(RESULTS)"
 	$(PYTHON) -m harness run task=passkey model=$(MODEL) "methods=[$(METHODS)]" "budgets=[$(BUDGET)]" \
-	    task.haystack=$(HAYSTACK) "results_dir='$(RESULTS)'" $(OVERRIDES)
-	$(PYTHON) -m harness report "$(RESULTS)/passkey/$(MODEL)" --out "$(RESULTS)/passkey/$(MODEL)"
+	    task.haystack=$(HAYSTACK) "results_dir='$(RESULTS)'" $(OVERRIDES) > "$(RESULTS)/.passkey_summary.jsonl"
+	@cat "$(RESULTS)/.passkey_summary.jsonl"
+	dir=$$($(MODEL_DIR) "$(RESULTS)/.passkey_summary.jsonl") && $(PYTHON) -m harness report "$$dir" --out "$$dir"
 
 # LongBench: make longbench MODEL=llama3 BUDGET=512 [METHODS=...] [DATASETS=a,b] [LIMIT=n per dataset]
 PROTOCOL ?= dynamickv_paper
@@ -86,10 +92,13 @@ DATASETS ?=
 LIMIT ?= null
 LONGBENCH_DIR ?= $(KV_HARNESS_LONGBENCH_DIR)
 longbench:
+	@mkdir -p "$(RESULTS)"
 	$(PYTHON) -m harness run task=longbench model=$(MODEL) protocol=$(PROTOCOL) "methods=[$(METHODS)]" "budgets=[$(BUDGET)]" \
 	    $(if $(DATASETS),"task.datasets=[$(DATASETS)]") task.limit=$(LIMIT) \
-	    $(if $(LONGBENCH_DIR),"task.data_dir='$(LONGBENCH_DIR)'") wandb=$(WANDB) "results_dir='$(RESULTS)'" $(OVERRIDES)
-	$(PYTHON) -m harness table "$(RESULTS)/longbench/$(MODEL)" --out "$(RESULTS)/longbench/$(MODEL)"
+	    $(if $(LONGBENCH_DIR),"task.data_dir='$(LONGBENCH_DIR)'") wandb=$(WANDB) "results_dir='$(RESULTS)'" $(OVERRIDES) \
+	    > "$(RESULTS)/.longbench_summary.jsonl"
+	@cat "$(RESULTS)/.longbench_summary.jsonl"
+	dir=$$($(MODEL_DIR) "$(RESULTS)/.longbench_summary.jsonl") && $(PYTHON) -m harness table "$$dir" --out "$$dir"
 
 # The paper-style LongBench table from a results folder (FOLDERS=...; default: $(RESULTS)/longbench). Several
 # folders: kvh table A B --out OUT.

@@ -5,7 +5,7 @@ modules for one prefill; ``cache`` holds the compressed cache layers; ``generate
 one compressor plainly; ``batched`` decodes many caches from fixed-shape slot buffers; ``shared`` is the
 public entry for a sweep: one prompt, one prefill, a list of compressors, their generations; ``stopping``
 holds the stop rule both decode paths apply; ``compat`` is the one place that knows transformers'
-conventions.
+conventions; ``hub`` checks in seconds that a file the hub should give can be had (or is cached).
 
 May import: ``methods``, torch, transformers, and ``harness.run.results`` (file helpers). Never imports
 ``harness.run.runner``, ``harness.tasks``, ``harness.report`` or ``harness.bench``.

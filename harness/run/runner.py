@@ -420,6 +420,7 @@ def generate_rows(cfg: DictConfig, job: Plan, lm, chat: bool, samples: list[Samp
         for sample in samples:
             todo = [c for c in job.compressors if (sample.group, sample.id) not in done[id(c)]]
             if todo:
+                bar.set_postfix_str(sample.id)   # the sample at work, shown while a long one runs
                 generate_sample(cfg, job, lm, chat, sample, todo, digests[(sample.group, sample.id)], writers, warned)
                 bar.update(len(todo))
 
