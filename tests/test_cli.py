@@ -75,8 +75,9 @@ def test_report_builds_a_table(tmp_path):
         runner.run(config(tmp_path, f"method={method}", "method.budget=64", "limit=2"))
     from harness.report.summary import find_runs, passkey_table
     header, rows = passkey_table(find_runs([tmp_path]))
-    assert header[0] == "run" and header[-2:] == ["mean", "samples"]
-    assert [r[0].split("/")[-1] for r in rows] == ["fullkv", "streamingllm_b64_sink4_qh"]
+    assert header[:2] == ["method", "run"] and header[-2:] == ["mean", "samples"]
+    assert [r[0] for r in rows] == ["FullKV", "StreamingLLM @64"]                  # the papers' order, readable
+    assert [r[1].split("/")[-1] for r in rows] == ["fullkv", "streamingllm_b64_sink4_qh"]
     assert all(r[-1] == 2 for r in rows)
 
 

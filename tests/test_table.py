@@ -443,14 +443,14 @@ def test_table_of_other_tasks_when_no_longbench_run(tmp_path, monkeypatch, capsy
     captured = capsys.readouterr()
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("no LongBench runs" in m for m in warned) and any("budget_sweep" in m for m in warned)
-    head = ["run", "depth 0%", "depth 100%", "400 tok", "mean", "samples"]
-    expected = [["passkey/tiny/fullkv", 100.0, 50.0, 75.0, 75.0, 4],
-                ["passkey/tiny/snapkv_b64", 0.0, 100.0, 50.0, 50.0, 2]]
+    head = ["method", "run", "depth 0%", "depth 100%", "400 tok", "mean", "samples"]
+    expected = [["FullKV", "passkey/tiny/fullkv", 100.0, 50.0, 75.0, 75.0, 4],     # no manifest: from the folder name
+                ["snapkv_b64", "passkey/tiny/snapkv_b64", 0.0, 100.0, 50.0, 50.0, 2]]
     out = tmp_path / "results" / "tables"
     assert {p.name for p in out.iterdir()} == {"table.md", "table.csv", "table.json"}
     assert json.loads((out / "table.json").read_text(encoding="utf-8")) == {"header": head, "rows": expected}
     assert captured.out.splitlines() == (out / "table.md").read_text(encoding="utf-8").splitlines()
-    assert captured.out.splitlines()[2] == "| passkey/tiny/fullkv | 100.0 | 50.0 | 75.0 | 75.0 | 4 |"
+    assert captured.out.splitlines()[2] == "| FullKV | passkey/tiny/fullkv | 100.0 | 50.0 | 75.0 | 75.0 | 4 |"
     assert _csv(out / "table.csv")[1]["mean"] == "50.0"
     # the same table and files as `kvh report --out`
     summary.main([str(tmp_path / "results"), "--out", str(tmp_path / "report")])
@@ -470,4 +470,4 @@ def test_report_rows_in_the_papers_method_order(tmp_path):
     for name in ("dynamickv", "fullkv", "h2o"):   # alphabetical on disk
         write_passkey_run(tmp_path / "results", name, [1.0, 0.0])
     _, rows = summary.passkey_table(results.find_runs([tmp_path / "results"], results.PREDICTIONS))
-    assert [row[0] for row in rows] == ["passkey/tiny/fullkv", "passkey/tiny/h2o", "passkey/tiny/dynamickv"]
+    assert [row[1] for row in rows] == ["passkey/tiny/fullkv", "passkey/tiny/h2o", "passkey/tiny/dynamickv"]

@@ -2,8 +2,8 @@
 
     kvh report results/passkey/smollm2_135m [more folders...]
 
-Every folder below the given ones that holds a ``predictions.jsonl`` is a run; each becomes a row
-with its score per depth (averaged over context lengths), per context length, and the mean (100 x the
+Every folder below the given ones that holds a ``predictions.jsonl`` is a run; each becomes a row:
+its method and budget ("SnapKV @128"), its folder, its score per depth (averaged over context lengths), per context length, and the mean (100 x the
 mean of the rows' ``score``: the needle task's word recall, passkey's share of keys found), rows in
 the papers' method order (FullKV first, then each method by budget ascending; ``manifest.json``).
 """
@@ -15,7 +15,7 @@ import csv
 from collections import defaultdict
 from pathlib import Path
 
-from harness.report.common import markdown, run_info
+from harness.report.common import distinct_labels, markdown, run_info
 from harness.run import results
 from harness.run.results import find_runs  # noqa: F401  (the run finder; callers import it from here too)
 
@@ -29,12 +29,15 @@ def _label(value) -> str:
 
 
 def passkey_table(runs: list[Path]) -> tuple[list[str], list[list]]:
-    """Header and rows: run, one column per depth, one per context length, mean, samples (scores in
-    percent, one decimal); runs in ``common.RunInfo.order`` (FullKV first, the papers' order, budget
-    ascending)."""
+    """Header and rows: method (``common.distinct_labels``: "SnapKV @128"; the folder name without a
+    manifest), run (the folder below its task), one column per depth, one per context length, mean,
+    samples (scores in percent, one decimal); runs in ``common.RunInfo.order`` (FullKV first, the
+    papers' order, budget ascending)."""
     data = {}
     depths, lengths = set(), set()
-    for run in sorted(runs, key=lambda r: run_info(r).order):
+    infos = sorted((run_info(r) for r in runs), key=lambda info: info.order)
+    labels = dict(zip((info.folder for info in infos), distinct_labels(infos)))
+    for run in (info.folder for info in infos):
         rows = results.read_predictions(run)
         by_depth, by_length = defaultdict(list), defaultdict(list)
         for r in rows:
@@ -44,12 +47,12 @@ def passkey_table(runs: list[Path]) -> tuple[list[str], list[list]]:
         lengths.update(by_length)
         data[run] = (by_depth, by_length, [r["score"] for r in rows])
     depths, lengths = sorted(d for d in depths if d is not None), sorted(x for x in lengths if x is not None)
-    header = (["run"] + [f"depth {_label(d)}%" for d in depths] + [f"{_label(x)} tok" for x in lengths]
+    header = (["method", "run"] + [f"depth {_label(d)}%" for d in depths] + [f"{_label(x)} tok" for x in lengths]
               + ["mean", "samples"])
     table = []
     for run, (by_depth, by_length, scores) in data.items():
         label = str(run.relative_to(run.parents[2])) if len(run.parents) > 2 else str(run)
-        table.append([label] + [_mean(by_depth.get(d, [])) for d in depths]
+        table.append([labels[run], label] + [_mean(by_depth.get(d, [])) for d in depths]
                      + [_mean(by_length.get(x, [])) for x in lengths] + [_mean(scores), len(scores)])
     return header, table
 

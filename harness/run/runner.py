@@ -467,7 +467,7 @@ def generate_sample(cfg: DictConfig, job: Plan, lm, chat: bool, sample: Sample, 
             suffix = distributed.PART.format(rank=rank) if world > 1 else ""
             writers[key] = results.PredictionWriter(job.folders[id(c)], sample.group, suffix)
         writers[key].append(row)
-        scores.append(f"{job.folders[id(c)].name}={row['score']:.1f}")
+        scores.append(f"{job.folders[id(c)].name}={row['score']:.2f}")
         log.debug("%s %s: %r", job.folders[id(c)].name, sample.id, out.text[:80])
     log.info("%s (%d tokens, %.1f s): %s", sample.id, input_ids.shape[1], elapsed, ", ".join(scores))
 
