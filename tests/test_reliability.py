@@ -315,7 +315,7 @@ def test_quarantine_keeps_valid_rows_and_a_partial_tail(tmp_path):
 
 def test_a_summary_of_zero_samples_never_replaces_one(tmp_path):
     (tmp_path / "scores.json").write_text('{"score": 50}')
-    summary = runner.summarize(tmp_path, "snapkv", [(None, "x")])
+    summary = runner.summarize(tmp_path, "snapkv")
     assert summary["samples"] == 0 and (tmp_path / "scores.json").read_text() == '{"score": 50}'
 
 

@@ -387,8 +387,7 @@ def test_longbench_scores_json_carries_both_averages_not_a_micro_average(tmp_pat
     for dataset, n in counts.items():   # the micro-average of these rows would be 100 * 6 / 10 = 60
         (tmp_path / f"{dataset}.jsonl").write_text("".join(
             json.dumps({"id": f"{dataset}{i}", "score": float(dataset == "trec")}) + "\n" for i in range(n)))
-    keys = [(d, f"{d}{i}") for d, n in counts.items() for i in range(n)]
-    summary = runner.summarize(tmp_path, "snapkv", keys, finalize=lambda folder: dict(datasets))
+    summary = runner.summarize(tmp_path, "snapkv", finalize=lambda folder: dict(datasets))
     assert json.loads((tmp_path / "scores.json").read_text()) == summary
     assert "score" not in summary and summary["samples"] == 10 and summary["datasets"] == datasets
     # paper = (25 + 30 + 60) / 3; official = (Single-Doc (25 + 30) / 2, Few-shot 60) / 2 (see FULL_PARTIAL)
@@ -398,12 +397,12 @@ def test_longbench_scores_json_carries_both_averages_not_a_micro_average(tmp_pat
     assert summary["official_average_categories"] == {"Single-Doc QA": 27.5, "Few-shot": 60.0}
     assert (summary["official_average_zh"], summary["official_average_zh_covers"]) == (40.0, ["multifieldqa_zh"])
     # English and code only: no Chinese average (lcc alone would make one); Chinese only: no English ones
-    only_zh = runner.summarize(tmp_path, "snapkv", keys, finalize=lambda folder: {"multifieldqa_zh": 40.0})
+    only_zh = runner.summarize(tmp_path, "snapkv", finalize=lambda folder: {"multifieldqa_zh": 40.0})
     assert (only_zh["paper_average"], only_zh["official_average"], only_zh["averages_cover"]) == (None, None, [])
-    english = runner.summarize(tmp_path, "snapkv", keys, finalize=lambda folder: {"qasper": 10.0, "lcc": 50.0})
+    english = runner.summarize(tmp_path, "snapkv", finalize=lambda folder: {"qasper": 10.0, "lcc": 50.0})
     assert "official_average_zh" not in english and english["official_average"] == 30.0
     # other tasks: "score" = 100 x the mean per-sample score
-    passkey = runner.summarize(tmp_path, "snapkv", keys)
+    passkey = runner.summarize(tmp_path, "snapkv")
     assert passkey == {"method": "snapkv", "folder": str(tmp_path), "samples": 10, "score": 60.0}
 
 

@@ -170,10 +170,11 @@ def test_a_job_logs_one_grouped_run_per_folder_with_artifact_and_heatmap(offline
 
 def test_a_rerun_resumes_the_folders_run_and_kvh_heatmap_logs_into_it(offline, capsys):
     results_dir = offline / "results"
-    overrides = [*PASSKEY, "methods=[fullkv,snapkv]", "budgets=[64]"]
-    first = runner.run(config(results_dir, *overrides, "wandb_group=first"))
+    overrides = [*PASSKEY, "task.depths=[10,50]", "methods=[fullkv,snapkv]", "budgets=[64]"]
+    first = runner.run(config(results_dir, *overrides, "wandb_group=first", "limit=1"))
     ids = {s["folder"]: wandb_runs.stored_run(Path(s["folder"]))["id"] for s in first}
-    runner.run(config(results_dir, *overrides, "wandb_group=again"))   # nothing new to run: logged again
+    runner.run(config(results_dir, *overrides, "wandb_group=again"))   # the rest of the samples: logged again
+    runner.run(config(results_dir, *overrides, "wandb_group=third"))   # nothing new: the W&B runs are left alone
     runs = offline_runs(results_dir)
     assert len(runs) == 4 and len({r["dir"] for r in runs}) == 4 and all(r["run"].resume for r in runs)
     sessions = {run_id: sorted(r["run"].run_group for r in runs if r["run"].run_id == run_id) for run_id in ids.values()}

@@ -59,6 +59,7 @@ class ModelConfig:
     #                                                null: a chat model exactly when its tokenizer has a template
     chat_template_file: Optional[str] = None       # a Jinja file (relative: under conf/) for models without one
     max_input_tokens: Optional[int] = None         # prompts are truncated to this (protocol.truncation)
+    context_window: Optional[int] = None           # with max_input_tokens null: the model's own, read from its files
     extra_stop_tokens: List[str] = field(default_factory=list)   # e.g. Llama-3's <|eot_id|>
 
 
@@ -94,7 +95,7 @@ def resolved_source(cfg) -> dict:
             raise ConfigError("model.source=auto needs model.name_or_path (a hub id, a local directory or a .gguf "
                               "file); fix: model.name_or_path=<one of them>")
         if target.lower().endswith(".gguf"):
-            out = {"source": "gguf", "path": target, "name_or_path": None}
+            out = {"source": "gguf", "path": target}   # name_or_path kept: errors name the key the user set
         else:
             out = {"source": "hub", "name_or_path": target}
     if cfg.get("name") is None:
@@ -198,9 +199,10 @@ def check_weights_source(cfg) -> None:
         path = cfg.path
         if not path:
             raise ConfigError("model.source=gguf needs model.path (a .gguf file); fix: +model.path=/path/to/model.gguf")
+        key = "model.name_or_path" if cfg.name_or_path is not None and cfg.name_or_path == cfg.path else "model.path"
         path = Path(str(path)).expanduser()
         if not path.is_file():
-            raise ConfigError(f"model.path={str(path)!r} is not a file; fix: give an existing .gguf file")
+            raise ConfigError(f"{key}={str(path)!r} is not a file; fix: check the path of the .gguf file")
         with path.open("rb") as f:
             if f.read(4) != b"GGUF":
                 raise ConfigError(f"model.path={str(path)!r} is not a GGUF file (no GGUF magic number); fix: give a "
@@ -218,14 +220,45 @@ def check_weights_source(cfg) -> None:
         if looks_local:
             if not path.is_dir():
                 raise ConfigError(f"model.name_or_path={name!r} is not a directory (a local model needs a folder "
-                                  "with config.json and the weights); fix: give that folder, or a hub id such as "
-                                  "meta-llama/Meta-Llama-3-8B-Instruct")
+                                  "with config.json and the weights); fix: check the path: that folder, a .gguf file "
+                                  "(model=custom), or a hub id such as meta-llama/Meta-Llama-3-8B-Instruct")
             if not (path / "config.json").is_file():
                 raise ConfigError(f"model.name_or_path={name!r} has no config.json; fix: give the folder that "
                                   "save_pretrained wrote (config.json, *.safetensors, tokenizer files)")
         elif not HUB_ID.fullmatch(name):
             raise ConfigError(f"model.name_or_path={name!r} is neither an existing local directory nor a hub id "
                               "(owner/name); fix: give a folder that exists here, or a hub id")
+
+
+def context_window(cfg) -> int | None:
+    """The context window the model's own files declare, in tokens, read without loading weights: a
+    GGUF file's ``<architecture>.context_length``, a local directory's (or a cached hub model's)
+    ``config.json`` ``max_position_embeddings`` (or its ``text_config``'s), a random model's config;
+    None where none is declared or readable (a hub model not cached yet, a package)."""
+    cfg = model_config(cfg)
+    try:
+        if cfg.source == "gguf":
+            import gguf
+            fields = gguf.GGUFReader(str(Path(str(cfg.path)).expanduser())).fields
+            arch = bytes(fields["general.architecture"].parts[-1]).decode()
+            field = fields.get(f"{arch}.context_length")
+            return int(field.parts[-1][0]) if field is not None else None
+        if cfg.source == "random":
+            config = OmegaConf.to_container(cfg.config, resolve=True) if cfg.config is not None else {}
+        elif cfg.source == "hub":
+            name = str(cfg.name_or_path)
+            local = Path(name).expanduser() / "config.json"
+            if not local.is_file():
+                from harness.engine.hub import cached_file
+                found = cached_file(name, "config.json", cfg.revision)
+                local = Path(found) if found else None
+            config = json.loads(local.read_text()) if local is not None else {}
+        else:
+            return None
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+    window = config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
+    return int(window) if isinstance(window, int) and not isinstance(window, bool) else None
 
 
 def check_hub_access(cfg) -> None:

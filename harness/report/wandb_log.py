@@ -21,7 +21,14 @@ import re
 from pathlib import Path
 
 # default_group, log_images, wandb_mode: for callers that know this module only (the runner: default_group)
-from harness.report.wandb_runs import default_group, log_folder_run, log_images, run_name, wandb_mode  # noqa: F401
+from harness.report.wandb_runs import (  # noqa: F401
+    RUN_FILE,
+    default_group,
+    log_folder_run,
+    log_images,
+    run_name,
+    wandb_mode,
+)
 from harness.run import results
 
 PREDICTION_COLUMNS = ("id", "dataset", "pred", "answers", "score")

@@ -43,7 +43,7 @@ NOT_IDENTITY = ("results_dir", "limit", "progress", "wandb", "wandb_project", "w
                 "resume", "debug", "distributed_timeout_s", "hydra")
 #: model settings that cannot change a number (where the weights come from is in ``weights``)
 MODEL_NOT_IDENTITY = ("name", "device_map", "dense_cache", "path", "package", "file", "hub_id", "name_or_path",
-                      "revision", "dtype", "device", "chat_template_file")
+                      "revision", "dtype", "device", "chat_template_file", "context_window")
 #: task settings that select samples (the grid) or say where data come from (their content is checksummed)
 TASK_NOT_IDENTITY = ("name", "data_dir", "config_dir", "haystack_dir", "limit", "datasets", "context_lengths",
                      "context_range", "depths", "depth_grid", "samples_per_cell", "hub_repo", "hub_revision",

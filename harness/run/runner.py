@@ -24,6 +24,7 @@ from harness.engine.generate import check_decode, generate
 from harness.engine.models import (
     check_hub_access,
     check_model_config,
+    context_window,
     is_chat_model,
     load_model,
     model_identity,
@@ -247,6 +248,8 @@ def plan(cfg: DictConfig) -> Plan:
     check_model_config(cfg.model)
     cfg.model.update(resolved_source(OmegaConf.to_container(cfg.model, resolve=True)))   # source auto, name null
     check_hub_access(cfg.model)
+    if cfg.model.max_input_tokens is None and cfg.model.get("context_window") is None:   # grids checked against it
+        cfg.model.context_window = context_window(cfg.model)
     generation_rules.check(cfg.protocol)
     check_protocol(cfg.protocol, cfg.model)
     task = get_task(cfg.task.name)
@@ -320,7 +323,7 @@ def _run(cfg: DictConfig, job: Plan, locks: contextlib.ExitStack) -> list[dict]:
     distributed.barrier()
     if rank != 0:
         return []
-    return finish(cfg, job, [(s.group, s.id) for s in all_samples])
+    return finish(cfg, job, [(s.group, s.id) for s in all_samples], {key: len(rows) for key, rows in done.items()})
 
 
 def build_samples(cfg: DictConfig, job: Plan, locks: contextlib.ExitStack, tokenizer) -> dict:
@@ -378,7 +381,8 @@ def write_manifests(cfg: DictConfig, job: Plan, lm, chat: bool, all_samples: lis
                "config": OmegaConf.to_container(cfg, resolve=True), "environment": results.environment(),
                "world_size": world, "samples": len(all_samples)}
     manifest = {"config": session["config"], "model": lm.info, "dtype": lm.info["dtype"], "chat_template": chat,
-                "stop_token_ids": lm.stop_token_ids, "environment": session["environment"],
+                "stop_token_ids": lm.stop_token_ids, "stop_tokens": lm.tokenizer.convert_ids_to_tokens(lm.stop_token_ids),
+                "environment": session["environment"],
                 "samples": len(all_samples), "shared_prefill": len(job.compressors) > 1,
                 "generation": {dataset or "default": {
                     "stop_token_ids": generation_rules.stop_ids(cfg.protocol, dataset, lm),
@@ -467,20 +471,27 @@ def generate_sample(cfg: DictConfig, job: Plan, lm, chat: bool, sample: Sample, 
             suffix = distributed.PART.format(rank=rank) if world > 1 else ""
             writers[key] = results.PredictionWriter(job.folders[id(c)], sample.group, suffix)
         writers[key].append(row)
-        scores.append(f"{job.folders[id(c)].name}={row['score']:.2f}")
+        scores.append(f"{job.folders[id(c)].name}={100 * row['score']:.1f}")   # 0-100, as scores.json
         log.debug("%s %s: %r", job.folders[id(c)].name, sample.id, out.text[:80])
-    log.info("%s (%d tokens, %.1f s): %s", sample.id, input_ids.shape[1], elapsed, ", ".join(scores))
+    name = f"{sample.group}/{sample.id}" if sample.group else sample.id
+    log.info("%s (%d tokens, %.1f s): %s", name, input_ids.shape[1], elapsed, ", ".join(scores))
 
 
-def finish(cfg: DictConfig, job: Plan, sample_keys: list[tuple]) -> list[dict]:
+def finish(cfg: DictConfig, job: Plan, sample_keys: list[tuple], done_before: dict | None = None) -> list[dict]:
     """Rank 0, after every rank is done: merge the part files, summarise each folder (``scores.json``),
-    the task's final scores (LongBench's ``result.json``), W&B. Returns one summary per method."""
+    the task's final scores (LongBench's ``result.json``), W&B. Returns one summary per method.
+    ``done_before``: finished rows per method before this run (``id(compressor)`` -> count); a folder
+    that gained none and was logged to W&B before is not logged again (its W&B run is unchanged)."""
     summaries = []
     for c in job.compressors:
         folder = job.folders[id(c)]
         distributed.merge(folder, {key: k for k, key in enumerate(sample_keys)})
-        summary = summarize(folder, c.name, sample_keys, job.task.finalize)   # LongBench: datasets, averages
-        log_to_wandb(cfg, folder, c, summary)
+        summary = summarize(folder, c.name, job.task.finalize)   # LongBench: datasets, averages
+        unchanged = done_before is not None and summary["samples"] == done_before.get(id(c))
+        if unchanged and cfg.wandb and wandb_logged(folder):
+            log.info("%s: nothing new, its W&B run is left as it was", folder.name)
+        else:
+            log_to_wandb(cfg, folder, c, summary)
         summaries.append(summary)
     return summaries
 
@@ -490,6 +501,12 @@ def _counter(task, lm, chat: bool, special_tokens: str = "text"):
         probe = Sample(id="", prompt=prompt_text, answers=[], max_new_tokens=1, answer_prefix=task.answer_prefix)
         return encode(probe, lm.tokenizer, chat, "cpu", special_tokens).shape[1]
     return count_tokens
+
+
+def wandb_logged(folder: Path) -> bool:
+    """Whether ``folder`` has been logged to W&B (it holds its W&B run's id file)."""
+    from harness.report.wandb_log import RUN_FILE
+    return (folder / RUN_FILE).is_file()
 
 
 def log_to_wandb(cfg: DictConfig, folder: Path, compressor, summary: dict) -> None:
@@ -506,16 +523,21 @@ def log_to_wandb(cfg: DictConfig, folder: Path, compressor, summary: dict) -> No
     knobs = compressor.knobs()
     tags = [cfg.model.name, compressor.name, *([] if compressor.is_noop else [f"budget:{knobs['budget']}"]),
             f"protocol:{cfg.protocol.name}", f"decode:{cfg.decode}", *(cfg.get("wandb_tags") or [])]
-    wandb_log.log_run(folder, {**OmegaConf.to_container(cfg, resolve=True),
+    run_dir = wandb_log.log_run(folder, {**OmegaConf.to_container(cfg, resolve=True),
                                "method": {"name": compressor.name, **knobs}, "folder": str(folder)},
                       scores, [summary | {"folder": str(folder)}], rows, project=cfg.wandb_project,
                       group=cfg.get("wandb_group") or wandb_log.default_group(), job_type=cfg.task.name, tags=tags,
                       name=f"{cfg.model.name}/{folder.name}", wandb_dir=cfg.get("wandb_dir"))
+    if run_dir:
+        log.info("%s: W&B run in %s%s", folder.name, run_dir,
+                 " (offline: `wandb sync <that folder>` uploads it)" if "offline-run" in str(run_dir) else "")
 
 
-def summarize(folder: Path, method: str, sample_keys: list[tuple], finalize=None) -> dict:
-    """The summary of the finished samples of this run's sample list (keys: (group, id)), written to
-    ``scores.json`` when there is at least one (a run with none never replaces a summary).
+def summarize(folder: Path, method: str, finalize=None) -> dict:
+    """The summary of every finished sample in the folder, written to ``scores.json`` when there is at
+    least one (a run with none never replaces a summary). A run with ``limit`` or a smaller grid than
+    an earlier one (settings that cannot change a number) summarises the same rows as a full re-run:
+    the folder's, as the reporters and LongBench's scorer read them.
 
     Always ``method``, ``folder`` and ``samples`` (how many are finished). Without ``finalize``
     (passkey, needle), or with no finished sample: ``score`` = 100 x the mean of the rows' ``score``
@@ -529,8 +551,7 @@ def summarize(folder: Path, method: str, sample_keys: list[tuple], finalize=None
     of the 16 English + code datasets that were scored; ``averages_missing``: the others), None when
     none was; ``official_average_categories`` = the category means. Where a Chinese dataset was
     scored, also ``official_average_zh`` over ``official_average_zh_covers`` (5 Chinese + 2 code)."""
-    rows = results.finished(folder)
-    rows = [rows[key] for key in sample_keys if key in rows]
+    rows = list(results.finished(folder).values())
     summary = {"method": method, "folder": str(folder), "samples": len(rows)}
     if finalize is None or not rows:
         mean = sum(r["score"] for r in rows) / len(rows) if rows else float("nan")

@@ -61,6 +61,14 @@ def percent_list(what: str, values) -> list[float]:
 
 
 def model_limit(cfg) -> tuple[int | None, str]:
-    """The model's maximum input (``model.max_input_tokens``) and the phrase an error cites."""
+    """The model's maximum input and the phrase an error cites: ``model.max_input_tokens``, or where
+    that is null the context window its files declare (``model.context_window``, filled in by the
+    runner's plan), or None."""
     limit = cfg.model.max_input_tokens
-    return (int(limit) if limit else None), f" (model.max_input_tokens of {cfg.model.name})"
+    if limit:
+        return int(limit), f" (model.max_input_tokens of {cfg.model.name})"
+    window = cfg.model.get("context_window")
+    if window:
+        return int(window), (f" (the context window of {cfg.model.name}, from its files; model.max_input_tokens=N "
+                             "sets another limit)")
+    return None, ""

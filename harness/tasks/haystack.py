@@ -45,9 +45,10 @@ def haystack_files(kind: str, directory: str | None) -> list[Path]:
     folder = Path(str(directory)).expanduser()
     files = sorted(folder.glob("*.txt")) if folder.is_dir() else []
     if not files:
-        raise ConfigError(f"task.haystack_dir={str(folder)!r} " + ("has no .txt files" if folder.is_dir() else
-                          "is not a folder") + f"; fix: download the essays from {ESSAYS_URL} into it, or "
-                          "task.haystack=synthetic")
+        raise ConfigError(f"task.haystack_dir={str(folder)!r} " + (
+            f"has no .txt files; fix: put .txt files there (e.g. the essays of {ESSAYS_URL}), or task.haystack=synthetic"
+            if folder.is_dir() else "is not a folder; fix: check the path (a folder of .txt files), or "
+            "task.haystack=synthetic"))
     size = 0
     for path in files:
         try:

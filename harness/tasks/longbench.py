@@ -98,6 +98,9 @@ def data_file(cfg, dataset: str) -> Path:
     name = f"{dataset}.jsonl"
     if cfg.get("data_dir"):
         path = Path(cfg.data_dir).expanduser() / name
+        if not path.parent.is_dir():
+            raise ConfigError(f"task.data_dir={str(cfg.data_dir)!r} is not a folder; fix: check the path (the folder "
+                              f"with the official <dataset>.jsonl files, e.g. {name}), or KV_HARNESS_LONGBENCH_DIR")
         if not path.is_file():
             raise ConfigError(f"task.data_dir={str(path.parent)!r} has no {name}; it needs the official "
                               f"LongBench files (data.zip of the hub dataset {cfg.hub_repo}); fix: put them there, "
