@@ -253,3 +253,19 @@ def test_kept_plot_without_identical_lines_spreads_nothing(tmp_path, figures):
     assert kept_plot.offsets(matrix).tolist() == [0.0, 0.0]
     legend = kept_plot.draw(labels, layers, matrix).axes[0].get_legend()
     assert legend.get_title().get_text() == ""
+
+
+def test_runs_of_several_tasks_get_one_panel_each_on_their_own_grid(tmp_path, figures, caplog):
+    root = tmp_path / "results"
+    write_run(root, "fullkv", "fullkv", None, full_grid(1.0))
+    write_run(root, "snapkv", "snapkv", 128, full_grid(0.5))
+    write_run(root, "fullkv", "fullkv", None, {(500, 10.0): [1.0], (500, 90.0): [0.0]}, task="passkey")
+    with caplog.at_level(logging.WARNING, logger="harness.report.heatmap"):
+        heatmap.main([str(root), "--out", str(tmp_path / "fig")])
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]   # no grid is "incomplete" against another's
+    assert {"panel_needle_tiny_default", "panel_passkey_tiny_default"} <= set(figures) and "panel" not in figures
+    needle = heatmap_axes(figures["panel_needle_tiny_default"])
+    assert [ax.get_title() for ax in needle] == ["FullKV: mean 1.00", "SnapKV @128: mean 0.50"]
+    (passkey,) = heatmap_axes(figures["panel_passkey_tiny_default"])
+    assert [t.get_text() for t in passkey.get_xticklabels()] == ["500"]
+    assert "Passkey found" in figures["panel_passkey_tiny_default"]._suptitle.get_text()

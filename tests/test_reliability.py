@@ -209,7 +209,7 @@ def test_malformed_rows_are_named_by_file_and_line(tmp_path, no_model, line, mes
     ("task.datasets=[hotpot]", "unknown dataset 'hotpot'"),
     ("task.datasets=[]", "must be a non-empty list"),
     ("task.datasets=[trec,trec]", "names a dataset twice"),
-    ("task.data_dir=/nonexistent", "has no samsum.jsonl"),
+    ("task.data_dir=/nonexistent", "task.data_dir=./nonexistent. is not a folder; fix: check the path"),
     ("task.max_new_tokens=0", "task.max_new_tokens=0 must be a positive integer or null"),
     ("protocol.truncation=left", "protocol.truncation='left' is not one of"),
 ])

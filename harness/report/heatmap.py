@@ -4,8 +4,9 @@
         [--palette reference|cividis] [--pretrained-len N] [--title TEXT]
 
 Every folder below the given ones that holds a ``predictions.jsonl`` is a run. Each run becomes one
-heatmap (``<out>/<run>.png`` and ``.pdf``) and all runs together one side-by-side panel
-(``<out>/panel.png`` and ``.pdf``), in the papers' order: FullKV first, then StreamingLLM, H2O,
+heatmap (``<out>/<run>.png`` and ``.pdf``) and the runs of one task, model and protocol together one
+side-by-side panel (``<out>/panel.png`` and ``.pdf``; runs of several such folders: one
+``panel_<task>_<model>_<protocol>`` each, every panel on its own grid), in the papers' order: FullKV first, then StreamingLLM, H2O,
 SnapKV, PyramidKV, DynamicKV, any other method, each by budget ascending; the written paths are
 printed. Runs are labelled "SnapKV @128" (method and budget, from the run's ``manifest.json``).
 
@@ -316,32 +317,43 @@ def main(argv=None) -> None:
     out = Path(args.out)
     stems = _stems(runs)
     loaded = load_runs(runs, args.score_field)
-    metrics = {cells.attrs["metric"] for _, _, cells in loaded}
-    metric = metrics.pop() if len(metrics) == 1 else score_label(args.score_field)
-    grid = grid_of(cells for _, _, cells in loaded)
-    checks = completeness(cells for _, _, cells in loaded)
-    options = {"palette": args.palette, "annotate": args.annotate, "metric": metric}
-    written = []
-    for (run, label, cells), check in zip(loaded, checks):
-        if not check.complete:
-            log.warning("%s (%s): %s on the grid drawn (%d context lengths x %d depths); its mean is over the "
-                        "finished cells only", run, label, check.note.removeprefix("incomplete: "), len(grid[0]),
-                        len(grid[1]))
-        written += plot_heatmap(cells, label, out / stems[run], pretrained_len=args.pretrained_len, grid=grid,
-                                check=check, **options)
-    common = Path(os.path.commonpath([str(r) for r, _, _ in loaded]))
-    where = '/'.join(common.parts[-3:]) if len(loaded) > 1 else stems[loaded[0][0]]
-    title = args.title or (f"{where}: {metric}" + ("" if metric == args.score_field else f" ({args.score_field})"))
-    written += plot_panel([(label, cells) for _, label, cells in loaded], out / "panel", title,
-                          pretrained_len=args.pretrained_len, **options)
+    groups: dict[Path, list] = {}   # one panel per <task>/<model>/<protocol> folder: grids of one kind together
+    for entry in loaded:
+        groups.setdefault(entry[0].parent, []).append(entry)
+    options = {"palette": args.palette, "annotate": args.annotate}
+    written, panels = [], []
+    for parent, members in groups.items():
+        if len(groups) > 1:   # labels tell apart the runs of one panel
+            labels = distinct_labels([run_info(run) for run, _, _ in members])
+            members = [(run, label, cells) for (run, _, cells), label in zip(members, labels)]
+        metrics = {cells.attrs["metric"] for _, _, cells in members}
+        metric = metrics.pop() if len(metrics) == 1 else score_label(args.score_field)
+        grid = grid_of(cells for _, _, cells in members)
+        checks = completeness(cells for _, _, cells in members)
+        for (run, label, cells), check in zip(members, checks):
+            if not check.complete:
+                log.warning("%s (%s): %s on the grid drawn (%d context lengths x %d depths); its mean is over the "
+                            "finished cells only", run, label, check.note.removeprefix("incomplete: "), len(grid[0]),
+                            len(grid[1]))
+            written += plot_heatmap(cells, label, out / stems[run], pretrained_len=args.pretrained_len, grid=grid,
+                                    check=check, metric=metric, **options)
+        where = "/".join(parent.parts[-3:])
+        title = args.title or (f"{where}: {metric}" + ("" if metric == args.score_field else f" ({args.score_field})"))
+        stem = "panel" if len(groups) == 1 else "panel_" + "_".join(parent.parts[-3:])
+        written += plot_panel([(label, cells) for _, label, cells in members], out / stem, title,
+                              pretrained_len=args.pretrained_len, metric=metric, **options)
+        panels.append((members, out / f"{stem}.png", where))
+    if len(groups) > 1:
+        log.info("%d kinds of run (task/model/protocol): one panel each", len(groups))
     for p in written:
         print(p)
-    if args.wandb:   # each run's heatmap into its folder's W&B run, the panel into a figures run of their group
+    if args.wandb:   # each run's heatmap into its folder's W&B run, each panel into a figures run of their group
         from harness.report.wandb_runs import log_heatmaps
         key = "heatmap" if args.score_field == "score" else f"heatmap/{args.score_field}"
-        for run_dir in log_heatmaps({run: out / f"{stems[run]}.png" for run, _, _ in loaded}, out / "panel.png",
-                                    out, "/".join(common.parts[-3:]), key):
-            print(f"wandb: {run_dir}")
+        for members, panel, where in panels:
+            for run_dir in log_heatmaps({run: out / f"{stems[run]}.png" for run, _, _ in members}, panel, out, where,
+                                        key):
+                print(f"wandb: {run_dir}")
 
 
 if __name__ == "__main__":
