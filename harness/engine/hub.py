@@ -35,9 +35,12 @@ def cached_file(repo_id: str, filename: str, revision: str | None = None, repo_t
 
 
 def probe(repo_id: str, filename: str, revision: str | None = None, repo_type: str = "model") -> int | str:
-    """One HEAD request for ``filename`` of ``repo_id`` (no retries, ``PROBE_TIMEOUT_S``): the HTTP
-    status, or the name of the error where the hub could not be reached (``"offline"`` under
-    ``HF_HUB_OFFLINE``)."""
+    """One HEAD request for ``filename`` of ``repo_id`` (no retries, no redirects followed: the hub
+    answers a file on a CDN with a redirect, which means reachable; ``PROBE_TIMEOUT_S``): the HTTP
+    status, or the hub's ``X-Error-Code`` where it gives one (``RepoNotFound``, ``GatedRepo``,
+    ``RevisionNotFound``, ``EntryNotFound``: the hub answers 401 for a repository that does not exist
+    when no token is sent), or the name of the error where the hub could not be reached (``"offline"``
+    under ``HF_HUB_OFFLINE``)."""
     from urllib.parse import quote
 
     from huggingface_hub import constants, get_session
@@ -48,10 +51,11 @@ def probe(repo_id: str, filename: str, revision: str | None = None, repo_type: s
     url = f"{constants.ENDPOINT}/{prefix}{repo_id}/resolve/{quote(revision or 'main', safe='')}/{quote(filename)}"
     try:
         response = get_session().head(url, headers=build_hf_headers(), timeout=PROBE_TIMEOUT_S,
-                                      follow_redirects=True)
+                                      follow_redirects=False)
     except Exception as error:   # noqa: BLE001 - DNS failure, refused, timeout, proxy: all "unreachable"
-        return type(error).__name__
-    return int(response.status_code)
+        return f"unreachable: {type(error).__name__}"
+    code = response.headers.get("X-Error-Code")
+    return code if code and response.status_code >= 400 else int(response.status_code)
 
 
 def go_offline(reason: str) -> None:
@@ -80,22 +84,32 @@ def check_hub_file(repo_id: str, filename: str, revision: str | None, setting: s
     cached = cached_file(repo_id, filename, revision, repo_type)
     status = probe(repo_id, filename, revision, repo_type)
     where = f"{repo_type} {repo_id}" + (f" at revision {revision}" if revision else "")
-    if isinstance(status, str):
+    if isinstance(status, int) and status < 400:
+        return
+    if status == "offline" or str(status).startswith("unreachable"):
         if cached:
             go_offline(status)
             return
-        why = "HF_HUB_OFFLINE is set" if status == "offline" else f"{constants.ENDPOINT} cannot be reached ({status})"
+        why = ("HF_HUB_OFFLINE is set" if status == "offline" else
+               f"{constants.ENDPOINT} cannot be reached ({status.removeprefix('unreachable: ')})")
         raise ConfigError(f"{setting}: {filename} of the hub {where} is not in the local hub cache "
                           f"({constants.HF_HUB_CACHE}) and {why}.\n"
                           f"fix: {instead}; or download it where there is network (`hf download {repo_id}"
                           f"{' --repo-type dataset' if repo_type == 'dataset' else ''}`) and set HF_HOME to that cache")
-    if status in (401, 403):
+    if status in ("RepoNotFound", "RevisionNotFound", "EntryNotFound", 404):
+        if cached:   # gone from the hub (or hidden): what the cache holds is what can load
+            go_offline(f"{status}")
+            return
+        what = {"RepoNotFound": f"the hub has no {where} (or it is private and no token is set)",
+                "RevisionNotFound": f"the hub has no such revision of {repo_type} {repo_id}"}.get(
+            status, f"the hub has no {filename} in {where}")
+        raise ConfigError(f"{setting}: {what} ({status}).\nfix: check the id and revision; or {instead}")
+    if status in ("GatedRepo", 401, 403):
         if cached:
             go_offline(f"HTTP {status}")
             return
-        raise ConfigError(f"{setting}: the hub {where} is gated or private (HTTP {status}), and it is not in the local "
+        raise ConfigError(f"{setting}: the hub {where} is gated or private ({status}), and it is not in the local "
                           f"hub cache.\nfix: accept its licence on {constants.ENDPOINT}/{repo_id} and set HF_TOKEN "
                           f"(or `hf auth login`); or {instead}")
-    if status == 404:
-        raise ConfigError(f"{setting}: the hub has no {filename} in {where} (HTTP 404).\n"
-                          f"fix: check the id and revision; or {instead}")
+    if not cached:   # another answer (5xx, ...): loading will tell; say what the hub said
+        log.warning("the hub answered %s for %s of %s; loading will try anyway", status, filename, where)

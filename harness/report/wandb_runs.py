@@ -162,9 +162,15 @@ def log_heatmaps(heatmaps: dict[Path, Path], panel: Path | None, out: Path, titl
     (resumed by its stored id; a folder never logged gets a run of its own), and ``panel`` into the
     figures run of ``out`` (job type ``figures``, named ``heatmaps/<title>``) in the group the runs
     share (the most common one). Returns the wandb run directories written."""
-    written = [log_images(folder, {key: png}, name=run_name(folder), job_type=None)
-               for folder, png in heatmaps.items() if Path(png).is_file()]
     stored = [stored_run(folder) for folder in heatmaps]
+
+    def results_root(folder: Path, entry: dict):   # <results_dir>/<task>/<model>/<protocol>/<method>
+        folder = Path(folder).resolve()
+        return entry.get("dir") or (folder.parents[3] if len(folder.parents) > 3 else folder)
+
+    written = [log_images(folder, {key: png}, name=run_name(folder), job_type=None,
+                          wandb_dir=results_root(folder, entry))
+               for (folder, png), entry in zip(heatmaps.items(), stored) if Path(png).is_file()]
 
     def common(field):
         values = Counter(s[field] for s in stored if s.get(field))
@@ -172,5 +178,7 @@ def log_heatmaps(heatmaps: dict[Path, Path], panel: Path | None, out: Path, titl
 
     if panel is not None and Path(panel).is_file():
         written.append(log_images(out, {"panel": panel}, name=f"heatmaps/{title}", project=common("project"),
-                                  group=common("group"), wandb_dir=common("dir")))
+                                  group=common("group"),
+                                  wandb_dir=common("dir") or (results_root(next(iter(heatmaps)), {}) if heatmaps
+                                                              else None)))
     return [run_dir for run_dir in written if run_dir]

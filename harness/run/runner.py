@@ -250,6 +250,9 @@ def plan(cfg: DictConfig) -> Plan:
     check_hub_access(cfg.model)
     if cfg.model.max_input_tokens is None and cfg.model.get("context_window") is None:   # grids checked against it
         cfg.model.context_window = context_window(cfg.model)
+        if cfg.model.context_window is None:
+            log.warning("model.max_input_tokens is null and %s's context window is not known before it loads (a hub "
+                        "model not cached yet, a package): prompt lengths are not checked against it", cfg.model.name)
     generation_rules.check(cfg.protocol)
     check_protocol(cfg.protocol, cfg.model)
     task = get_task(cfg.task.name)
@@ -323,7 +326,7 @@ def _run(cfg: DictConfig, job: Plan, locks: contextlib.ExitStack) -> list[dict]:
     distributed.barrier()
     if rank != 0:
         return []
-    return finish(cfg, job, [(s.group, s.id) for s in all_samples], {key: len(rows) for key, rows in done.items()})
+    return finish(cfg, job, [(s.group, s.id) for s in all_samples])
 
 
 def build_samples(cfg: DictConfig, job: Plan, locks: contextlib.ExitStack, tokenizer) -> dict:
@@ -477,23 +480,38 @@ def generate_sample(cfg: DictConfig, job: Plan, lm, chat: bool, sample: Sample, 
     log.info("%s (%d tokens, %.1f s): %s", name, input_ids.shape[1], elapsed, ", ".join(scores))
 
 
-def finish(cfg: DictConfig, job: Plan, sample_keys: list[tuple], done_before: dict | None = None) -> list[dict]:
+def finish(cfg: DictConfig, job: Plan, sample_keys: list[tuple]) -> list[dict]:
     """Rank 0, after every rank is done: merge the part files, summarise each folder (``scores.json``),
-    the task's final scores (LongBench's ``result.json``), W&B. Returns one summary per method.
-    ``done_before``: finished rows per method before this run (``id(compressor)`` -> count); a folder
-    that gained none and was logged to W&B before is not logged again (its W&B run is unchanged)."""
+    the task's final scores (LongBench's ``result.json``), W&B. Returns one summary per method. A
+    folder whose scores W&B already has (``WANDB_LOGGED``: the sha256 of its score files when they
+    were last logged) is not logged again."""
     summaries = []
     for c in job.compressors:
         folder = job.folders[id(c)]
         distributed.merge(folder, {key: k for k, key in enumerate(sample_keys)})
         summary = summarize(folder, c.name, job.task.finalize)   # LongBench: datasets, averages
-        unchanged = done_before is not None and summary["samples"] == done_before.get(id(c))
-        if unchanged and cfg.wandb and wandb_logged(folder):
-            log.info("%s: nothing new, its W&B run is left as it was", folder.name)
-        else:
-            log_to_wandb(cfg, folder, c, summary)
+        if cfg.wandb and summary["samples"]:
+            digest = score_files_digest(folder)
+            marker = folder / WANDB_LOGGED
+            if marker.is_file() and results.read_json(marker).get("score_files_sha256") == digest:
+                log.info("%s: W&B already has these scores; its run is left as it was", folder.name)
+            elif log_to_wandb(cfg, folder, c, summary):
+                results.write_json(marker, {"score_files_sha256": digest})
         summaries.append(summary)
     return summaries
+
+
+#: a results folder's record of what W&B was last given (written after a successful logging)
+WANDB_LOGGED = "wandb_logged.json"
+
+
+def score_files_digest(folder: Path) -> str:
+    """sha256 over the folder's ``scores.json`` and ``result.json`` (where present)."""
+    digest = hashlib.sha256()
+    for name in (results.SCORES, "result.json"):
+        path = Path(folder) / name
+        digest.update(f"{name}:{results.file_sha256(path) if path.is_file() else None}\n".encode())
+    return digest.hexdigest()
 
 
 def _counter(task, lm, chat: bool, special_tokens: str = "text"):
@@ -503,19 +521,14 @@ def _counter(task, lm, chat: bool, special_tokens: str = "text"):
     return count_tokens
 
 
-def wandb_logged(folder: Path) -> bool:
-    """Whether ``folder`` has been logged to W&B (it holds its W&B run's id file)."""
-    from harness.report.wandb_log import RUN_FILE
-    return (folder / RUN_FILE).is_file()
-
-
-def log_to_wandb(cfg: DictConfig, folder: Path, compressor, summary: dict) -> None:
+def log_to_wandb(cfg: DictConfig, folder: Path, compressor, summary: dict) -> str | None:
     """W&B (``harness.report.wandb_log``): the folder's one W&B run, resumed on a re-run, in the job's group
     (``wandb_group``), job type = task, tagged with model, method, budget, protocol, decode path and
     ``wandb_tags``; config, scores, predictions, the result files as an artifact, the heatmap of a grid
-    task. Offline without an API key, files in ``wandb_dir``; ``wandb=false`` turns it off."""
+    task. Offline without an API key, files in ``wandb_dir``; ``wandb=false`` turns it off. Returns the
+    wandb run directory, or None (off, or wandb failed: one logged warning)."""
     if not cfg.wandb:
-        return
+        return None
     from harness.report import wandb_log
     scores = summary.get("datasets") or {cfg.task.name: summary["score"]}
     rows = [{k: r.get(k) for k in ("id", "dataset", "pred", "answers", "score", "context_length", "depth")}
@@ -531,6 +544,7 @@ def log_to_wandb(cfg: DictConfig, folder: Path, compressor, summary: dict) -> No
     if run_dir:
         log.info("%s: W&B run in %s%s", folder.name, run_dir,
                  " (offline: `wandb sync <that folder>` uploads it)" if "offline-run" in str(run_dir) else "")
+    return run_dir
 
 
 def summarize(folder: Path, method: str, finalize=None) -> dict:
@@ -570,6 +584,10 @@ def summarize(folder: Path, method: str, finalize=None) -> dict:
             chinese = metrics.official_average(flat, "zh", strict=False)
             summary |= {"official_average_zh": chinese["value"], "official_average_zh_covers": chinese["datasets"]}
         summary["datasets"] = datasets
+        from harness.longbench.score import DATASET_SIZES, sample_counts
+        counts = sample_counts(Path(folder))   # a dataset scored on part of its samples: [scored, of]
+        summary["datasets_partial"] = {name: [n, DATASET_SIZES[name]] for name, n in counts.items()
+                                       if name in DATASET_SIZES and n < DATASET_SIZES[name]}
     if rows:
         results.write_json(Path(folder) / results.SCORES, summary)
     return summary

@@ -223,6 +223,25 @@ def validate(cfg) -> None:
                 raise ConfigError(f"{name}.json has no entry for {dataset.removesuffix('_e')}; fix: the official "
                                   "config files (task.config_dir=null downloads them), or leave the dataset out")
         read_rows(data_file(task, dataset), dataset, template_fields(prompts[dataset.removesuffix("_e")]))
+    check_truncation(cfg, max(int(tables["dataset2maxlen"][d.removesuffix("_e")]) for d in datasets))
+
+
+def check_truncation(cfg, longest_answer: int) -> None:
+    """LongBench truncates every prompt to ``model.max_input_tokens``; where that is null and the model's
+    files declare a context window (``model.context_window``), prompts longer than the window would run
+    past it: ConfigError with the setting to give (the window minus the longest answer of the datasets,
+    ``longest_answer`` tokens). Without a known window: a warning that prompts are not truncated."""
+    model = cfg.model
+    if model.get("max_input_tokens"):
+        return
+    window = model.get("context_window")
+    if window:
+        raise ConfigError(f"task=longbench truncates every prompt to model.max_input_tokens, which is null, and "
+                          f"{model.name}'s context window is {window} tokens, so its longer prompts would run past it; "
+                          f"fix: model.max_input_tokens={int(window) - longest_answer} (the window minus the longest "
+                          f"answer of these datasets, {longest_answer} tokens)")
+    log.warning("model.max_input_tokens is null and %s's context window is unknown: LongBench prompts are not truncated "
+                "(set model.max_input_tokens to the model's context minus the longest answer)", model.name)
 
 
 def data_identity(cfg) -> dict:
