@@ -115,6 +115,7 @@ FORBIDDEN = {
     "harness.protocol": ("harness.engine", "harness.run", "harness.tasks", "harness.report", "harness.bench",
                          "harness.cli", "harness.longbench"),
     "harness.longbench": ("harness.report", "harness.engine", "harness.bench", "harness.cli", "harness.run.runner"),
+    "harness.ruler": ("harness.report", "harness.engine", "harness.bench", "harness.cli", "harness.run.runner"),
     "harness.tasks": ("harness.report", "harness.bench", "harness.cli", "harness.run.runner"),
     "harness.report": ("harness.engine", "harness.bench", "harness.cli", "harness.run.runner"),
     "harness.run": ("harness.report.table", "harness.report.heatmap", "harness.bench", "harness.cli"),
