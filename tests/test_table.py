@@ -53,7 +53,7 @@ def make_run(root: Path, model: str, protocol: str, method: str, budget, scores:
     (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     (folder / "result.json").write_text(json.dumps(scores), encoding="utf-8")
     for dataset in scores:  # the per-dataset predictions a real run holds (the table counts their lines)
-        count = (samples or {}).get(dataset, score.DATASET_SIZES.get(dataset, 1))
+        count = (samples or {}).get(dataset, metrics.DATASET_SIZES.get(dataset, 1))
         (folder / f"{dataset}.jsonl").write_text("".join(
             json.dumps({"id": str(i), "pred": "x", "answers": ["x"], "all_classes": None, "length": 1}) + "\n"
             for i in range(count)))
@@ -387,7 +387,8 @@ def test_longbench_scores_json_carries_both_averages_not_a_micro_average(tmp_pat
     for dataset, n in counts.items():   # the micro-average of these rows would be 100 * 6 / 10 = 60
         (tmp_path / f"{dataset}.jsonl").write_text("".join(
             json.dumps({"id": f"{dataset}{i}", "score": float(dataset == "trec")}) + "\n" for i in range(n)))
-    summary = runner.summarize(tmp_path, "snapkv", finalize=lambda folder: dict(datasets))
+    summary = runner.summarize(tmp_path, "snapkv",
+                               finalize=lambda folder: score.summary_fields(datasets, score.sample_counts(folder)))
     assert json.loads((tmp_path / "scores.json").read_text()) == summary
     assert "score" not in summary and summary["samples"] == 10 and summary["datasets"] == datasets
     # paper = (25 + 30 + 60) / 3; official = (Single-Doc (25 + 30) / 2, Few-shot 60) / 2 (see FULL_PARTIAL)
@@ -399,10 +400,11 @@ def test_longbench_scores_json_carries_both_averages_not_a_micro_average(tmp_pat
     assert summary["official_average_categories"] == {"Single-Doc QA": 27.5, "Few-shot": 60.0}
     assert (summary["official_average_zh"], summary["official_average_zh_covers"]) == (40.0, ["multifieldqa_zh"])
     # English and code only: no Chinese average (lcc alone would make one); Chinese only: no English ones
-    only_zh = runner.summarize(tmp_path, "snapkv", finalize=lambda folder: {"multifieldqa_zh": 40.0})
+    only_zh = score.summary_fields({"multifieldqa_zh": 40.0}, {})
     assert (only_zh["paper_average"], only_zh["official_average"], only_zh["averages_cover"]) == (None, None, [])
-    english = runner.summarize(tmp_path, "snapkv", finalize=lambda folder: {"qasper": 10.0, "lcc": 50.0})
+    english = score.summary_fields({"qasper": 10.0, "lcc": 50.0}, {"qasper": 200, "lcc": 500})
     assert "official_average_zh" not in english and english["official_average"] == 30.0
+    assert english["datasets_partial"] == {}                    # complete datasets are not partial
     # other tasks: "score" = 100 x the mean per-sample score
     passkey = runner.summarize(tmp_path, "snapkv")
     assert passkey == {"method": "snapkv", "folder": str(tmp_path), "samples": 10, "score": 60.0}

@@ -56,6 +56,9 @@ LANGUAGES.update({"lcc": "code", "repobench-p": "code"})
 FIRST_LINE_DATASETS = ("trec", "triviaqa", "samsum", "lsht")
 
 # The 16 datasets (14 English + 2 code) that SnapKV/PyramidKV/DynamicKV average, in the papers' column order.
+#: Test samples per LongBench v1 dataset (THUDM/LongBench README, 4,750 in all; reference-eval.md A.1,
+#: column n): what a complete run scores. LongBench-E's ``<name>_e`` sets are not listed.
+DATASET_SIZES = {name: 200 for name in CATEGORIES} | {"multifieldqa_en": 150, "lcc": 500, "repobench-p": 500}
 ENGLISH_16 = ("narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "musique", "gov_report", "qmsum",
               "multi_news", "trec", "triviaqa", "samsum", "passage_count", "passage_retrieval_en", "lcc", "repobench-p")
 

@@ -23,9 +23,6 @@ from harness.run import results
 
 RESULT = "result.json"
 SUFFIX = ".jsonl"
-#: Test samples per LongBench v1 dataset (THUDM/LongBench README, 4,750 in all; reference-eval.md A.1,
-#: column n): what a complete run scores. LongBench-E's ``<name>_e`` sets are not listed.
-DATASET_SIZES = {name: 200 for name in metrics.CATEGORIES} | {"multifieldqa_en": 150, "lcc": 500, "repobench-p": 500}
 
 
 class ScoreError(results.ResultFileError):
@@ -112,6 +109,31 @@ def sample_counts(folder: Path) -> dict[str, int]:
     ``score_dir`` scores), in name order; compare with ``DATASET_SIZES`` to find a partial dataset."""
     files = sorted(p for p in Path(folder).iterdir() if p.name.endswith(SUFFIX) and p.is_file())
     return {p.name[: -len(SUFFIX)]: len(results.jsonl_lines(p.read_bytes())) for p in files}
+
+
+def summary_fields(scores: dict, counts: dict[str, int]) -> dict:
+    """What a LongBench run's ``scores.json`` holds (``Task.finalize``): ``datasets`` = ``scores``
+    ({dataset: 0-100}; LongBench-E: per length bucket) and the two averages the field reports, named
+    (reference-eval.md A.3; ``metrics``), over the datasets present: ``paper_average`` (plain mean, the
+    KV-compression papers' Avg) and ``official_average`` (mean of the category means, the leaderboard's
+    English Avg), both over ``averages_cover`` (those of the 16 English + code datasets scored;
+    ``averages_missing``: the others), None when none was; ``official_average_categories``; where a
+    Chinese dataset was scored, ``official_average_zh`` over ``official_average_zh_covers``; and
+    ``datasets_partial`` = ``{dataset: [scored, of]}`` for those scored on fewer samples (``counts``)
+    than LongBench has (``metrics.DATASET_SIZES``). No mean over all samples: it is neither average."""
+    flat = {name: value for name, value in scores.items() if isinstance(value, (int, float))}
+    english = [name for name in metrics.ENGLISH_16 if name in flat]
+    paper = metrics.paper_average(flat, strict=False) if english else {}
+    official = metrics.official_average(flat, "en", strict=False) if english else {}
+    fields = {"paper_average": paper.get("value"), "official_average": official.get("value"),
+              "averages_cover": english, "averages_missing": [n for n in metrics.ENGLISH_16 if n not in flat],
+              "official_average_categories": official.get("categories", {})}
+    if any(metrics.LANGUAGES.get(name) == "zh" for name in flat):
+        chinese = metrics.official_average(flat, "zh", strict=False)
+        fields |= {"official_average_zh": chinese["value"], "official_average_zh_covers": chinese["datasets"]}
+    sizes = metrics.DATASET_SIZES
+    return {**fields, "datasets": scores,
+            "datasets_partial": {name: [n, sizes[name]] for name, n in counts.items() if name in sizes and n < sizes[name]}}
 
 
 def summary_lines(scores: dict) -> list[str]:

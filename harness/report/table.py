@@ -16,7 +16,7 @@ and "Official avg (mean of 6 category means)" = mean of the LongBench category m
 leaderboard's Avg; reference-eval.md A.3); with ``--datasets`` the counts are those of the columns.
 An average over fewer datasets than the columns is marked with the count, e.g. "38.20 (3/16)". A
 dataset scored on fewer samples than it has (``<dataset>.jsonl`` lines against LongBench's test set
-size, ``harness.longbench.score.DATASET_SIZES``: a run with ``task.limit`` or one cut short) is
+size, ``harness.longbench.metrics.DATASET_SIZES``: a run with ``task.limit`` or one cut short) is
 marked with the count, e.g. "31.20 (2/200)", and explained under the Markdown table.
 
 Where ``--reference`` (default ``results/reference``, every ``*.json`` there) has published numbers
@@ -44,7 +44,8 @@ from pathlib import Path
 
 from harness import config
 from harness.longbench import metrics
-from harness.longbench.score import DATASET_SIZES, RESULT, sample_counts  # RESULT: LongBench eval.py's file name
+from harness.longbench.metrics import DATASET_SIZES
+from harness.longbench.score import RESULT, sample_counts  # RESULT: LongBench eval.py's file name
 from harness.report import summary
 from harness.report.common import markdown, method_label, method_rank, save_figure
 from harness.run import results

@@ -556,38 +556,15 @@ def summarize(folder: Path, method: str, finalize=None) -> dict:
     Always ``method``, ``folder`` and ``samples`` (how many are finished). Without ``finalize``
     (passkey, needle), or with no finished sample: ``score`` = 100 x the mean of the rows' ``score``
     over those samples (needle: word recall of the needle; passkey: share of keys found), NaN for none.
-    With ``finalize`` (the task's final scorer, ``Task.finalize``: LongBench's official scores, which
-    also writes ``result.json``): ``datasets`` = ``finalize(folder)`` ({dataset: 0-100}; LongBench-E:
-    per length bucket) and LongBench's two averages (reference-eval.md A.3; ``harness.longbench.metrics``)
-    over the datasets present, in place of ``score`` (a mean over all samples of all datasets is
-    neither): ``paper_average`` (plain mean, the KV-compression papers' Avg) and ``official_average``
-    (mean of the category means, the leaderboard's English Avg), both over ``averages_cover`` (those
-    of the 16 English + code datasets that were scored; ``averages_missing``: the others), None when
-    none was; ``official_average_categories`` = the category means. Where a Chinese dataset was
-    scored, also ``official_average_zh`` over ``official_average_zh_covers`` (5 Chinese + 2 code)."""
+    With ``finalize`` (the task's final scorer, ``Task.finalize``): the fields it returns instead
+    (LongBench: ``harness.longbench.score.summary_fields``, the official scores and both averages)."""
     rows = list(results.finished(folder).values())
     summary = {"method": method, "folder": str(folder), "samples": len(rows)}
     if finalize is None or not rows:
         mean = sum(r["score"] for r in rows) / len(rows) if rows else float("nan")
         summary["score"] = round(100 * mean, 2)
     else:
-        from harness.longbench import metrics
-        datasets = finalize(folder)
-        flat = {name: value for name, value in datasets.items() if isinstance(value, (int, float))}
-        english = [name for name in metrics.ENGLISH_16 if name in flat]
-        paper = metrics.paper_average(flat, strict=False) if english else {}
-        official = metrics.official_average(flat, "en", strict=False) if english else {}
-        summary |= {"paper_average": paper.get("value"), "official_average": official.get("value"),
-                    "averages_cover": english, "averages_missing": [n for n in metrics.ENGLISH_16 if n not in flat],
-                    "official_average_categories": official.get("categories", {})}
-        if any(metrics.LANGUAGES.get(name) == "zh" for name in flat):
-            chinese = metrics.official_average(flat, "zh", strict=False)
-            summary |= {"official_average_zh": chinese["value"], "official_average_zh_covers": chinese["datasets"]}
-        summary["datasets"] = datasets
-        from harness.longbench.score import DATASET_SIZES, sample_counts
-        counts = sample_counts(Path(folder))   # a dataset scored on part of its samples: [scored, of]
-        summary["datasets_partial"] = {name: [n, DATASET_SIZES[name]] for name, n in counts.items()
-                                       if name in DATASET_SIZES and n < DATASET_SIZES[name]}
+        summary |= finalize(folder)
     if rows:
         results.write_json(Path(folder) / results.SCORES, summary)
     return summary

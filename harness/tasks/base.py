@@ -31,7 +31,8 @@ class Task:
     ``scores(prediction, sample) -> dict``: at least ``{"score": float}`` (0-100), written into the row.
     ``answer_prefix``: text the assistant turn starts with (the runner measures prompts with it).
     Optional: ``checksums(task_cfg) -> {file: sha256}`` (the manifest's ``data_sha256``), ``environment()
-    -> dict`` (the manifest's ``scorer``), ``finalize(folder) -> dict`` (per-dataset scores after a run,
+    -> dict`` (the manifest's ``scorer``), ``finalize(folder) -> dict`` (a run's final scores after a run, the fields of its ``scores.json`` in
+    place of the mean ``score``: LongBench's per-dataset scores and averages,
     into ``scores.json``'s ``datasets``).
     """
     name: str

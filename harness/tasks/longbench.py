@@ -319,11 +319,13 @@ def scores(prediction: str, sample: Sample) -> dict:
 
 
 def finalize(folder: Path) -> dict:
-    """Score the run folder with the official semantics; writes result.json like LongBench's eval.py."""
+    """Score the run folder with the official semantics (writes result.json like LongBench's eval.py);
+    returns what its ``scores.json`` holds: the datasets' scores, the paper and official averages and
+    the partial datasets (``harness.longbench.score.summary_fields``)."""
     from harness.longbench import score
     result = score.score_dir(folder)
     results.write_json(Path(folder) / score.RESULT, result, indent=1)
-    return result
+    return score.summary_fields(result, score.sample_counts(folder))
 
 
 TASK = Task(name="longbench", validate=validate, data_identity=data_identity, build_samples=build_samples,
