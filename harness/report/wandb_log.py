@@ -16,19 +16,12 @@ type ``results`` (``*.jsonl`` predictions, ``result.json``, ``scores.json``, ``m
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
 
-# default_group, log_images, wandb_mode: for callers that know this module only (the runner: default_group)
-from harness.report.wandb_runs import (  # noqa: F401
-    RUN_FILE,
-    default_group,
-    log_folder_run,
-    log_images,
-    run_name,
-    wandb_mode,
-)
+from harness.report.wandb_runs import default_group, log_folder_run, run_name, stored_run  # noqa: F401 (default_group: the runner's)
 from harness.run import results
 
 PREDICTION_COLUMNS = ("id", "dataset", "pred", "answers", "score")
@@ -48,6 +41,23 @@ def result_files(folder: Path) -> list[Path]:
     ``<dataset>.jsonl``), then ``result.json``, ``scores.json``, ``manifest.json`` where present."""
     folder = Path(folder)
     return sorted(folder.glob("*.jsonl")) + [folder / name for name in RESULT_FILES if (folder / name).is_file()]
+
+
+def fingerprint(folder: Path) -> str:
+    """What a logging of ``folder`` gives W&B, as a sha256 over its ``scores.json`` and ``result.json``
+    (the scores; the manifest gains a session on every run and is left out)."""
+    digest = hashlib.sha256()
+    for name in (results.SCORES, "result.json"):
+        path = Path(folder) / name
+        digest.update(f"{name}:{results.file_sha256(path) if path.is_file() else None}\n".encode())
+    return digest.hexdigest()
+
+
+def up_to_date(folder: Path) -> bool:
+    """Whether the folder's W&B run already has its current scores (its ``RUN_FILE`` holds the
+    ``fingerprint`` of the last successful ``log_run``)."""
+    logged = stored_run(folder).get("logged")
+    return logged is not None and logged == fingerprint(folder)
 
 
 def run_figures(folder: Path) -> dict[str, Path]:
@@ -122,5 +132,5 @@ def log_run(folder: Path, config: dict, scores: dict, table_rows: list[dict] | N
             logged.update({key: wandb.Image(str(path)) for key, path in run_figures(folder).items()})
         return logged
 
-    return log_folder_run(folder, log_into, enabled, wandb_dir, config, project=project, group=group,
-                          job_type=job_type, name=name or run_name(folder), tags=tags)
+    return log_folder_run(folder, log_into, enabled, wandb_dir, config, fingerprint(folder), project=project,
+                          group=group, job_type=job_type, name=name or run_name(folder), tags=tags)

@@ -95,13 +95,14 @@ def wandb_directory(setting=None, stored: dict | None = None) -> Path | None:
 
 
 def log_folder_run(folder: Path, log_into, enabled: bool = True, wandb_dir=None, config: dict | None = None,
-                   **init) -> str | None:
+                   fingerprint: str | None = None, **init) -> str | None:
     """Open the W&B run of ``folder`` (resuming the one its ``RUN_FILE`` names, else a new one whose id
     is stored there), call ``log_into(wandb, run)`` -> ``{key: value}`` and log that as one step,
     finish; returns the run directory, or None when disabled or when wandb failed (one logged warning
     says why: logging never fails a run). ``init``: wandb.init's project, group, job_type, name, tags
     (None keeps the stored value; the group defaults to ``default_group()``); ``config`` is logged
-    with the group as ``wandb_group``."""
+    with the group as ``wandb_group``. ``fingerprint`` (what was logged, e.g. ``wandb_log.fingerprint``)
+    is stored in ``RUN_FILE`` as ``logged`` once the logging has succeeded."""
     if not enabled or wandb_mode() == "disabled":
         return None
     folder = Path(folder)
@@ -125,13 +126,16 @@ def log_folder_run(folder: Path, log_into, enabled: bool = True, wandb_dir=None,
         # an offline run starts at step 0 again: continue after the steps the stored run has
         step = max(int(stored.get("step", 0)), int(run.step or 0))
         # named before anything is logged: an interrupted logging still resumes this run next time
-        results.write_json(folder / RUN_FILE, {"id": run.id, **init, "dir": str(directory) if directory else None,
-                                               "step": step + 1})
+        record = {"id": run.id, **init, "dir": str(directory) if directory else None, "step": step + 1,
+                  "logged": stored.get("logged")}
+        results.write_json(folder / RUN_FILE, record)
         logged = log_into(wandb, run)
         if logged:
             run.log(logged, step=step)
         run_dir = str(Path(run.settings.sync_dir)) if run.settings.sync_dir else str(Path(run.dir).parent)
         run.finish()
+        if fingerprint is not None:
+            results.write_json(folder / RUN_FILE, {**record, "logged": fingerprint})
         return run_dir
     except Exception as err:  # noqa: BLE001 - logging must never fail a run
         log.warning("wandb logging of %s failed (%s: %s); the run's results are unaffected", folder,

@@ -483,35 +483,16 @@ def generate_sample(cfg: DictConfig, job: Plan, lm, chat: bool, sample: Sample, 
 def finish(cfg: DictConfig, job: Plan, sample_keys: list[tuple]) -> list[dict]:
     """Rank 0, after every rank is done: merge the part files, summarise each folder (``scores.json``),
     the task's final scores (LongBench's ``result.json``), W&B. Returns one summary per method. A
-    folder whose scores W&B already has (``WANDB_LOGGED``: the sha256 of its score files when they
-    were last logged) is not logged again."""
+    folder whose scores its W&B run already has (``wandb_log.up_to_date``) is not logged again."""
     summaries = []
     for c in job.compressors:
         folder = job.folders[id(c)]
         distributed.merge(folder, {key: k for k, key in enumerate(sample_keys)})
         summary = summarize(folder, c.name, job.task.finalize)   # LongBench: datasets, averages
         if cfg.wandb and summary["samples"]:
-            digest = score_files_digest(folder)
-            marker = folder / WANDB_LOGGED
-            if marker.is_file() and results.read_json(marker).get("score_files_sha256") == digest:
-                log.info("%s: W&B already has these scores; its run is left as it was", folder.name)
-            elif log_to_wandb(cfg, folder, c, summary):
-                results.write_json(marker, {"score_files_sha256": digest})
+            log_to_wandb(cfg, folder, c, summary)
         summaries.append(summary)
     return summaries
-
-
-#: a results folder's record of what W&B was last given (written after a successful logging)
-WANDB_LOGGED = "wandb_logged.json"
-
-
-def score_files_digest(folder: Path) -> str:
-    """sha256 over the folder's ``scores.json`` and ``result.json`` (where present)."""
-    digest = hashlib.sha256()
-    for name in (results.SCORES, "result.json"):
-        path = Path(folder) / name
-        digest.update(f"{name}:{results.file_sha256(path) if path.is_file() else None}\n".encode())
-    return digest.hexdigest()
 
 
 def _counter(task, lm, chat: bool, special_tokens: str = "text"):
@@ -530,6 +511,9 @@ def log_to_wandb(cfg: DictConfig, folder: Path, compressor, summary: dict) -> st
     if not cfg.wandb:
         return None
     from harness.report import wandb_log
+    if wandb_log.up_to_date(folder):
+        log.info("%s: its W&B run already has these scores, left as it was", folder.name)
+        return None
     scores = summary.get("datasets") or {cfg.task.name: summary["score"]}
     rows = [{k: r.get(k) for k in ("id", "dataset", "pred", "answers", "score", "context_length", "depth")}
             for r in results.read_predictions(folder)]
