@@ -150,8 +150,11 @@ def test_hub_answers_are_told_apart(no_hub, monkeypatch):
         monkeypatch.setattr(hub, "probe", lambda *a, status=status, **k: status)
         message = user_error(lambda: models.check_hub_access({"name": "x", "source": "hub", "name_or_path": "org/m"}))
         assert expected in message and "\nfix: " in message
-    monkeypatch.setattr(hub, "probe", lambda *a, **k: 200)
+    asked = []
+    monkeypatch.setattr(hub, "probe", lambda *a, **k: asked.append(a) or 200)
     models.check_hub_access({"name": "x", "source": "hub", "name_or_path": "org/m"})   # reachable: no error
+    models.check_hub_access({"name": "x", "source": "hub", "name_or_path": "org/m"})   # plan, then load_model
+    assert len(asked) == 1                                                              # asked once per process
 
 
 def test_longbench_from_the_hub_fails_in_seconds_with_the_data_settings(tmp_path, no_hub, monkeypatch):

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 #: seconds to wait for the hub's answer to one HEAD request
 PROBE_TIMEOUT_S = 5.0
+#: files found reachable in this process, by (repo, file, revision, repo type, endpoint)
+_AVAILABLE: set = set()
 
 
 def cached_file(repo_id: str, filename: str, revision: str | None = None, repo_type: str = "model") -> str | None:
@@ -81,10 +83,14 @@ def check_hub_file(repo_id: str, filename: str, revision: str | None, setting: s
     from huggingface_hub import constants
 
     from methods import ConfigError
+    key = (repo_id, filename, revision, repo_type, constants.ENDPOINT)
+    if key in _AVAILABLE:   # checked in this process already (plan, then load_model): not asked twice
+        return
     cached = cached_file(repo_id, filename, revision, repo_type)
     status = probe(repo_id, filename, revision, repo_type)
     where = f"{repo_type} {repo_id}" + (f" at revision {revision}" if revision else "")
     if isinstance(status, int) and status < 400:
+        _AVAILABLE.add(key)
         return
     if status == "offline" or str(status).startswith("unreachable"):
         if cached:

@@ -94,16 +94,24 @@ def method_configs(cfg: DictConfig, searchpath: list[str] | None = None) -> list
     return out
 
 
+def checked_config(cfg: DictConfig) -> DictConfig:
+    """The plain config (``config.plain``) with its settings and model config checked and the model's
+    ``source: auto`` and ``name: null`` resolved (``models.resolved_source``): the start of ``plan``
+    and of ``describe_job``. Raises ``methods.ConfigError``."""
+    cfg = config.plain(cfg)
+    check_settings(cfg)
+    check_model_config(cfg.model)
+    cfg.model.update(resolved_source(OmegaConf.to_container(cfg.model, resolve=True)))
+    return cfg
+
+
 def describe_job(cfg: DictConfig, searchpath: list[str] | None = None) -> dict:
     """What a job will run (``kvh run --cfg job``), resolved: the settings without the ``method`` block
     where ``methods=[...]`` replaces it, the model with its source and name resolved, and ``runs``:
     each method's knobs as built (derived knobs included) with its results folder. Raises
     ``methods.ConfigError`` for a config that cannot run (the checks of composition and of the methods'
     knobs; data and model files are checked by the run itself)."""
-    cfg = config.plain(cfg)
-    check_settings(cfg)
-    check_model_config(cfg.model)
-    cfg.model.update(resolved_source(OmegaConf.to_container(cfg.model, resolve=True)))
+    cfg = checked_config(cfg)
     runs = []
     for knobs in method_configs(cfg, searchpath):
         knobs = dict(knobs)
@@ -242,11 +250,8 @@ def plan(cfg: DictConfig) -> Plan:
     """Every check that needs no model: the typed schema, settings, method knobs, model source,
     protocol, task data, folder names, and each folder's run identity against the stored one
     (ConfigError, or OmegaConf's ValidationError for a bad type or choice)."""
-    cfg = config.plain(cfg)
-    check_settings(cfg)
+    cfg = checked_config(cfg)
     compressors = build_compressors(cfg)        # bad knobs fail here, before any model loads
-    check_model_config(cfg.model)
-    cfg.model.update(resolved_source(OmegaConf.to_container(cfg.model, resolve=True)))   # source auto, name null
     check_hub_access(cfg.model)
     if cfg.model.max_input_tokens is None and cfg.model.get("context_window") is None:   # grids checked against it
         cfg.model.context_window = context_window(cfg.model)
