@@ -90,6 +90,21 @@ HYDRA_MODES = ("-m", "--multirun", "--cfg", "-c", "--info", "-i", "--help", "-h"
                "--experimental-rerun")
 
 
+def config_overrides(argv: list[str]) -> list[str]:
+    """The config overrides of a ``kvh run`` command line: without the config directories
+    (``user_searchpath``'s flags) and ``--cfg``/``-c`` with its value or ``--resolve``."""
+    overrides, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--config-dir", "-cd", "--cfg", "-c"):
+            skip = True
+        elif arg != "--resolve" and not arg.startswith("--config-dir=") \
+                and not arg.lstrip("+").startswith("hydra.searchpath="):
+            overrides.append(arg)
+    return overrides
+
+
 def check_overrides(argv: list[str]) -> str | None:
     """Compose the config from the command line once, as Hydra will, and check it against the typed
     schema: a misspelt key, an unknown group option, a value of the wrong type or outside its choices
@@ -100,14 +115,7 @@ def check_overrides(argv: list[str]) -> str | None:
     from harness import config
     if any(a.split("=")[0] in HYDRA_MODES for a in argv):
         return check_group_choices(argv)
-    overrides, skip = [], False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-        elif arg in ("--config-dir", "-cd"):
-            skip = True
-        elif not arg.startswith("--config-dir=") and not arg.lstrip("+").startswith("hydra.searchpath="):
-            overrides.append(arg)
+    overrides = config_overrides(argv)
     try:
         config.check_not_shadowing(user_searchpath(argv))
         config.plain(config.compose(overrides, searchpath=user_searchpath(argv)))
@@ -127,17 +135,9 @@ def show_job(argv: list[str]) -> None:
 
     from harness import config
     from harness.run.runner import describe_job
-    overrides, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in ("--cfg", "-c", "--config-dir", "-cd"):
-            skip = True
-        elif arg not in ("--resolve",) and not arg.startswith("--config-dir="):
-            overrides.append(arg) if not arg.lstrip("+").startswith("hydra.searchpath=") else None
     try:
         searchpath = user_searchpath(argv)
-        shown = describe_job(config.compose(overrides, searchpath=searchpath), searchpath)
+        shown = describe_job(config.compose(config_overrides(argv), searchpath=searchpath), searchpath)
     except user_errors() as error:
         report_error(error)
         sys.exit(2)
