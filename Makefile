@@ -21,7 +21,7 @@ WANDB ?= true
 # refreshed on purpose with `make lock`, never by an install
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: reliability setup lint test test-compat test-oldest test-latest lock demo needle passkey longbench table bench kvpress-site clean
+.PHONY: reliability setup lint test test-compat test-oldest test-latest lock demo needle passkey longbench ruler ruler-demo table bench kvpress-site clean
 
 setup:
 	@# torch first, pinned to the CPU build on local disk here (a bare `torch` can pull a CUDA build)
@@ -99,6 +99,31 @@ longbench:
 	    > "$(RESULTS)/.longbench_summary.jsonl"
 	@cat "$(RESULTS)/.longbench_summary.jsonl"
 	dir=$$($(MODEL_DIR) "$(RESULTS)/.longbench_summary.jsonl") && $(PYTHON) -m harness table "$$dir" --out "$$dir"
+
+# RULER: make ruler MODEL=smollm2_135m [METHODS=...] BUDGET=128 | RATIO=0.5 [RULER_LENGTHS=4096,8192] [SAMPLES=n]
+# [SCOPE=context|prompt|context_and_question] [VERSION=ruler_head|ruler_2024]. Essays from KV_HARNESS_HAYSTACK_DIR;
+# qa_1/qa_2 from KV_HARNESS_SQUAD / KV_HARNESS_HOTPOTQA (without them: RULER-11). RATIO replaces BUDGET.
+RATIO ?=
+RULER_LENGTHS ?= 4096
+SAMPLES ?= 500
+SCOPE ?= context
+VERSION ?= ruler_head
+ruler:
+	@mkdir -p "$(RESULTS)"
+	$(PYTHON) -m harness run task=ruler model=$(MODEL) "methods=[$(METHODS)]" \
+	    $(if $(RATIO),"compression_ratios=[$(RATIO)]","budgets=[$(BUDGET)]") \
+	    "task.context_lengths=[$(RULER_LENGTHS)]" task.samples_per_task=$(SAMPLES) task.generator_version=$(VERSION) \
+	    protocol.compression_scope=$(SCOPE) wandb=$(WANDB) "results_dir='$(RESULTS)'" $(OVERRIDES) \
+	    > "$(RESULTS)/.ruler_summary.jsonl"
+	@cat "$(RESULTS)/.ruler_summary.jsonl"
+	dir=$$($(MODEL_DIR) "$(RESULTS)/.ruler_summary.jsonl") && \
+	$(PYTHON) -m harness ruler-table "$$dir" --out "$$dir/ruler_table.md" && \
+	$(PYTHON) -m harness ruler-heatmap "$$dir" --out "$$dir/figures/ruler_heatmap.png" && \
+	echo "table: $$dir/ruler_table.md" && echo "heatmap: $$dir/figures/ruler_heatmap.png"
+
+# The CPU demo of RULER: SmolLM2-135M-Instruct at 4K, 3 samples per task, every method at budget 128.
+ruler-demo:
+	$(MAKE) ruler MODEL=smollm2_135m BUDGET=128 RULER_LENGTHS=4096 SAMPLES=3
 
 # The paper-style LongBench table from a results folder (FOLDERS=...; default: $(RESULTS)/longbench). Several
 # folders: kvh table A B --out OUT.

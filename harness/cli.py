@@ -6,6 +6,8 @@
     kvh heatmap FOLDERS --out DIR                       (Needle-in-a-Haystack heatmaps)
     kvh kept-plot FOLDER --out DIR                      (kept tokens per layer)
     kvh report FOLDERS [--out DIR]                      (one table of any task's scores)
+    kvh ruler-table ROOTS [--format csv] [--out FILE]   (RULER tables by method, task, length; anchors)
+    kvh ruler-heatmap ROOTS --out FILE.png              (RULER: task x length heatmap, one panel per method)
     kvh bench [--out DIR] ...                           (what each method costs and saves, GPU)
 
 ``kvh <subcommand> --help`` lists each one's options with their defaults (``kvh run --help``: Hydra's
@@ -33,6 +35,8 @@ TOOLS = {
     "heatmap": "harness.report.heatmap",
     "kept-plot": "harness.report.kept_plot",
     "report": "harness.report.summary",
+    "ruler-table": "harness.report.ruler_table",
+    "ruler-heatmap": "harness.report.ruler_heatmap",
     "bench": "harness.bench.speed",
 }
 SUBCOMMANDS = ("run", *TOOLS)
@@ -200,7 +204,7 @@ def hydra_main() -> None:
 
 
 def usage() -> str:
-    return __doc__.split("\n\n")[1] if __doc__ else "kvh run|score|table|heatmap|kept-plot|report|bench"
+    return __doc__.split("\n\n")[1] if __doc__ else "kvh run|score|table|heatmap|kept-plot|report|ruler-table|ruler-heatmap|bench"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -114,6 +114,7 @@ class KVCompressor:
     kernel_size: int = 7
     pooling: str = "maxpool"
     granularity: str = "query_head"
+    compression_ratio: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -136,7 +137,12 @@ class KVCompressor:
         if self.window_size <= 0:
             bad(f"window_size={self.window_size} must be > 0 (the last window_size prompt tokens "
                 "score the rest and are always kept); set method.window_size to e.g. 8 or 32")
-        if self.budget <= self.window_size:
+        ratio = self.compression_ratio
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+                                  or not 0 <= ratio < 1):
+            bad(f"compression_ratio={ratio!r} must be a number in [0, 1) (the fraction of prompt tokens evicted, "
+                "kvpress's convention), or null to use the token budget; fix: e.g. method.compression_ratio=0.5")
+        if ratio is None and self.budget <= self.window_size:
             bad(f"budget={self.budget} must be larger than window_size={self.window_size}: the budget "
                 "includes the window, so nothing would be left to select; raise method.budget or "
                 "lower method.window_size")
@@ -147,6 +153,30 @@ class KVCompressor:
             bad(f"pooling={self.pooling!r} is not one of {POOLINGS}")
         if self.granularity not in GRANULARITIES:
             bad(f"granularity={self.granularity!r} is not one of {GRANULARITIES}")
+
+    def budget_for(self, prompt_length: int) -> int:
+        """The token budget for a compressed prompt of ``prompt_length`` tokens: ``budget``, or with a
+        ``compression_ratio`` ``int(prompt_length * (1 - compression_ratio))`` (kvpress's ``n_kept``,
+        ``kvpress/presses/scorer_press.py`` at 8bb29b9, which truncates toward zero)."""
+        if self.compression_ratio is None:
+            return self.budget
+        return int(prompt_length * (1 - self.compression_ratio))
+
+    def resolved(self, prompt_length: int) -> "KVCompressor":
+        """The compressor for one prompt of ``prompt_length`` tokens (the part that is compressed): itself
+        for a token budget; with a ``compression_ratio`` a copy whose ``budget`` is ``budget_for(prompt_length)``
+        and whose ratio is None, so it compresses exactly as that token budget does. Raises ``ConfigError``
+        when the method's checks refuse the resolved budget (not larger than ``window_size``: the ratio leaves
+        too few tokens)."""
+        if self.compression_ratio is None or self.is_noop:
+            return self
+        budget = self.budget_for(prompt_length)
+        try:
+            return dataclasses.replace(self, budget=budget, compression_ratio=None)
+        except ConfigError as error:
+            raise ConfigError(f"{self.name}: compression_ratio={self.compression_ratio} leaves a budget of {budget} of "
+                              f"{prompt_length} prompt tokens, which cannot work ({str(error).split(';')[0]}); fix: a lower "
+                              "compression_ratio, a smaller window, or longer prompts") from None
 
     def knobs(self) -> dict:
         """The config knobs by name (what ``build`` accepts and results record)."""

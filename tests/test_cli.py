@@ -64,7 +64,7 @@ def test_run_writes_results_and_resumes(tmp_path, monkeypatch):
         f"len{n}_depth{d}_r0" for n in (400, 500) for d in (0, 50, 100))
     manifest = json.loads((folder / results.MANIFEST).read_text())
     assert manifest["method"] == {"name": "snapkv", "budget": 64, "window_size": 8, "kernel_size": 7,
-                                  "pooling": "maxpool", "granularity": "query_head"}
+                                  "pooling": "maxpool", "granularity": "query_head", "compression_ratio": None}
     assert manifest["config"]["model"]["name"] == "tiny_llama" and manifest["environment"]["packages"]["torch"]
     row = json.loads(after[0])
     assert row["prompt_tokens"] == row["context_length"] and len(row["kept"]) == 4

@@ -127,9 +127,9 @@ def test_run_writes_dataset_files_scores_and_resumes(tmp_path, monkeypatch):
 def run_recording(monkeypatch, cfg):
     """Run ``cfg``; returns (dataset, chat) per encoded sample and (stop ids, min_new_tokens) per generation."""
     seen, stops = [], []
-    real_encode = runner.encode
-    monkeypatch.setattr(runner, "encode", lambda sample, tok, chat, device, special="text":
-                        seen.append((sample.group, chat)) or real_encode(sample, tok, chat, device, special))
+    real_encode = runner.encode_parts
+    monkeypatch.setattr(runner, "encode_parts", lambda sample, tok, chat, device, special="text", scope="prompt":
+                        seen.append((sample.group, chat)) or real_encode(sample, tok, chat, device, special, scope))
     real_generate = runner.generate
     monkeypatch.setattr(runner, "generate", lambda *a, **k: stops.append((a[5], a[7])) or real_generate(*a, **k))
     runner.run(cfg)

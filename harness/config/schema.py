@@ -37,7 +37,8 @@ from omegaconf.errors import OmegaConfBaseException
 import methods
 from harness.engine.generate import DECODE_MODES
 from harness.engine.models import AttentionBackend, Dtype, ModelConfig, ModelSource
-from harness.protocol.prompting import CHAT_MODES, SPECIAL_TOKEN_MODES, TRUNCATION_MODES
+from harness.protocol.prompting import CHAT_MODES, COMPRESSION_SCOPES, SPECIAL_TOKEN_MODES, TRUNCATION_MODES
+from harness.ruler.tasks import RULER_13
 from harness.run.progress import MODES as PROGRESS_MODES
 from harness.tasks.haystack import KINDS as HAYSTACK_KINDS
 from harness.tasks.needle import DEPTH_GRID_KINDS
@@ -62,6 +63,10 @@ H2OVariant = closed_set("H2OVariant", methods.REGISTRY["h2o"].choices["variant"]
 ChatTemplate = closed_set("ChatTemplate", CHAT_MODES)
 Truncation = closed_set("Truncation", TRUNCATION_MODES)
 SpecialTokens = closed_set("SpecialTokens", SPECIAL_TOKEN_MODES)
+CompressionScope = closed_set("CompressionScope", COMPRESSION_SCOPES)
+RulerVersion = closed_set("RulerVersion", ("ruler_head", "ruler_2024"))      # harness.tasks.ruler.VERSIONS
+SentenceSplitter = closed_set("SentenceSplitter", ("auto", "punkt", "regex"))   # harness.tasks.ruler.SPLITTERS
+
 Decode = closed_set("Decode", DECODE_MODES)
 Resume = closed_set("Resume", ("auto", "new"))   # resume=: harness.run.identity.resolve_folder
 Progress = closed_set("Progress", PROGRESS_MODES)
@@ -79,6 +84,7 @@ class ProtocolConfig:
     chat_template_skip: Optional[List[str]] = None   # datasets sent without the template (LongBench pred.py)
     truncation: Truncation = Truncation.middle     # type: ignore[valid-type]
     prompt_special_tokens: SpecialTokens = SpecialTokens.text   # type: ignore[valid-type]
+    compression_scope: CompressionScope = CompressionScope.prompt   # type: ignore[valid-type]
     kernel_size: int = 7
     pooling: Pooling = Pooling.maxpool             # type: ignore[valid-type]
     granularity: Granularity = Granularity.query_head   # type: ignore[valid-type]
@@ -103,6 +109,7 @@ class RunConfig:
     limit: Optional[int] = None
     methods: Optional[List[str]] = None
     budgets: Optional[List[int]] = None
+    compression_ratios: Optional[List[Any]] = None   # with methods: one run per ratio (numbers; method.compression_ratio)
     method_overrides: Any = None                   # with methods: {knob: value} applied to every method
     wandb: bool = True
     wandb_project: str = "kv-harness"
@@ -178,7 +185,23 @@ class LongBenchConfig:
     max_new_tokens: Optional[int] = None
 
 
-TASK_SCHEMAS = {"passkey": PasskeyConfig, "needle": NeedleConfig, "longbench": LongBenchConfig}
+@dataclass
+class RulerConfig:
+    """``conf/task/ruler.yaml`` (``harness.tasks.ruler``)."""
+    name: str = "ruler"
+    tasks: List[str] = field(default_factory=lambda: list(RULER_13))
+    context_lengths: List[int] = field(default_factory=lambda: [4096])
+    samples_per_task: int = 500
+    seed: int = 42
+    generator_version: RulerVersion = RulerVersion.ruler_head   # type: ignore[valid-type]
+    haystack_dir: Optional[str] = None
+    squad_path: Optional[str] = None
+    hotpotqa_path: Optional[str] = None
+    sentence_splitter: SentenceSplitter = SentenceSplitter.auto   # type: ignore[valid-type]
+    max_new_tokens: Optional[int] = None           # null: each task's own (RULER's tokens_to_generate)
+
+
+TASK_SCHEMAS = {"passkey": PasskeyConfig, "needle": NeedleConfig, "longbench": LongBenchConfig, "ruler": RulerConfig}
 #: a float knob stays untyped (Any): OmegaConf would turn 5 into 5.0, and the run folder's name with it
 #: (``radiomax5`` -> ``radiomax5.0``: an existing folder would no longer be found); the method checks it
 _PYTHON_TYPES = {"int": int, "float": Any, "str": str, "bool": bool}
@@ -325,6 +348,7 @@ def defaults() -> dict[str, object]:
     every task that has it agrees on its default."""
     out = {k: v for k, v in _flat(RunConfig, "").items() if k.split(".")[0] not in ("model", "protocol")}
     out |= _flat(ModelConfig, "model.") | _flat(ProtocolConfig, "protocol.")
+    out["method.compression_ratio"] = None     # the knob every method gained with budgets as ratios
     per_task = [_flat(node, "task.") for node in TASK_SCHEMAS.values()]
     for key in set().union(*per_task):
         values = [flat[key] for flat in per_task if key in flat]

@@ -552,18 +552,24 @@ def decode_caches(model, first_token: torch.Tensor, caches: list, prompt_length:
     ``harness.engine.generate.decode_loop`` would for each alone. ``compile``: the step's forward goes
     through ``torch.compile`` (the first call compiles, about a minute for an 8B model).
 
-    ``first_token``: ``[1, 1]`` (its first element is used); ``prompt_length`` and ``max_new_tokens`` in
+    ``first_token``: ``[1, 1]`` (the first token of every row), or one first token per cache (a sequence
+    or tensor of ``len(caches)`` ids: rows whose prompts ended differently after a shared prefill,
+    ``harness.engine.generate.extend``); ``prompt_length`` and ``max_new_tokens`` in
     tokens; ``max_batch``: most rows decoded together; ``bucket``: slot multiple of the buffer
     capacities; ``stats``: filled in when given. ``stopped_by`` is ``"stop_token"``, ``"stop_string"``
     or ``"max_new_tokens"``. Raises ``ValueError`` (``row_layers``) for a cache with an empty layer and
     ``IntegrationError`` when the model does not route through the slot cache (``slot_routing``,
     ``SlotCache.verify_routing``)."""
     stats = stats if stats is not None else DecodeStats()
-    first = int(first_token.reshape(-1)[0])
+    firsts = [int(t) for t in torch.as_tensor(first_token).reshape(-1).tolist()]
+    if len(firsts) == 1:
+        firsts = firsts * len(caches)
+    if len(firsts) != len(caches):
+        raise ValueError(f"decode_caches: {len(firsts)} first tokens for {len(caches)} caches")
     results: list[tuple[list[int], str] | None] = [None] * len(caches)
     if max_new_tokens <= 1 or not caches:
         for i in range(len(caches)):
-            results[i] = ([first], stopping.reason([first]) or "max_new_tokens")
+            results[i] = ([firsts[i]], stopping.reason([firsts[i]]) or "max_new_tokens")
         return results
     rows = [row_layers(c) for c in caches]
     costs = [tuple(r.keys.shape[1] * r.keys.shape[2] for r in row) for row in rows]
@@ -583,7 +589,8 @@ def decode_caches(model, first_token: torch.Tensor, caches: list, prompt_length:
                            lambda: Decoder(allocate(shape, dtype, device), batch, vocab, compiled=compile))
         stats.reused += pool.reuses - reused_before
         load(decoder.cache, batch_rows, prompt_length)
-        decoder.reset(torch.full((batch,), first, dtype=torch.long, device=device),
+        current = [firsts[i] for i in group]
+        decoder.reset(torch.tensor(current, dtype=torch.long, device=device),
                       torch.full((batch,), prompt_length, dtype=torch.long, device=device))
         decoder.suppress(stopping.suppressed(1))
         stats.groups.append(batch)
@@ -599,7 +606,6 @@ def decode_caches(model, first_token: torch.Tensor, caches: list, prompt_length:
                 stats.graphs += 1
             elif use_graphs:
                 stats.eager_reason = decoder.graph_error
-            current = [first] * batch
             for step in range(max_new_tokens):
                 for b in range(batch):
                     if done[b] is None:

@@ -75,6 +75,32 @@ def decode_one(model, token: torch.Tensor, cache, position: int, suppress: list[
     return _greedy(compat.forward_logits(model, token, positions, cache), suppress)
 
 
+@torch.no_grad()
+def extend(model, input_ids: torch.Tensor, cache, start: int, suppress: list[int] | None = None) -> torch.Tensor:
+    """Append ``input_ids [1, q]`` uncompressed to a prefilled (and compressed) ``cache`` in one forward,
+    at positions ``start .. start + q - 1`` (``start``: the tokens the cache has seen); returns the
+    greedy next token ``[1, 1]`` (``suppress``: ids it may not be).
+
+    This is kvpress's query-agnostic scope (``compression_scope=context``): the question, the chat
+    template's end of turn and the answer prefix are fed after the context was compressed, attending
+    to the kept context entries and causally to each other (``hook.appended_tokens_mask``). With a
+    compressor attached the hook lets the forward through (``Controller.appending``) and compresses
+    nothing. Raises ``CompressionNotApplied`` (``hook.verify_seen``) when the model did not write
+    ``cache``."""
+    controller = hook.active_controller(model)
+    q = input_ids.shape[1]
+    positions = torch.arange(start, start + q, device=input_ids.device).unsqueeze(0)
+    if controller is not None:
+        controller.appending = True
+    try:
+        logits = compat.forward_logits(model, input_ids, positions, cache)
+    finally:
+        if controller is not None:
+            controller.appending = False
+    hook.verify_seen(cache, start + q)
+    return _greedy(logits, suppress)
+
+
 def decode_loop(model, first_token: torch.Tensor, cache, prompt_length: int, max_new_tokens: int,
                 stopping: Stopping) -> tuple[list[int], str]:
     """Greedy decoding from the first generated token; returns the tokens and why it stopped.
@@ -111,6 +137,16 @@ def check_decode(decode: str, decode_batch=16) -> None:
                           "together, e.g. 16)")
 
 
+def check_split(prompt_length: int, compressed_tokens: int | None) -> int:
+    """The number of prompt tokens prefilled and compressed: ``prompt_length`` for None, else
+    ``compressed_tokens`` when ``1 <= compressed_tokens <= prompt_length`` (ValueError otherwise)."""
+    if compressed_tokens is None:
+        return prompt_length
+    if not 1 <= compressed_tokens <= prompt_length:
+        raise ValueError(f"compressed_tokens={compressed_tokens} must be in [1, {prompt_length}] (the prompt's length)")
+    return int(compressed_tokens)
+
+
 def check_request(input_ids: torch.Tensor, max_new_tokens: int) -> None:
     """One prompt (``input_ids [1, n]``) and at least one new token, else ``ValueError``."""
     if input_ids.shape[0] != 1:
@@ -121,8 +157,13 @@ def check_request(input_ids: torch.Tensor, max_new_tokens: int) -> None:
 
 def generate(model, tokenizer, input_ids: torch.Tensor, compressor: KVCompressor, max_new_tokens: int,
              stop_token_ids=(), stop_strings=(), min_new_tokens: int = 0, decode: str = "batched",
-             cuda_graphs: bool = True, compile: bool = False) -> Generation:
+             cuda_graphs: bool = True, compile: bool = False, compressed_tokens: int | None = None) -> Generation:
     """Greedy generation of one prompt ``input_ids [1, n]`` with ``compressor`` attached.
+
+    ``compressed_tokens``: None (the whole prompt is prefilled and compressed), or ``c < n``: the first
+    ``c`` tokens are prefilled and compressed and the rest appended uncompressed (``extend``), the
+    protocol's ``compression_scope``. A compressor with a ``compression_ratio`` is resolved to the
+    token budget of the compressed part first (``KVCompressor.resolved``).
 
     Stops as transformers' ``generate`` would (``Stopping``): after a stop token (special tokens are
     left out of the text, as ``decode(..., skip_special_tokens=True)`` does), once the sequence ends in
@@ -139,10 +180,14 @@ def generate(model, tokenizer, input_ids: torch.Tensor, compressor: KVCompressor
     check_decode(decode)
     check_request(input_ids, max_new_tokens)
     n = input_ids.shape[1]
+    c = check_split(n, compressed_tokens)
+    compressor = compressor.resolved(c)
     stopping = Stopping(tokenizer, stop_token_ids, min_new_tokens, stop_strings, input_ids[0].tolist())
     cache = make_cache(model)
     with attach(model, compressor) as controller:
-        first = prefill(model, input_ids, cache, stopping.suppressed(0))
+        first = prefill(model, input_ids[:, :c], cache, stopping.suppressed(0))
+        if c < n:
+            first = extend(model, input_ids[:, c:], cache, c, stopping.suppressed(0))
         if decode == "batched" and batched.spans_devices(cache):
             decode = "plain"   # a model split over devices: the plain path (same tokens)
         if decode == "plain":

@@ -85,9 +85,28 @@ def _wrapped_attention(base_name: str):
         if (query.shape[2] == 1 and isinstance(attention_mask, torch.Tensor)
                 and attention_mask.shape[-1] != key.shape[-2]):
             attention_mask = _single_query_mask(attention_mask, key.shape[-2])
+        elif controller is not None and 1 < query.shape[2] < key.shape[-2] and base_name != "flash_attention_2":
+            attention_mask = appended_tokens_mask(query, key.shape[-2], base_name)
         return base(module, query, key, value, attention_mask, *args, **kwargs)
 
     return attention
+
+
+def appended_tokens_mask(query: torch.Tensor, kv_length: int, base_name: str) -> torch.Tensor:
+    """The mask of ``q > 1`` new tokens appended to a cache that holds ``kv_length - q`` earlier entries
+    (``harness.engine.generate.extend``: a question fed after the compressed context): every earlier entry
+    is visible and the new tokens are causal among themselves, i.e. query ``i`` sees key ``j`` iff
+    ``j <= kv_length - q + i``. transformers would size it from the cache's *virtual* length, which a
+    compressed layer does not store, and each layer stores a different number of entries, so the mask is
+    built here per layer. ``[1, 1, q, kv_length]``: bool (True = attend) for SDPA, additive (0 or the
+    dtype's minimum) for the eager backend. Flash attention's causal flag is already aligned this way."""
+    q = query.shape[2]
+    rows = torch.arange(q, device=query.device)[:, None] + (kv_length - q)
+    allowed = torch.arange(kv_length, device=query.device)[None, :] <= rows
+    if base_name == "eager":
+        return torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~allowed, torch.finfo(query.dtype).min)[None, None]
+    return allowed[None, None]
 
 
 def _single_query_mask(mask: torch.Tensor, kv_length: int):
@@ -163,6 +182,7 @@ class Controller:
     captured: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
     final: dict[int, Kept] = field(default_factory=dict)    # compressed-layer position -> what was written
     sessions_started: int = 0
+    appending: bool = False                 # True while harness.engine.generate.extend appends tokens uncompressed
 
     @property
     def report(self) -> dict | None:
@@ -223,7 +243,8 @@ class Controller:
         cache did not receive the forward's tokens; ``TypeError`` when the layer is not a
         ``CompressedLayer``; ``NotImplementedError`` for a multi-token forward on a non-empty cache
         (chunked prefill); ``RuntimeError`` when no session has started (a later layer prefilled before
-        the first compressed one).
+        the first compressed one). A multi-token forward on a prefilled cache passes through only while
+        ``appending`` (``harness.engine.generate.extend``).
         """
         layer_idx = module.layer_idx
         captured = self.captured.pop(layer_idx, None)
@@ -245,8 +266,8 @@ class Controller:
                 f"received {written}; the model wrote its keys and values somewhere else (another cache object, or "
                 "the cache passed under a name the model ignores)")
         if layer.compressed or layer.virtual_length != query_length:
-            if query_length == 1:
-                return None                      # a decode step
+            if query_length == 1 or self.appending:
+                return None                      # a decode step, or tokens appended uncompressed (extend)
             raise NotImplementedError(
                 f"layer {layer_idx}: a {query_length}-token forward on a cache that already holds "
                 f"{layer.virtual_length - query_length} tokens (chunked prefill) is not supported with a compressor "

@@ -20,7 +20,7 @@ from harness.engine import hook
 from harness.engine.batched import DecodeStats, decode_caches, spans_devices
 from harness.engine.cache import make_cache, text_config
 from harness.engine.compat import check_query_layout
-from harness.engine.generate import Generation, check_decode, check_request, decode_loop, prefill
+from harness.engine.generate import Generation, check_decode, check_request, check_split, decode_loop, extend, prefill
 from harness.engine.stopping import Stopping
 from methods.base import KVCompressor
 
@@ -108,8 +108,13 @@ def compressed_cache(shared: SharedPrefill, compressor: KVCompressor):
 def generate_many(model, tokenizer, input_ids: torch.Tensor, compressors: list[KVCompressor], max_new_tokens: int,
                   stop_token_ids=(), stop_strings=(), min_new_tokens: int = 0, decode: str = "batched",
                   cuda_graphs: bool = True, max_batch: int = 16, stats: DecodeStats | None = None,
-                  compile: bool = False) -> list[Generation]:
+                  compile: bool = False, compressed_tokens: int | None = None) -> list[Generation]:
     """Greedy generation of one prompt under every compressor, with one shared prefill.
+
+    ``compressed_tokens``: as ``harness.engine.generate.generate``: only the first ``c`` tokens are
+    prefilled (once) and compressed; each variant then appends the rest uncompressed to its own cache
+    (``extend``) and decodes from its own first token. Compressors with a ``compression_ratio`` are
+    resolved to the budget of the compressed part.
 
     ``decode="batched"`` decodes all variants together from fixed-shape buffers (``harness.engine.batched``,
     CUDA graphs on a GPU, at most ``max_batch`` rows a group); ``"plain"`` decodes them one at a time
@@ -124,28 +129,47 @@ def generate_many(model, tokenizer, input_ids: torch.Tensor, compressors: list[K
     """
     check_decode(decode, max_batch)
     check_request(input_ids, max_new_tokens)
+    n = input_ids.shape[1]
+    c = check_split(n, compressed_tokens)
+    compressors = [compressor.resolved(c) for compressor in compressors]
     for compressor in compressors:
         hook.require_full_attention(model, compressor)
     stopping = Stopping(tokenizer, stop_token_ids, min_new_tokens, stop_strings, input_ids[0].tolist())
-    shared = prefill_once(model, input_ids, compressors, stopping.suppressed(0))
+    shared = prefill_once(model, input_ids[:, :c], compressors, stopping.suppressed(0))
     if decode == "batched" and spans_devices(shared.cache):
         decode = "plain"     # a model split over devices (device_map): one variant at a time, same tokens
     if decode == "batched":
-        built = [compressed_cache(shared, c) for c in compressors]
-        decoded = decode_caches(model, shared.first_token, [cache for cache, _ in built], shared.prompt_length,
-                                max_new_tokens, stopping, cuda_graphs=cuda_graphs, max_batch=max_batch, stats=stats,
-                                compile=compile)
-        return [Generation(tokens, tokenizer.decode(tokens, skip_special_tokens=True), shared.prompt_length,
-                           stopped_by, report) for (tokens, stopped_by), (_, report) in zip(decoded, built)]
+        built = [compressed_cache(shared, compressor) for compressor in compressors]
+        firsts = shared.first_token
+        if c < n:
+            firsts = torch.cat([_appended(model, compressor, cache, input_ids[:, c:], c, stopping)
+                                for compressor, (cache, _) in zip(compressors, built)])
+        decoded = decode_caches(model, firsts, [cache for cache, _ in built], n, max_new_tokens, stopping,
+                                cuda_graphs=cuda_graphs, max_batch=max_batch, stats=stats, compile=compile)
+        return [Generation(tokens, tokenizer.decode(tokens, skip_special_tokens=True), n, stopped_by, report)
+                for (tokens, stopped_by), (_, report) in zip(decoded, built)]
     out = []
     for compressor in compressors:
         cache, report = compressed_cache(shared, compressor)
+        first = shared.first_token
+        if c < n:
+            first = _appended(model, compressor, cache, input_ids[:, c:], c, stopping)
         attach = contextlib.nullcontext() if compressor.is_noop else hook.attach(model, compressor)
         with attach as controller:  # decoding a query-head cache needs the attention wrapper
             if controller is not None:
                 controller.bind(cache, fresh=False)
-            tokens, stopped_by = decode_loop(model, shared.first_token, cache, shared.prompt_length, max_new_tokens,
-                                             stopping)
-        out.append(Generation(tokens, tokenizer.decode(tokens, skip_special_tokens=True), shared.prompt_length,
-                              stopped_by, report))
+            tokens, stopped_by = decode_loop(model, first, cache, n, max_new_tokens, stopping)
+        out.append(Generation(tokens, tokenizer.decode(tokens, skip_special_tokens=True), n, stopped_by, report))
     return out
+
+
+def _appended(model, compressor: KVCompressor, cache, suffix_ids: torch.Tensor, start: int,
+              stopping: Stopping) -> torch.Tensor:
+    """``extend`` one variant's cache with the uncompressed rest of the prompt ``[1, q]``; its first
+    token ``[1, 1]``. A query-head cache needs the attention wrapper, so the compressor is attached
+    (bound to this cache, compressing nothing)."""
+    attach = contextlib.nullcontext() if compressor.is_noop else hook.attach(model, compressor)
+    with attach as controller:
+        if controller is not None:
+            controller.bind(cache, fresh=False)
+        return extend(model, suffix_ids, cache, start, stopping.suppressed(0))

@@ -6,6 +6,13 @@ import torch
 
 CHAT_MODES = ("auto", "always", "never")
 TRUNCATION_MODES = ("middle", "none")
+#: ``protocol.compression_scope``: which leading part of the model input is prefilled and compressed; the
+#: rest is appended uncompressed (``harness.engine.generate.extend``). ``prompt``: all of it, the reference
+#: scripts' way (KVCache-Factory, DynamicKV, RULER's own runs); ``context``: the context only, question,
+#: end of turn and answer prefix appended (kvpress's default, query-agnostic, NVIDIA/kvpress 8bb29b9
+#: ``pipeline.py``); ``context_and_question``: context and question compressed, the template's end of turn and
+#: the answer prefix appended (kvpress's ``--query_aware``).
+COMPRESSION_SCOPES = ("prompt", "context", "context_and_question")
 
 
 def check_protocol(protocol, model_cfg) -> None:
@@ -30,6 +37,11 @@ def check_protocol(protocol, model_cfg) -> None:
     if truncation not in TRUNCATION_MODES:
         raise ConfigError(f"protocol.truncation={truncation!r} is not one of {TRUNCATION_MODES}: middle (LongBench's "
                           "first and last halves of max_input_tokens) or none")
+    scope = protocol.get("compression_scope", "prompt")
+    if scope not in COMPRESSION_SCOPES:
+        raise ConfigError(f"protocol.compression_scope={scope!r} is not one of {COMPRESSION_SCOPES}: prompt (the whole "
+                          "input compressed, the reference scripts), context (the question appended uncompressed, "
+                          "kvpress's default) or context_and_question (kvpress's query-aware mode)")
     skip = protocol.chat_template_skip or []
     if isinstance(skip, str):
         raise ConfigError(f"protocol.chat_template_skip={skip!r} must be a list of dataset names")
@@ -61,8 +73,39 @@ def special_text(text: str, tokenizer) -> list[str]:
 
 
 def encode(sample, tokenizer, chat: bool, device, special_tokens: str = "text") -> torch.Tensor:
-    """``[1, n]`` input ids. Chat: the prompt is the user turn and the answer prefix opens the
-    assistant turn. Raw: prompt + answer prefix with the tokenizer's special tokens (BOS).
+    """``[1, n]`` input ids of ``sample`` (``encode_parts`` with the whole prompt compressed)."""
+    return encode_parts(sample, tokenizer, chat, device, special_tokens)[0]
+
+
+def split_offset(sample, scope: str) -> int | None:
+    """Where, in ``sample.prompt``, the part appended uncompressed begins under ``scope``: None for
+    ``prompt`` (nothing is appended), ``sample.question_start`` for ``context``, the prompt's end for
+    ``context_and_question`` (only the template's end of turn and the answer prefix follow). Raises
+    ``ValueError`` when ``context`` meets a sample without a context/question split."""
+    if scope == "prompt":
+        return None
+    if scope == "context_and_question":
+        return len(sample.prompt)
+    if sample.question_start is None:
+        raise ValueError(f"sample {sample.id}: protocol.compression_scope=context needs the question's place in the "
+                         "prompt, and this task's samples have none; fix: protocol.compression_scope=prompt or "
+                         "context_and_question")
+    return sample.question_start
+
+
+def _token_ids(tokenizer, text: str, split: bool, special: bool = False) -> list[int]:
+    return tokenizer(text, add_special_tokens=special, split_special_tokens=split).input_ids
+
+
+def encode_parts(sample, tokenizer, chat: bool, device, special_tokens: str = "text",
+                 scope: str = "prompt") -> tuple[torch.Tensor, int]:
+    """``([1, n] input ids, c)``: the model input of ``sample`` and how many of its leading tokens are
+    prefilled and compressed under ``protocol.compression_scope`` ``scope`` (``c == n`` for ``prompt``).
+
+    Chat: the prompt is the user turn and the answer prefix opens the assistant turn. Raw: prompt +
+    answer prefix with the tokenizer's special tokens (BOS). Where the input is split, the two parts are
+    tokenized separately at the split (as kvpress tokenizes context and question apart), so the ids can
+    differ from the unsplit ones at the boundary.
 
     ``special_tokens`` (``protocol.prompt_special_tokens``) says what special-token text inside the task's
     prompt becomes: ``text`` keeps it text (the needle prompt of the compression papers starts with a
@@ -71,18 +114,26 @@ def encode(sample, tokenizer, chat: bool, device, special_tokens: str = "text") 
     defaults, exactly as the reference scripts do. Only the prompt is affected: the chat template's own
     special tokens and BOS stay special, and where the prompt holds no special text both give the same
     ids (the template is split around the content, which is tokenized on its own).
+    Raises ``ValueError`` for an unknown mode, a template that repeats, drops or rewrites the content, or
+    a split that the sample does not have (``split_offset``).
     """
     if special_tokens not in SPECIAL_TOKEN_MODES:
         raise ValueError(f"protocol.prompt_special_tokens={special_tokens!r} is not one of {SPECIAL_TOKEN_MODES}")
+    if scope not in COMPRESSION_SCOPES:
+        raise ValueError(f"protocol.compression_scope={scope!r} is not one of {COMPRESSION_SCOPES}")
     split = special_tokens == "text"
+    at = split_offset(sample, scope)
+    prompt = sample.prompt
     if not chat:
-        ids = tokenizer(sample.prompt + sample.answer_prefix, split_special_tokens=split).input_ids
-        return torch.tensor([ids], device=device)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": sample.prompt}],
+        if at is None:
+            ids = tokenizer(prompt + sample.answer_prefix, split_special_tokens=split).input_ids
+            return torch.tensor([ids], device=device), len(ids)
+        head = tokenizer(prompt[:at], split_special_tokens=split).input_ids
+        ids = head + _token_ids(tokenizer, prompt[at:] + sample.answer_prefix, split)
+        return torch.tensor([ids], device=device), len(head)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                          add_generation_prompt=True, tokenize=False)
     text += sample.answer_prefix.lstrip()
-    if not split:
-        return torch.tensor([tokenizer(text, add_special_tokens=False).input_ids], device=device)
     frame = tokenizer.apply_chat_template([{"role": "user", "content": _CONTENT}], add_generation_prompt=True,
                                           tokenize=False) + sample.answer_prefix.lstrip()
     if frame.count(_CONTENT) != 1:
@@ -92,7 +143,22 @@ def encode(sample, tokenizer, chat: bool, device, special_tokens: str = "text") 
         raise ValueError("the chat template renders its frame differently for this prompt; use "
                          "protocol.prompt_special_tokens=parse")
     content = text[len(before):len(text) - len(after)]   # as the template wrote it (some trim it)
-    ids = (tokenizer(before, add_special_tokens=False).input_ids
-           + tokenizer(content, add_special_tokens=False, split_special_tokens=True).input_ids
-           + tokenizer(after, add_special_tokens=False).input_ids)
-    return torch.tensor([ids], device=device)
+    cut = len(content)
+    if at is not None and at < len(prompt):
+        question = prompt[at:].strip()
+        cut = content.rstrip().rfind(question) if question else len(content)
+        if cut < 0 or content.rstrip()[cut:] != question:
+            raise ValueError(f"sample {sample.id}: the chat template rewrites the question, so the prompt cannot be "
+                             "split at it; fix: protocol.compression_scope=prompt")
+    if not split:
+        if at is None:
+            ids = _token_ids(tokenizer, text, False)
+            return torch.tensor([ids], device=device), len(ids)
+        head = _token_ids(tokenizer, before + content[:cut], False)
+        return torch.tensor([head + _token_ids(tokenizer, content[cut:] + after, False)], device=device), len(head)
+    head = _token_ids(tokenizer, before, False) + _token_ids(tokenizer, content[:cut], True)
+    ids = head + _token_ids(tokenizer, content[cut:], True) + _token_ids(tokenizer, after, False)
+    if at is None:
+        return torch.tensor([ids], device=device), len(ids)
+    return torch.tensor([ids], device=device), len(head)
+

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import re
 
+from harness.ruler.tasks import QA_TASKS, RULER_13
+from harness.ruler.tasks import TASKS as TASK_TABLE
+
 #: the 13 tasks in RULER's order (synthetic.yaml); qa_1 reads SQuAD v2 dev, qa_2 HotpotQA dev
-TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2", "niah_multikey_3",
-         "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa_1", "qa_2")
-QA_TASKS = ("qa_1", "qa_2")
-#: the metric each task is scored with (reference-ruler.md section 1.4)
-METRICS = {task: "part" if task in QA_TASKS else "all" for task in TASKS}
+TASKS = RULER_13
+#: the metric each task is scored with (reference-ruler.md section 1.4; the task table ``harness.ruler.tasks``)
+METRICS = {name: task.metric for name, task in TASK_TABLE.items()}
 #: Llama-2-7B-chat's 4K score, the README's bar for the effective length
 THRESHOLD = 85.6
 #: the README's lengths, in tokens

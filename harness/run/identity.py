@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 RESUME_MODES = tuple(schema.Resume.__members__)   # auto | new
 #: top-level settings that cannot change a number
 NOT_IDENTITY = ("results_dir", "limit", "progress", "wandb", "wandb_project", "wandb_group", "wandb_dir", "wandb_tags",
-                "decode_batch", "threads", "save_kept_positions", "methods", "budgets", "method_overrides", "method",
+                "decode_batch", "threads", "save_kept_positions", "methods", "budgets", "compression_ratios", "method_overrides", "method",
                 "resume", "debug", "distributed_timeout_s", "hydra")
 #: model settings that cannot change a number (where the weights come from is in ``weights``)
 MODEL_NOT_IDENTITY = ("name", "device_map", "dense_cache", "path", "package", "file", "hub_id", "name_or_path",
@@ -47,7 +47,7 @@ MODEL_NOT_IDENTITY = ("name", "device_map", "dense_cache", "path", "package", "f
 #: task settings that select samples (the grid) or say where data come from (their content is checksummed)
 TASK_NOT_IDENTITY = ("name", "data_dir", "config_dir", "haystack_dir", "limit", "datasets", "context_lengths",
                      "context_range", "depths", "depth_grid", "samples_per_cell", "hub_repo", "hub_revision",
-                     "config_commit")
+                     "config_commit", "tasks", "samples_per_task", "squad_path", "hotpotqa_path")
 #: protocol settings that only feed method knobs (their resolved values are in ``method``) or the dtype
 #: (resolved in ``model.dtype``)
 PROTOCOL_NOT_IDENTITY = ("window_size", "kernel_size", "pooling", "granularity", "streamingllm_sink_tokens",

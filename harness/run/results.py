@@ -26,7 +26,8 @@ NOT_IN_NAME = {"query_chunk"}
 
 
 def run_name(method: dict) -> str:
-    """The results folder of a method: its knobs as set, e.g. ``snapkv_b256_w32_k7_maxpool_qh`` plus any
+    """The results folder of a method: its knobs as set, e.g. ``snapkv_b256_w32_k7_maxpool_qh`` (with a
+    ``compression_ratio``: ``snapkv_r0.5_w32_k7_maxpool_qh``, the budget being resolved per prompt) plus any
     method-specific knob (``variantcausal``...). StreamingLLM scores nothing, so its name has no kernel
     or pooling, and with ``sink_tokens`` set (its window is then ``budget - sink_tokens``, derived, not
     set) it names the sinks: ``streamingllm_b128_sink4_qh``; without, ``streamingllm_b128_w32_qh``."""
@@ -34,12 +35,15 @@ def run_name(method: dict) -> str:
     name = knobs.pop("name")
     if name == "fullkv":
         return "fullkv"
+    ratio = knobs.pop("compression_ratio", None)
+    size = f"b{knobs['budget']}" if ratio is None else f"r{ratio:g}"   # a ratio replaces the token budget
     if name == "streamingllm":
         sinks = knobs.get("sink_tokens")
-        parts = [name, f"b{knobs['budget']}", f"sink{sinks}" if sinks is not None else f"w{knobs['window_size']}",
+        parts = [name, size, f"sink{sinks}" if sinks is not None else f"w{knobs['window_size']}",
                  _SHORT.get(knobs.get("granularity"), str(knobs.get("granularity")))]
         return "_".join(parts)
-    parts = [name, f"b{knobs.pop('budget')}", f"w{knobs.pop('window_size')}", f"k{knobs.pop('kernel_size')}",
+    knobs.pop("budget")
+    parts = [name, size, f"w{knobs.pop('window_size')}", f"k{knobs.pop('kernel_size')}",
              knobs.pop("pooling"), _SHORT.get(knobs.get("granularity"), str(knobs.get("granularity")))]
     knobs.pop("granularity", None)
     for key, value in sorted(knobs.items()):

@@ -32,7 +32,7 @@ from harness.engine.models import (
 )
 from harness.engine.shared import generate_many
 from harness.protocol import generation_rules
-from harness.protocol.prompting import check_protocol, encode, special_text, use_chat_template
+from harness.protocol.prompting import check_protocol, encode, encode_parts, special_text, use_chat_template
 from harness.run import distributed, identity, progress, results
 from harness.tasks import Sample, get_task
 
@@ -66,7 +66,8 @@ def run_searchpath() -> list[str]:
 def method_configs(cfg: DictConfig, searchpath: list[str] | None = None) -> list[dict]:
     """The methods of this run as knob dicts: ``cfg.method``, or every name in ``cfg.methods`` (each
     composed as ``method=<name>`` over the config search path, typed, under this run's protocol)
-    at every budget in ``cfg.budgets``, with ``cfg.method_overrides`` applied to all. ``searchpath``:
+    at every budget in ``cfg.budgets`` and every ratio in ``cfg.compression_ratios`` (FullKV once), with
+    ``cfg.method_overrides`` applied to all. ``searchpath``:
     the user's config directories (default: the running Hydra app's, ``run_searchpath``)."""
     names = cfg.methods
     if not names:
@@ -89,8 +90,11 @@ def method_configs(cfg: DictConfig, searchpath: list[str] | None = None) -> list
         if isinstance(knobs["budget"], bool) or not isinstance(knobs["budget"], int):
             raise methods.ConfigError(f"{name}: budget={knobs['budget']!r} must be an integer (from "
                                       "method_overrides or the method's config)")
-        budgets = [knobs["budget"]] if name == "fullkv" or not cfg.budgets else list(cfg.budgets)
-        out += [{**knobs, "budget": int(b)} for b in budgets]
+        if name == "fullkv" or not (cfg.budgets or cfg.compression_ratios):
+            out.append(knobs)
+            continue
+        out += [{**knobs, "budget": int(b), "compression_ratio": None} for b in cfg.budgets or []]
+        out += [{**knobs, "compression_ratio": r} for r in cfg.compression_ratios or []]
     return out
 
 
@@ -182,6 +186,19 @@ def _row(task, sample: Sample, out, seconds: float, compressor: methods.KVCompre
     return row
 
 
+def compression_fields(compressor: methods.KVCompressor, compressed: int, scope: str) -> dict:
+    """What a row records of its compression: the tokens prefilled and compressed (``compressed_tokens``;
+    the rest of the prompt was appended uncompressed under ``compression_scope``), and, for a method
+    that compresses, the token budget it ran with (``budget``: resolved from ``compression_ratio`` for
+    this prompt where a ratio is set, so tables can group by either)."""
+    fields = {"compressed_tokens": compressed, "compression_scope": scope}
+    if not compressor.is_noop:
+        fields["budget"] = compressor.budget_for(compressed)
+        if compressor.compression_ratio is not None:
+            fields["compression_ratio"] = compressor.compression_ratio
+    return fields
+
+
 def kept_file(folder: Path, sample_id: str) -> Path:
     """``kept/<sample id>.pt``; an id that cannot be a file name is written with its unsafe characters
     replaced and a digest of the id appended (``ab_c-1f2e3d4c.pt``), never outside ``kept/``."""
@@ -227,7 +244,7 @@ def check_settings(cfg: DictConfig) -> None:
     if timeout is not None and timeout <= 0:
         raise methods.ConfigError(f"distributed_timeout_s={timeout:g} must be a positive number of seconds (or null: "
                                   f"{distributed.DEFAULT_TIMEOUT_S})")
-    for key in ("budgets", "method_overrides"):
+    for key in ("budgets", "compression_ratios", "method_overrides"):
         if cfg[key] and not cfg.methods:   # they act on methods=[...] only; alone they would be ignored
             raise methods.ConfigError(f"{key} applies to the methods of methods=[...], and this run has none (it "
                                       f"runs method={cfg.method.name}); fix: methods=[{cfg.method.name}] {key}=..., "
@@ -364,6 +381,7 @@ def build_samples(cfg: DictConfig, job: Plan, locks: contextlib.ExitStack, token
         raise methods.ConfigError(f"task {cfg.task.name}: sample id(s) {sorted(set(repeated))[:5]} occur twice (two "
                                   "grid points give the same id, e.g. repeated lengths or depths); fix: give each "
                                   "length and depth once")
+    check_compression(cfg, job, samples, tokenizer, chat)
     for c in job.compressors:   # finished rows must have been made from these samples
         rows = results.finished(job.folders[id(c)])
         if identity.conflicts(rows, digests):
@@ -378,6 +396,28 @@ def build_samples(cfg: DictConfig, job: Plan, locks: contextlib.ExitStack, token
             if distributed.world()[0] == 0:
                 lock_folder(folder, locks)
     return {"chat": chat, "samples": samples, "digests": digests}
+
+
+def check_compression(cfg: DictConfig, job: Plan, samples: list[Sample], tokenizer, chat: bool) -> None:
+    """Before the weights load: every sample can be split as ``protocol.compression_scope`` asks, and every
+    method's ``compression_ratio`` leaves a workable budget on every sample's compressed part (ConfigError
+    naming the sample otherwise). Nothing to check for the whole prompt under token budgets."""
+    scope = cfg.protocol.compression_scope
+    ratios = [c for c in job.compressors if c.compression_ratio is not None and not c.is_noop]
+    if scope == "prompt" and not ratios:
+        return
+    skip = set(cfg.protocol.chat_template_skip or [])
+    for sample in samples:
+        try:
+            ids, compressed = encode_parts(sample, tokenizer, chat and sample.dataset not in skip, "cpu",
+                                           cfg.protocol.prompt_special_tokens, scope)
+        except ValueError as error:
+            raise methods.ConfigError(f"task {cfg.task.name}: {error}") from None
+        for c in ratios:
+            try:
+                c.resolved(compressed)
+            except methods.ConfigError as error:
+                raise methods.ConfigError(f"sample {sample.id} ({compressed} compressed tokens): {error}") from None
 
 
 def write_manifests(cfg: DictConfig, job: Plan, lm, chat: bool, all_samples: list[Sample], done: dict) -> None:
@@ -400,6 +440,8 @@ def write_manifests(cfg: DictConfig, job: Plan, lm, chat: bool, all_samples: lis
         manifest["data_sha256"] = job.task.checksums(cfg.task)
     if job.task.environment is not None:
         manifest["scorer"] = job.task.environment()
+    if job.task.records is not None:
+        manifest["generated"] = job.task.records(all_samples)
     mine = all_samples[rank::world]
     for c in job.compressors:
         folder = job.folders[id(c)]
@@ -448,7 +490,11 @@ def generate_sample(cfg: DictConfig, job: Plan, lm, chat: bool, sample: Sample, 
     fast = {"decode": cfg.decode, "cuda_graphs": bool(cfg.cuda_graphs), "compile": bool(cfg.decode_compile)}
     stop_strings = list(cfg.task.get("stop_strings") or [])   # a task setting (needle) only some tasks have
     sample_chat = chat and sample.dataset not in set(cfg.protocol.chat_template_skip or [])
-    input_ids = encode(sample, lm.tokenizer, sample_chat, device, special_tokens)
+    scope = cfg.protocol.compression_scope
+    try:
+        input_ids, compressed = encode_parts(sample, lm.tokenizer, sample_chat, device, special_tokens, scope)
+    except ValueError as error:   # a task without a context/question split, a template that rewrites it
+        raise methods.ConfigError(str(error)) from None
     written_specials = special_text(sample.prompt, lm.tokenizer)
     if written_specials:
         sample.meta["special_text_in_prompt"] = written_specials
@@ -462,16 +508,18 @@ def generate_sample(cfg: DictConfig, job: Plan, lm, chat: bool, sample: Sample, 
     log.debug("%s: %d prompt tokens, up to %d new, %d method(s)", sample.id, input_ids.shape[1],
               sample.max_new_tokens, len(todo))
     start = time.perf_counter()
+    split = {"compressed_tokens": compressed}
     if len(todo) == 1:
         outs = [generate(lm.model, lm.tokenizer, input_ids, todo[0], sample.max_new_tokens, stops,
-                         stop_strings, min_new, **fast)]
+                         stop_strings, min_new, **fast, **split)]
     else:
         outs = generate_many(lm.model, lm.tokenizer, input_ids, todo, sample.max_new_tokens, stops,
-                             stop_strings, min_new, max_batch=int(cfg.decode_batch), **fast)
+                             stop_strings, min_new, max_batch=int(cfg.decode_batch), **fast, **split)
     elapsed = time.perf_counter() - start
     scores = []
     for c, out in zip(todo, outs):
-        row = _row(job.task, sample, out, elapsed / len(todo), c) | {"sample_sha256": digest}
+        row = _row(job.task, sample, out, elapsed / len(todo), c) | {"sample_sha256": digest,
+                                                                      **compression_fields(c, compressed, scope)}
         if cfg.save_kept_positions and out.report is not None:
             save_positions(job.folders[id(c)], sample.id, out.report)
         key = (id(c), sample.group)
@@ -501,8 +549,11 @@ def finish(cfg: DictConfig, job: Plan, sample_keys: list[tuple]) -> list[dict]:
 
 
 def _counter(task, lm, chat: bool, special_tokens: str = "text"):
-    def count_tokens(prompt_text: str) -> int:
-        probe = Sample(id="", prompt=prompt_text, answers=[], max_new_tokens=1, answer_prefix=task.answer_prefix)
+    """``count_tokens(prompt_text, answer_prefix=task.answer_prefix) -> int``: the length of the model
+    input the runner builds for that prompt (chat template, BOS and answer prefix included)."""
+    def count_tokens(prompt_text: str, answer_prefix: str | None = None) -> int:
+        prefix = task.answer_prefix if answer_prefix is None else answer_prefix
+        probe = Sample(id="", prompt=prompt_text, answers=[], max_new_tokens=1, answer_prefix=prefix)
         return encode(probe, lm.tokenizer, chat, "cpu", special_tokens).shape[1]
     return count_tokens
 

@@ -17,7 +17,8 @@ from harness.tasks.base import Sample, Task
 
 __all__ = ["REGISTRY", "Sample", "Task", "get_task"]
 
-REGISTRY = {"passkey": "harness.tasks.passkey", "needle": "harness.tasks.needle", "longbench": "harness.tasks.longbench"}
+REGISTRY = {"passkey": "harness.tasks.passkey", "needle": "harness.tasks.needle", "longbench": "harness.tasks.longbench",
+            "ruler": "harness.tasks.ruler"}
 
 
 def get_task(name: str) -> Task:

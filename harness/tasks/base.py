@@ -18,6 +18,8 @@ class Sample:
     answer_prefix: str = ""     # text the assistant turn starts with (completion-style prompts)
     group: str | None = None    # results file: <group>.jsonl (LongBench: the dataset); None: predictions.jsonl
     dataset: str | None = None  # the name the protocol's per-dataset rules use (LongBench's base name; None: default)
+    question_start: int | None = None   # character offset in ``prompt`` where the question begins (what
+    #                                     compression_scope=context appends uncompressed); None: no split
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,8 @@ class Task:
     Optional: ``checksums(task_cfg) -> {file: sha256}`` (the manifest's ``data_sha256``), ``environment()
     -> dict`` (the manifest's ``scorer``), ``finalize(folder) -> dict`` (a run's final scores after a run, the fields of its ``scores.json`` in
     place of the mean ``score``: LongBench's per-dataset scores and averages,
-    into ``scores.json``'s ``datasets``).
+    into ``scores.json``'s ``datasets``), ``records(samples) -> dict`` (the manifest's ``generated``: how
+    generated samples were made, e.g. RULER's per task and length).
     """
     name: str
     validate: Callable
@@ -44,3 +47,4 @@ class Task:
     checksums: Callable | None = None
     environment: Callable | None = None
     finalize: Callable[[Path], dict] | None = None
+    records: Callable | None = None

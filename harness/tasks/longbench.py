@@ -281,6 +281,13 @@ def middle_truncate(tokenizer, prompt: str, max_input_tokens: int | None) -> tup
             + tokenizer.decode(ids[-half:], skip_special_tokens=True)), True
 
 
+def after_context(template: str, row: dict) -> str:
+    """The text of a LongBench prompt after its ``{context}`` (instructions, question, ``Answer:``): what
+    ``compression_scope=context`` appends uncompressed; the split point is where it begins. Empty when the
+    template ends with the context."""
+    return template[template.index("{context}") + len("{context}"):].format(**row)
+
+
 def build_samples(cfg, tokenizer, count_tokens=None, max_input_tokens: int | None = None,
                   truncation: str = "middle", **_) -> list[Sample]:
     if truncation not in ("middle", "none"):
@@ -301,7 +308,8 @@ def build_samples(cfg, tokenizer, count_tokens=None, max_input_tokens: int | Non
             truncated = False
             if truncation == "middle":
                 prompt, truncated = middle_truncate(tokenizer, prompt, max_input_tokens)
-            samples.append(Sample(
+            after = after_context(prompts[base], row)
+            samples.append(Sample(question_start=len(prompt) - len(after) if prompt.endswith(after) else None,
                 id=row["_id"], prompt=prompt, answers=list(row["answers"]),
                 max_new_tokens=int(cfg.get("max_new_tokens") or lengths[base]), group=dataset, dataset=base,
                 meta={"dataset": dataset, "all_classes": row.get("all_classes"), "length": row.get("length"),

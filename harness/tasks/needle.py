@@ -32,6 +32,7 @@ from harness.tasks.haystack import check_haystack_task, haystack_data_identity, 
 PAPER_PROMPT = ("<|im_start|> This is a very long story book: <book> {context} </book>.\n"
                 " Based on the content of the book, Question: {question}\nAnswer:")
 ANSWER_PREFIX = ""
+QUESTION_INTRO = " Based on the content of the book"   # the question part (compression_scope=context) starts here
 PRESETS = {
     "san_francisco": {"needle": needle_scores.NEEDLE, "question": needle_scores.QUESTION,
                       "expected": needle_scores.EXPECTED_ANSWER},
@@ -119,6 +120,7 @@ def build_samples(cfg, tokenizer, count_tokens=None, **_) -> list[Sample]:
             prompt = PAPER_PROMPT.format(context=tokenizer.decode(context, skip_special_tokens=True),
                                          question=preset["question"])
             samples.append(Sample(id=f"len{length}_depth{depth:g}", prompt=prompt,
+                                  question_start=prompt.rindex(QUESTION_INTRO),
                                   answers=[preset["expected"].format(key=key)],
                                   max_new_tokens=int(cfg.max_new_tokens),
                                   meta={"context_length": length, "depth": depth, "needle": needle.strip(),

@@ -70,6 +70,7 @@ def build_samples(cfg, tokenizer, count_tokens=None, **_) -> list[Sample]:
                 prompt = build_prompt(tokenizer, haystack_tokens, length, depth, key, count_tokens)
                 samples.append(Sample(id=f"len{length}_depth{depth:g}_r{repeat}", prompt=prompt, answers=[key],
                                       max_new_tokens=int(cfg.max_new_tokens), answer_prefix=ANSWER_PREFIX,
+                                      question_start=len(prompt) - len(QUESTION),
                                       meta={"context_length": length, "depth": depth}))
     return samples
 
