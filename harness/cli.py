@@ -8,6 +8,7 @@
     kvh report FOLDERS [--out DIR]                      (one table of any task's scores)
     kvh ruler-table ROOTS [--format csv] [--out FILE]   (RULER tables by method, task, length; anchors)
     kvh ruler-heatmap ROOTS --out FILE.png              (RULER: task x length heatmap, one panel per method)
+    kvh merge SOURCES --into DEST                       (runs made in pieces, e.g. one per length, as one)
     kvh bench [--out DIR] ...                           (what each method costs and saves, GPU)
 
 ``kvh <subcommand> --help`` lists each one's options with their defaults (``kvh run --help``: Hydra's
@@ -37,6 +38,7 @@ TOOLS = {
     "report": "harness.report.summary",
     "ruler-table": "harness.report.ruler_table",
     "ruler-heatmap": "harness.report.ruler_heatmap",
+    "merge": "harness.run.merge",
     "bench": "harness.bench.speed",
 }
 SUBCOMMANDS = ("run", *TOOLS)
@@ -204,7 +206,7 @@ def hydra_main() -> None:
 
 
 def usage() -> str:
-    return __doc__.split("\n\n")[1] if __doc__ else "kvh run|score|table|heatmap|kept-plot|report|ruler-table|ruler-heatmap|bench"
+    return __doc__.split("\n\n")[1] if __doc__ else "kvh run|score|table|heatmap|kept-plot|report|ruler-table|ruler-heatmap|merge|bench"
 
 
 def main(argv: list[str] | None = None) -> None:
