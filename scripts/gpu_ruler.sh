@@ -5,7 +5,8 @@
 #   bash scripts/gpu_ruler.sh MODEL_CONFIG GGUF_FILE "LENGTHS" BUDGETS SAMPLES HAYSTACK_DIR OUT [SCOPE] [OVERRIDES...]
 # e.g. bash scripts/gpu_ruler.sh gemma3_270m /tmp/models/gemma3_270m.gguf "4096 8192" 128,512 20 \
 #          ../shared/data/haystack/PaulGrahamEssays results/gpu prompt
-# Without SQuAD/HotpotQA files (task.squad_path, task.hotpotqa_path) the suite is RULER-11.
+# Without SQuAD/HotpotQA files (task.squad_path, task.hotpotqa_path) the suite is RULER-11. TIMEOUT=seconds stops
+# each length's process after that long (its finished rows are kept and merged; a re-run resumes them).
 set -euo pipefail
 model=$1; gguf=$2; lengths=$3; budgets=$4; samples=$5; haystack=$6; out=$7; scope=${8:-prompt}
 shift $(( $# < 8 ? $# : 8 ))
@@ -13,7 +14,7 @@ export PYTHONUNBUFFERED=1 KV_HARNESS_CACHE=${KV_HARNESS_CACHE:-/tmp/kv-harness}
 mkdir -p "$out/pieces" "$out/logs"
 pids=()
 for length in $lengths; do
-  python3 -m harness run task=ruler model="$model" model.source=gguf ++model.path="$gguf" \
+  ${TIMEOUT:+timeout "$TIMEOUT"} python3 -m harness run task=ruler model="$model" model.source=gguf ++model.path="$gguf" \
       "methods=[fullkv,streamingllm,h2o,snapkv,pyramidkv,dynamickv]" "budgets=[$budgets]" \
       "task.context_lengths=[$length]" task.samples_per_task="$samples" task.haystack_dir="$haystack" \
       protocol.compression_scope="$scope" results_dir="$out/pieces/$length" wandb=false progress=never \

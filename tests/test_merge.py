@@ -48,3 +48,14 @@ def test_pieces_of_other_settings_are_refused(tmp_path):
     runner.run(config(tmp_path / "b", "task.context_lengths=[400]", "methods=[fullkv]", "task.max_new_tokens=4"))
     with pytest.raises(ConfigError, match="other settings.*max_new_tokens"):
         main(["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--into", str(tmp_path / "m")])
+
+
+def test_an_allowed_difference_is_merged_and_recorded(tmp_path):
+    runner.run(config(tmp_path / "a", "task.context_lengths=[300]", "methods=[fullkv]"))
+    runner.run(config(tmp_path / "b", "task.context_lengths=[400]", "methods=[fullkv]", "task.max_new_tokens=4"))
+    main(["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--into", str(tmp_path / "m"),
+          "--allow-difference", "task.max_new_tokens"])
+    [folder] = results.find_runs([tmp_path / "m"])
+    manifest = json.loads((folder / results.MANIFEST).read_text())
+    assert manifest["merge_allowed_differences"] == {"task.max_new_tokens": [3, 4]}
+    assert len(results.finished(folder)) == 4

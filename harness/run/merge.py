@@ -31,18 +31,25 @@ def pieces(roots: list[str]) -> dict[Path, list[Path]]:
     return found
 
 
-def merge_run(folders: list[Path], dest: Path) -> dict:
+def merge_run(folders: list[Path], dest: Path, allowed: tuple[str, ...] = ()) -> dict:
     """Merge the pieces ``folders`` of one run into ``dest``; returns its summary (``runner.summarize``).
-    Raises ``ConfigError`` for pieces of different settings, a sample that differs between pieces, or a
-    non-empty ``dest``."""
+    ``allowed``: identity keys (``model.max_input_tokens``) that may differ between pieces because they
+    change no number of this task; the merged manifest lists their values (``merge_allowed_differences``).
+    Raises ``ConfigError`` for pieces of other different settings, a sample that differs between pieces,
+    or a non-empty ``dest``."""
     from harness.run.runner import summarize
     from harness.tasks import get_task
     if dest.exists() and any(dest.iterdir()):
         raise ConfigError(f"{dest} is not empty; fix: merge into a new folder")
     manifests = [results.read_json(f / results.MANIFEST) for f in folders]
     first = manifests[0]
+    tolerated: dict[str, list] = {}
     for folder, manifest in zip(folders[1:], manifests[1:]):
         diff = identity.differences(first["identity"], manifest["identity"])
+        for key, a, b in [d for d in diff if d[0] in allowed]:
+            tolerated.setdefault(key, [a])
+            tolerated[key] += [b] if b not in tolerated[key] else []
+        diff = [d for d in diff if d[0] not in allowed]
         if diff:
             shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff[:5])
             raise ConfigError(f"{folder} was made with other settings than {folders[0]} ({shown}); fix: merge runs of "
@@ -62,6 +69,8 @@ def merge_run(folders: list[Path], dest: Path) -> dict:
         writers[group].append(row)
     merged = dict(first, sessions=[s for m in manifests for s in m.get("sessions", [])],
                   merged_from=[str(f) for f in folders], samples=len(rows))
+    if tolerated:
+        merged["merge_allowed_differences"] = tolerated
     task_cfg = merged["config"]["task"]
     for key in GRID_LISTS:
         if isinstance(task_cfg.get(key), list):
@@ -76,10 +85,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="kvh merge", description=__doc__.split("\n\n")[0])
     parser.add_argument("sources", nargs="+", help="results roots holding the pieces (each <task>/<model>/...)")
     parser.add_argument("--into", required=True, help="the new results root to write the merged runs to")
+    parser.add_argument("--allow-difference", action="append", default=[], metavar="KEY",
+                        help="an identity key that may differ between pieces because it changes no number of the "
+                             "task (e.g. model.max_input_tokens for RULER, which never truncates); recorded")
     args = parser.parse_args(argv)
     found = pieces(args.sources)
     if not found:
         raise ConfigError(f"no run folders under {args.sources}; fix: the results roots the pieces were written to")
     for relative, folders in sorted(found.items()):
-        summary = merge_run(folders, Path(args.into) / relative)
+        summary = merge_run(folders, Path(args.into) / relative, tuple(args.allow_difference))
         print(f"{relative}: {len(folders)} piece(s), {summary['samples']} samples -> {Path(args.into) / relative}")
