@@ -71,6 +71,9 @@ def merge_run(folders: list[Path], dest: Path, allowed: tuple[str, ...] = ()) ->
                   merged_from=[str(f) for f in folders], samples=len(rows))
     if tolerated:
         merged["merge_allowed_differences"] = tolerated
+    generated = {k: v for m in manifests for k, v in (m.get("generated") or {}).items()}
+    if generated:
+        merged["generated"] = generated
     task_cfg = merged["config"]["task"]
     for key in GRID_LISTS:
         if isinstance(task_cfg.get(key), list):
