@@ -101,12 +101,12 @@ longbench:
 	dir=$$($(MODEL_DIR) "$(RESULTS)/.longbench_summary.jsonl") && $(PYTHON) -m harness table "$$dir" --out "$$dir"
 
 # RULER: make ruler MODEL=smollm2_135m [METHODS=...] BUDGET=128 | RATIO=0.5 [RULER_LENGTHS=4096,8192] [SAMPLES=n]
-# [SCOPE=context|prompt|context_and_question] [VERSION=ruler_head|ruler_2024]. Essays from KV_HARNESS_HAYSTACK_DIR;
+# [SCOPE=prompt|context|context_and_question (prompt, as every protocol: the whole input compressed)] [VERSION=ruler_head|ruler_2024]. Essays from KV_HARNESS_HAYSTACK_DIR;
 # qa_1/qa_2 from KV_HARNESS_SQUAD / KV_HARNESS_HOTPOTQA (without them: RULER-11). RATIO replaces BUDGET.
 RATIO ?=
 RULER_LENGTHS ?= 4096
 SAMPLES ?= 500
-SCOPE ?= context
+SCOPE ?= prompt
 VERSION ?= ruler_head
 ruler:
 	@mkdir -p "$(RESULTS)"

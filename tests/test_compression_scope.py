@@ -209,3 +209,15 @@ def test_encode_parts_splits_a_chat_prompt_before_the_question_and_before_the_en
     ids, c = encode_parts(s, tok, True, "cpu", scope="context_and_question")
     assert tok.decode(ids[0, :c], skip_special_tokens=True).endswith("What is it?")
     assert ids[0, c] == tok.eos_token_id            # the end of turn is appended, not compressed
+
+
+def test_parse_mode_encodes_the_whole_text_even_where_the_template_depends_on_the_content():
+    tok = byte_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{% if m['content'] | length > 40 %}<long>{% endif %}"
+                         "<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>")
+    s = Sample(id="x", prompt="A context that is longer than forty characters. Q?", answers=[], max_new_tokens=1,
+               question_start=len("A context that is longer than forty characters. "))
+    ids, n = encode_parts(s, tok, True, "cpu", "parse")
+    assert n == ids.shape[1] and tok.decode(ids[0]).startswith("<long><user>A context")
+    with pytest.raises(ValueError, match="fix: protocol.compression_scope=prompt"):
+        encode_parts(s, tok, True, "cpu", "parse", scope="context")

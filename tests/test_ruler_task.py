@@ -96,3 +96,15 @@ def test_ruler_settings_fail_before_the_model_loads(tmp_path, cache):
         real_model("smollm2_135m")
         runner.run(config(tmp_path, "method=snapkv", "method.compression_ratio=0.99", "task.tasks=[vt]",
                           "task.samples_per_task=1"))
+
+
+def test_a_length_counts_only_when_every_task_has_all_its_samples():
+    from harness.ruler import score
+    rows = [{"id": f"{t}_{i}", "task": t, "context_length": 4096, "pred": "x", "answers": ["x"]}
+            for t in ruler_tasks.RULER_11 for i in range(3 if t != "fwe" else 1)]
+    loose = score.summary(rows)                                   # no expectations: every task has rows
+    assert loose["suite"] == "RULER-11" and loose["lengths"] == {"4096": 100.0}
+    strict = score.summary(rows, expected_tasks=ruler_tasks.RULER_11, samples_per_task=3)
+    assert strict["lengths"] == {} and strict["avg"] is None and strict["incomplete"] == {"4096": {"fwe": 1}}
+    cut = score.summary([r for r in rows if r["task"] != "cwe"], expected_tasks=ruler_tasks.RULER_13, samples_per_task=1)
+    assert cut["suite"] == "RULER-13" and cut["avg"] is None     # qa and cwe missing: no RULER-13 score

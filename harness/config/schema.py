@@ -38,6 +38,8 @@ import methods
 from harness.engine.generate import DECODE_MODES
 from harness.engine.models import AttentionBackend, Dtype, ModelConfig, ModelSource
 from harness.protocol.prompting import CHAT_MODES, COMPRESSION_SCOPES, SPECIAL_TOKEN_MODES, TRUNCATION_MODES
+from harness.ruler.essays import SPLITTERS as SENTENCE_SPLITTERS
+from harness.ruler.fitting import VERSIONS as RULER_VERSIONS
 from harness.ruler.tasks import RULER_13
 from harness.run.progress import MODES as PROGRESS_MODES
 from harness.tasks.haystack import KINDS as HAYSTACK_KINDS
@@ -64,8 +66,8 @@ ChatTemplate = closed_set("ChatTemplate", CHAT_MODES)
 Truncation = closed_set("Truncation", TRUNCATION_MODES)
 SpecialTokens = closed_set("SpecialTokens", SPECIAL_TOKEN_MODES)
 CompressionScope = closed_set("CompressionScope", COMPRESSION_SCOPES)
-RulerVersion = closed_set("RulerVersion", ("ruler_head", "ruler_2024"))      # harness.tasks.ruler.VERSIONS
-SentenceSplitter = closed_set("SentenceSplitter", ("auto", "punkt", "regex"))   # harness.tasks.ruler.SPLITTERS
+RulerVersion = closed_set("RulerVersion", RULER_VERSIONS)
+SentenceSplitter = closed_set("SentenceSplitter", SENTENCE_SPLITTERS)
 
 Decode = closed_set("Decode", DECODE_MODES)
 Resume = closed_set("Resume", ("auto", "new"))   # resume=: harness.run.identity.resolve_folder

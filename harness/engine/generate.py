@@ -143,7 +143,8 @@ def check_split(prompt_length: int, compressed_tokens: int | None) -> int:
     if compressed_tokens is None:
         return prompt_length
     if not 1 <= compressed_tokens <= prompt_length:
-        raise ValueError(f"compressed_tokens={compressed_tokens} must be in [1, {prompt_length}] (the prompt's length)")
+        raise ValueError(f"compressed_tokens={compressed_tokens} must be in [1, {prompt_length}] (the prompt's length); "
+                         "fix: None to compress the whole prompt, or the length of the part to compress")
     return int(compressed_tokens)
 
 
@@ -160,8 +161,8 @@ def generate(model, tokenizer, input_ids: torch.Tensor, compressor: KVCompressor
              cuda_graphs: bool = True, compile: bool = False, compressed_tokens: int | None = None) -> Generation:
     """Greedy generation of one prompt ``input_ids [1, n]`` with ``compressor`` attached.
 
-    ``compressed_tokens``: None (the whole prompt is prefilled and compressed), or ``c < n``: the first
-    ``c`` tokens are prefilled and compressed and the rest appended uncompressed (``extend``), the
+    ``compressed_tokens``: None or ``n`` (the whole prompt is prefilled and compressed), or ``c < n``: the
+    first ``c`` tokens are prefilled and compressed and the rest appended uncompressed (``extend``), the
     protocol's ``compression_scope``. A compressor with a ``compression_ratio`` is resolved to the
     token budget of the compressed part first (``KVCompressor.resolved``).
 

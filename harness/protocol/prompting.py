@@ -134,14 +134,17 @@ def encode_parts(sample, tokenizer, chat: bool, device, special_tokens: str = "t
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                          add_generation_prompt=True, tokenize=False)
     text += sample.answer_prefix.lstrip()
+    if not split and at is None:     # parse: the tokenizer's defaults on the whole text, as the reference scripts
+        ids = _token_ids(tokenizer, text, False)
+        return torch.tensor([ids], device=device), len(ids)
     frame = tokenizer.apply_chat_template([{"role": "user", "content": _CONTENT}], add_generation_prompt=True,
                                           tokenize=False) + sample.answer_prefix.lstrip()
+    fix = "protocol.prompt_special_tokens=parse" if split else "protocol.compression_scope=prompt"
     if frame.count(_CONTENT) != 1:
-        raise ValueError("the chat template repeats or drops the user content; use protocol.prompt_special_tokens=parse")
+        raise ValueError(f"the chat template repeats or drops the user content; fix: {fix}")
     before, after = frame.split(_CONTENT)
     if not (text.startswith(before) and text.endswith(after)):
-        raise ValueError("the chat template renders its frame differently for this prompt; use "
-                         "protocol.prompt_special_tokens=parse")
+        raise ValueError(f"the chat template renders its frame differently for this prompt; fix: {fix}")
     content = text[len(before):len(text) - len(after)]   # as the template wrote it (some trim it)
     cut = len(content)
     if at is not None and at < len(prompt):
@@ -151,9 +154,6 @@ def encode_parts(sample, tokenizer, chat: bool, device, special_tokens: str = "t
             raise ValueError(f"sample {sample.id}: the chat template rewrites the question, so the prompt cannot be "
                              "split at it; fix: protocol.compression_scope=prompt")
     if not split:
-        if at is None:
-            ids = _token_ids(tokenizer, text, False)
-            return torch.tensor([ids], device=device), len(ids)
         head = _token_ids(tokenizer, before + content[:cut], False)
         return torch.tensor([head + _token_ids(tokenizer, content[cut:] + after, False)], device=device), len(head)
     head = _token_ids(tokenizer, before, False) + _token_ids(tokenizer, content[:cut], True)

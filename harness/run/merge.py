@@ -14,6 +14,7 @@ written into an existing non-empty destination folder.
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 from harness.run import identity, results
@@ -26,7 +27,7 @@ def pieces(roots: list[str]) -> dict[Path, list[Path]]:
     """Relative run path -> the folders holding it, one per root, in the order given."""
     found: dict[Path, list[Path]] = {}
     for root in roots:
-        for folder in results.find_runs([root]):
+        for folder in results.find_runs([root], marker=results.MANIFEST):
             found.setdefault(folder.relative_to(Path(root).resolve()), []).append(folder)
     return found
 
@@ -79,6 +80,10 @@ def merge_run(folders: list[Path], dest: Path, allowed: tuple[str, ...] = ()) ->
         if isinstance(task_cfg.get(key), list):
             values = [v for m in manifests for v in (m["config"]["task"].get(key) or [])]
             task_cfg[key] = sorted(set(values), key=values.index)
+    for folder in folders:             # kept positions (save_kept_positions=true), one file per sample
+        for path in sorted((folder / "kept").glob("*.pt")):
+            (dest / "kept").mkdir(exist_ok=True)
+            shutil.copy2(path, dest / "kept" / path.name)
     results.write_json(dest / results.MANIFEST, merged)
     task = get_task(task_cfg["name"])
     return summarize(dest, first["method"]["name"], task.finalize)

@@ -27,7 +27,7 @@ import json
 import logging
 from pathlib import Path
 
-from harness.ruler import metrics
+from harness.ruler import essays, fitting, metrics
 from harness.ruler.tasks import ESSAY_TASKS
 from harness.run import results
 from harness.tasks import checks
@@ -36,8 +36,8 @@ from methods import ConfigError
 
 log = logging.getLogger(__name__)
 
-VERSIONS = ("ruler_head", "ruler_2024")
-SPLITTERS = ("auto", "punkt", "regex")
+VERSIONS = fitting.VERSIONS        # ruler_head, ruler_2024
+SPLITTERS = essays.SPLITTERS        # auto, punkt, regex
 #: bumped whenever generated text changes, so cached samples of an older generator are not reused
 GENERATOR_REVISION = 1
 
@@ -73,6 +73,9 @@ def validate(cfg) -> None:
     if len(set(tasks)) != len(tasks):
         raise ConfigError(f"task.tasks={tasks} repeats a task; fix: each task once")
     limit, why = checks.model_limit(cfg)
+    if limit and cfg.model.max_input_tokens:   # a prompt cap made for LongBench's truncation, which RULER never does
+        why += (", a cap on prompts; a RULER length counts prompt + new tokens, so model.max_input_tokens=<the model's "
+                "context window> (8192 for SmolLM2, 32768 for Gemma 3) admits lengths up to that window")
     checks.int_list("task.context_lengths", task.get("context_lengths"), minimum=256, maximum=limit, maximum_why=why)
     checks.positive_int("task.samples_per_task", task.get("samples_per_task"))
     checks.positive_int("task.max_new_tokens", task.get("max_new_tokens"), allow_none=True)
@@ -84,6 +87,10 @@ def validate(cfg) -> None:
     if task.sentence_splitter not in SPLITTERS:
         raise ConfigError(f"task.sentence_splitter={task.sentence_splitter!r} is not one of {SPLITTERS}")
     running, skipped = selected_tasks(task)
+    if not running:
+        raise ConfigError(f"task.tasks={tasks}: nothing to run, {skipped} need their data files; fix: "
+                          "task.squad_path=<dev-v2.0.json> / task.hotpotqa_path=<hotpot_dev_distractor_v1.json>, or "
+                          "other tasks")
     if any(t in ESSAY_TASKS for t in running):
         from harness.tasks.haystack import haystack_files
         if not task.get("haystack_dir"):
@@ -136,7 +143,8 @@ def _generated(task_cfg, task: str, length: int, count_tokens, fingerprint: str)
     from harness.ruler.generate import generate
     settings = {"task": task, "length": length, "samples": int(task_cfg.samples_per_task), "seed": int(task_cfg.seed),
                 "version": task_cfg.generator_version, "revision": GENERATOR_REVISION, "tokenizer": fingerprint,
-                "splitter": task_cfg.sentence_splitter, "data": data_identity_of(task_cfg, task)}
+                "splitter": essays.sentence_splitter(task_cfg.sentence_splitter)[1] if task in ESSAY_TASKS else None,
+                "data": data_identity_of(task_cfg, task)}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     path = _cache_dir() / f"{task}_{length}_{task_cfg.generator_version}_s{task_cfg.seed}_{key}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -214,8 +222,13 @@ def scores(prediction: str, sample: Sample) -> dict:
 def finalize(folder: Path) -> dict:
     """``scores.json``'s fields: per task and length, per length, Avg/wAvg, effective length
     (``harness.ruler.score.summary``)."""
+    from omegaconf import OmegaConf
+
     from harness.ruler import score
-    return score.summary(list(results.finished(folder).values()))
+    task_cfg = OmegaConf.create(results.read_json(Path(folder) / results.MANIFEST)["config"]["task"])
+    running, _ = selected_tasks(task_cfg)
+    return score.summary(list(results.finished(folder).values()), expected_tasks=running,
+                         samples_per_task=int(task_cfg.samples_per_task))
 
 
 def environment() -> dict:
