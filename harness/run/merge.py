@@ -6,9 +6,12 @@ A run folder is identified by its path below its results root (``<task>/<model>/
 Pieces of the same path are merged when their stored run identities are equal (``identity.differences``:
 only grid settings such as ``task.context_lengths`` may differ, as for a resumed run); the rows are
 copied (a sample held by two pieces must be the same sample: equal ``sample_sha256``), the manifest is
-the first piece's with the union of the grid lists and every piece's sessions, and ``scores.json`` is
-recomputed with the task's own final scorer. Anything else is refused (``ConfigError``), and nothing is
-written into an existing non-empty destination folder.
+the first piece's with the union of the grid lists, of the generation records (``generated``) and of
+every piece's sessions, kept positions (``kept/``) are copied, and ``scores.json`` is recomputed with the
+task's own final scorer. ``--allow-difference KEY`` lets a named identity key differ (one that changes no
+number of the task, e.g. ``model.max_input_tokens`` for RULER), recorded in the manifest as
+``merge_allowed_differences``. Anything else is refused (``ConfigError``), and nothing is written into an
+existing non-empty destination folder.
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ def merge_run(folders: list[Path], dest: Path, allowed: tuple[str, ...] = ()) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="kvh merge", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="kvh merge", description=__doc__, formatter_class=results.HelpFormatter)
     parser.add_argument("sources", nargs="+", help="results roots holding the pieces (each <task>/<model>/...)")
     parser.add_argument("--into", required=True, help="the new results root to write the merged runs to")
     parser.add_argument("--allow-difference", action="append", default=[], metavar="KEY",
