@@ -1,0 +1,273 @@
+"""Token-wise low-rank K/V transforms: DynaKV's building blocks and its training-free baselines.
+
+DynaKV (Lu et al., "One Size Does Not Fit All: Token-Wise Adaptive Compression for KV Cache", arXiv
+2603.04411v1; no public code, reference-dynakv.md) compresses each token's pre-RoPE key (and value)
+vector ``x`` of one layer, all KV heads joint (``d = Hkv * head_dim``), to a *prefix* of its coefficients
+in a per-layer basis ``U`` (PCA-initialised), with a per-token prefix length ``r_t``:
+
+    x~ = x @ U                                   # rotate                       [..., d]
+    p  = softmax(x~ @ W + b)                     # the gate: a cut-off distribution per token
+    m  = suffix_sum(p)                           # m_i = P(cut-off >= i): 1 at i = 0, non-increasing
+    training:  x^ = (x~ * m) @ U^-1              # soft mask, gradients flow
+    inference: r_t = #(m > tau); x^ = (x~ * prefix(r_t)) @ U^-1    # only x~[:r_t] need be stored
+
+This module has the pieces as pure tensor functions (``pca_basis``, ``retain_mask``, ``hard_ranks``,
+``prefix_mask``, ``energy_ranks``, ``joint_weight_svd``) and the transforms that use them, each built by
+name from ``TRANSFORMS`` (``build_transform``):
+
+* ``pca_uniform``: every token keeps ``round(rate * d)`` coefficients of the PCA basis (the paper's
+  "no adaptivity, no training" ablation, Eigen-Attention-like; reference-dynakv.md section 9.1);
+* ``energy``: every token keeps the fewest coefficients whose energy reaches ``eta`` of its own
+  (training-free and token-adaptive: *our* ablation, not in the paper; section 9.3);
+* ``dynakv``: the learned gate (``TokenGate``) with soft masking for training and ``tau`` for inference.
+
+The transforms act on ``[..., d]`` vectors and return the reconstruction and the kept rank per token;
+attaching them to a model (the K/V transform hook) is the harness's part. Choices the paper leaves open
+are knobs with our defaults named: ``centred`` (PCA of centred states; the paper subtracts no mean in
+``x @ U``, so the default is False), ``reconstruction`` (``inverse``: ``U^-1`` as the paper; ``transpose``:
+``U^T``, exact for an orthogonal ``U``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from methods.base import ConfigError
+
+RECONSTRUCTIONS = ("inverse", "transpose")
+
+
+@dataclass
+class Basis:
+    """A per-layer basis: ``vectors`` ``[d, d]`` (column ``i`` is direction ``i``, by decreasing
+    ``eigenvalues`` ``[d]``), and the ``mean`` ``[d]`` subtracted before projecting (None: uncentred).
+    float64 or float32, as computed."""
+
+    vectors: torch.Tensor
+    eigenvalues: torch.Tensor
+    mean: torch.Tensor | None = None
+
+
+def pca_basis(states: torch.Tensor, centred: bool = False, dtype: torch.dtype = torch.float64) -> Basis:
+    """The PCA basis of calibration ``states`` ``[N, d]`` (pre-RoPE keys or values of one layer, heads
+    joint): the eigenvectors of the second-moment matrix ``X^T X / N`` (``centred``: of the covariance,
+    with the mean subtracted) by decreasing eigenvalue, computed in ``dtype`` (float64 by default; the
+    paper's footnote 2, reference-dynakv.md section 2.1). Each eigenvector's sign is fixed so that its
+    largest-magnitude entry is positive (deterministic across runs). Raises ``ValueError`` for fewer than
+    2 states or a tensor that is not 2-D."""
+    if states.dim() != 2 or states.shape[0] < 2:
+        raise ValueError(f"states must be [N >= 2, d]; got {tuple(states.shape)}")
+    x = states.to(dtype)
+    mean = x.mean(dim=0) if centred else None
+    if mean is not None:
+        x = x - mean
+    second_moment = x.T @ x / x.shape[0]
+    eigenvalues, vectors = torch.linalg.eigh(second_moment)       # ascending
+    eigenvalues, vectors = eigenvalues.flip(0), vectors.flip(1)
+    peak = vectors.abs().argmax(dim=0)
+    signs = torch.sign(vectors[peak, torch.arange(vectors.shape[1])])
+    return Basis(vectors * signs, eigenvalues, mean)
+
+
+def retain_mask(probabilities: torch.Tensor) -> torch.Tensor:
+    """DynaKV's soft mask from the gate's cut-off distribution ``[..., d]``: ``m_i = sum_{j >= i} p_j``,
+    the probability that the cut-off lies at or beyond ``i`` (``Flip(cumsum(p))``, ON-LSTM's cumax;
+    reference-dynakv.md section 2.2). Non-increasing along the last axis, ``m_0 = sum(p)`` (1 for a
+    distribution), same dtype."""
+    return probabilities.flip(-1).cumsum(-1).flip(-1)
+
+
+def hard_ranks(mask: torch.Tensor, tau: float) -> torch.Tensor:
+    """Inference ranks from a soft mask ``[..., d]``: ``r_t = #(m > tau)`` (int64 ``[...]``). Where ``m``
+    is non-increasing, ``1[m > tau]`` is exactly a prefix of ``r_t`` ones."""
+    return (mask > tau).sum(dim=-1)
+
+
+def prefix_mask(ranks: torch.Tensor, d: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[..., d]`` of ``dtype``: 1 at positions ``< ranks`` (int ``[...]``), 0 after."""
+    return (torch.arange(d, device=ranks.device) < ranks.unsqueeze(-1)).to(dtype)
+
+
+def energy_ranks(coefficients: torch.Tensor, eta: float) -> torch.Tensor:
+    """Per token, the fewest leading coefficients whose energy ``sum x~_i^2`` reaches ``eta`` of the
+    token's total (int64 ``[...]``, in ``[1, d]``; 1 for a zero vector). ``coefficients``: ``[..., d]`` in
+    the (PCA) basis. ``eta`` in (0, 1]."""
+    energy = coefficients.double().square()
+    cumulative = energy.cumsum(-1)
+    total = cumulative[..., -1:]
+    reached = cumulative >= eta * total * (1 - 1e-12)     # a relative tolerance: eta = 1 keeps every dim
+    return reached.to(torch.int64).argmax(dim=-1) + 1
+
+
+def joint_weight_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Palu-style joint low-rank factorisation of a K or V projection (all heads together): ``weight``
+    ``[d, d_model]`` (``nn.Linear``'s layout) -> ``(down [rank, d_model], up [d, rank])`` with
+    ``up @ down`` the best rank-``rank`` approximation (truncated SVD, float32 or better); the cache would
+    hold the ``rank``-dim latent ``down @ h`` and reconstruct with ``up`` (reference-dynakv.md section 9.2,
+    the paper's main baseline). Raises ``ValueError`` for a rank outside ``[1, min(weight.shape)]``."""
+    if not 1 <= rank <= min(weight.shape):
+        raise ValueError(f"rank={rank} must be in [1, {min(weight.shape)}]")
+    u, s, vh = torch.linalg.svd(weight.to(torch.float64 if weight.dtype == torch.float64 else torch.float32),
+                                full_matrices=False)
+    return vh[:rank], u[:, :rank] * s[:rank]
+
+
+class TokenGate(torch.nn.Module):
+    """DynaKV's gate for one layer and one of K/V: ``p = softmax(x~ @ W + b)`` over the ``d`` cut-off
+    positions (one logit per position; reference-dynakv.md section 2.2, width ``d`` is our reading).
+    ``forward(x~ [..., d]) -> m [..., d]``, the soft mask (``retain_mask``). Initialised to keep every
+    dimension (zero ``W``, ``b`` peaked at the last cut-off), so training starts from the full model."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(d, d))
+        self.bias = torch.nn.Parameter(torch.zeros(d))
+        with torch.no_grad():
+            self.bias[-1] = 10.0
+
+    def forward(self, rotated: torch.Tensor) -> torch.Tensor:
+        """``rotated`` ``[..., d]`` coefficients -> the soft mask ``[..., d]`` in their dtype (the softmax in
+        float32)."""
+        logits = rotated @ self.weight.to(rotated.dtype) + self.bias.to(rotated.dtype)
+        return retain_mask(torch.softmax(logits.float(), dim=-1)).to(rotated.dtype)
+
+
+@dataclass
+class LowRankTransform:
+    """Base of the token-wise low-rank transforms of one layer's K or V (``d`` = KV heads x head dim).
+
+    ``basis``: the layer's ``Basis`` (set after calibration; ``fit`` computes it); ``reconstruction``:
+    ``inverse`` (``U^-1``, the paper) or ``transpose`` (``U^T``, exact only for an orthogonal ``U``).
+    ``apply(x [..., d]) -> (x^ [..., d] in x's dtype, ranks int64 [...])``. Subclasses give ``ranks``."""
+
+    name: ClassVar[str] = ""
+    reconstruction: str = "inverse"
+    centred: bool = False
+    basis: Basis | None = dataclasses.field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.reconstruction not in RECONSTRUCTIONS:
+            raise ConfigError(f"{self.name}: reconstruction={self.reconstruction!r} is not one of {RECONSTRUCTIONS}")
+
+    def fit(self, states: torch.Tensor) -> "LowRankTransform":
+        """Compute the basis from calibration states ``[N, d]`` (``pca_basis``); returns self."""
+        self.basis = pca_basis(states, centred=self.centred)
+        return self
+
+    def _inverse(self) -> torch.Tensor:
+        vectors = self.basis.vectors
+        return vectors.T if self.reconstruction == "transpose" else torch.linalg.inv(vectors)
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., d]`` -> coefficients ``[..., d]`` in the basis (float64 or the basis dtype)."""
+        if self.basis is None:
+            raise RuntimeError(f"{self.name}: no basis; call fit(states) first")
+        x = x.to(self.basis.vectors.dtype)
+        if self.basis.mean is not None:
+            x = x - self.basis.mean
+        return x @ self.basis.vectors
+
+    def ranks(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """The kept rank per token (int64 ``[...]``) of ``coefficients`` ``[..., d]``; subclasses decide."""
+        raise NotImplementedError
+
+    def apply(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compress and reconstruct every token of ``x`` ``[..., d]``: keep each token's first ``r_t``
+        coefficients; returns ``(x^, r)`` with ``x^`` in ``x``'s dtype."""
+        coefficients = self.rotate(x)
+        ranks = self.ranks(coefficients)
+        kept = coefficients * prefix_mask(ranks, coefficients.shape[-1], coefficients.dtype)
+        out = kept @ self._inverse()
+        if self.basis.mean is not None:
+            out = out + self.basis.mean
+        return out.to(x.dtype), ranks
+
+
+@dataclass
+class PCAUniform(LowRankTransform):
+    """Every token keeps ``round(rate * d)`` coefficients (at least 1): the training-free ablation."""
+
+    name: ClassVar[str] = "pca_uniform"
+    rate: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)) or not 0 < self.rate <= 1:
+            raise ConfigError(f"pca_uniform: rate={self.rate!r} must be in (0, 1] (the fraction of dimensions kept); "
+                              "fix: e.g. rate=0.5")
+
+    def ranks(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """``round(rate * d)`` (at least 1) for every token: int64 ``[...]``."""
+        d = coefficients.shape[-1]
+        return torch.full(coefficients.shape[:-1], max(1, round(self.rate * d)), dtype=torch.int64,
+                          device=coefficients.device)
+
+
+@dataclass
+class EnergyAdaptive(LowRankTransform):
+    """Each token keeps the fewest coefficients holding ``eta`` of its energy (``energy_ranks``): our
+    training-free token-adaptive ablation, not the paper's."""
+
+    name: ClassVar[str] = "energy"
+    eta: float = 0.9
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not 0 < self.eta <= 1:
+            raise ConfigError(f"energy: eta={self.eta!r} must be in (0, 1] (the share of each token's energy kept); "
+                              "fix: e.g. eta=0.9")
+
+    def ranks(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """``energy_ranks(coefficients, eta)``: int64 ``[...]``."""
+        return energy_ranks(coefficients, self.eta)
+
+
+@dataclass
+class DynaKV(LowRankTransform):
+    """The learned gate (``gate``: a ``TokenGate``) with ``tau`` for inference ranks; ``soft(x)`` is the
+    training path (the continuous mask, differentiable in ``gate``)."""
+
+    name: ClassVar[str] = "dynakv"
+    tau: float = 0.1
+    gate: TokenGate | None = dataclasses.field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0 <= self.tau < 1:
+            raise ConfigError(f"dynakv: tau={self.tau!r} must be in [0, 1) (the mask threshold; the paper's example "
+                              "is 0.1); fix: e.g. tau=0.1")
+
+    def fit(self, states: torch.Tensor) -> "DynaKV":
+        """The PCA basis of ``states`` ``[N, d]`` (the paper's initialisation) and, if there is none yet, a
+        fresh ``TokenGate`` that keeps every dimension; returns self."""
+        super().fit(states)
+        if self.gate is None:
+            self.gate = TokenGate(states.shape[-1]).to(states.device)
+        return self
+
+    def ranks(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """``#(m > tau)`` of the gate's soft mask per token: int64 ``[...]``."""
+        return hard_ranks(self.gate(coefficients.float()), self.tau)
+
+    def soft(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training: ``(x^, m)`` with ``x^ = (x~ * m) @ U^-1`` and the soft mask ``m [..., d]``."""
+        coefficients = self.rotate(x).float()
+        mask = self.gate(coefficients)
+        out = (coefficients * mask) @ self._inverse().float()
+        if self.basis.mean is not None:
+            out = out + self.basis.mean.float()
+        return out.to(x.dtype), mask
+
+
+TRANSFORMS = {cls.name: cls for cls in (PCAUniform, EnergyAdaptive, DynaKV)}
+
+
+def build_transform(name: str, **knobs) -> LowRankTransform:
+    """The transform registered as ``name`` with ``knobs``; ``ConfigError`` naming the choices otherwise."""
+    if name not in TRANSFORMS:
+        raise ConfigError(f"unknown low-rank transform {name!r}; choose from {sorted(TRANSFORMS)}")
+    return TRANSFORMS[name](**knobs)
