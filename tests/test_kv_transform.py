@@ -91,3 +91,19 @@ def test_calibration_states_are_the_joint_pre_rope_vectors(lm):
         keys = attention.k_norm(keys.view(b, t, -1, attention.head_dim)).flatten(-2)
     torch.testing.assert_close(states[0]["k"], keys[0].float())
     torch.testing.assert_close(states[0]["v"], attention.v_proj(hidden[0])[0].float())
+
+
+def test_a_few_training_steps_lower_the_objective_and_move_the_rate_towards_its_target(lm):
+    from harness.engine.posttrain import objective, post_train
+    torch.manual_seed(0)
+    transforms = fitted(lm, "dynakv", tau=0.1)
+    batches = [random_ids(64, seed=s) for s in range(4)]
+    before_loss, before = objective(lm.model, transforms, batches[0], alpha=2.0)
+    assert before["rate"] > 0.99                    # the gates start by keeping every dimension
+    history = post_train(lm.model, transforms, batches, alpha=2.0, steps=30, lr=0.05)
+    _, after = objective(lm.model, transforms, batches[0], alpha=2.0)
+    assert after["loss"] < before["loss"] and after["rate"] < before["rate"] - 0.05
+    assert len(history) == 30 and all(p.requires_grad for p in lm.model.parameters())
+    with transformed(lm.model, transforms) as log:   # inference: tau ranks follow the trained gates
+        lm.model(batches[0])
+    assert log.retain_rate() < 1.0

@@ -8,6 +8,7 @@ holds the stop rule both decode paths apply; ``compat`` is the one place that kn
 conventions; ``hub`` checks in seconds that a file the hub should give can be had (or is cached).
 ``transform`` is the second kind of attachment: per-token K/V transforms (``methods.lowrank``: DynaKV and
 its low-rank baselines) on every token's pre-RoPE key and value, with calibration states from the same points.
+``posttrain`` trains DynaKV's gates (CE + alpha * R^2, the backbone frozen).
 
 May import: ``methods``, torch, transformers, and ``harness.run.results`` (file helpers). Never imports
 ``harness.run.runner``, ``harness.tasks``, ``harness.report`` or ``harness.bench``.

@@ -41,6 +41,7 @@ class TransformLog:
     rank_sum: dict = field(default_factory=lambda: defaultdict(int))
     histogram: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
     dims: dict = field(default_factory=dict)
+    soft_rates: list = field(default_factory=list)   # training (mode="soft"): each hooked call's mean soft mask
 
     def add(self, layer: int, kind: str, ranks: torch.Tensor, d: int) -> None:
         """Record the kept ``ranks`` (int ``[...]``, one per token) of ``layer``'s ``kind`` (``k``/``v``)."""
@@ -95,12 +96,15 @@ def _points(model):
 
 
 @contextlib.contextmanager
-def transformed(model, transforms: dict, log: TransformLog | None = None):
+def transformed(model, transforms: dict, log: TransformLog | None = None, mode: str = "hard"):
     """For the block, every token's pre-RoPE key and value of each layer in ``transforms`` (model layer ->
     ``{"k": transform or None, "v": transform or None}``, each a fitted ``methods.lowrank`` transform) is
-    replaced by the transform's reconstruction; kept ranks go to ``log``. Yields the log. Raises
-    ``IntegrationError`` for a model whose key point is unknown, or a layer of ``transforms`` the model
-    does not have."""
+    replaced by the transform's reconstruction; kept ranks go to ``log``. ``mode="soft"`` (training, DynaKV
+    transforms only): the soft-masked reconstruction, differentiable in the gates, and each call's mean
+    mask in ``log.soft_rates``. Yields the log. Raises ``IntegrationError`` for a model whose key point is
+    unknown, or a layer of ``transforms`` the model does not have; ``ValueError`` for another mode."""
+    if mode not in ("hard", "soft"):
+        raise ValueError(f"mode={mode!r} is not one of ('hard', 'soft')")
     log = log if log is not None else TransformLog()
     handles = []
     known = set()
@@ -108,8 +112,12 @@ def transformed(model, transforms: dict, log: TransformLog | None = None):
     def hook_for(layer, kind, transform, layout):
         def hook(module, args, output):
             joint = _to_joint(output, layout)
-            out, ranks = transform.apply(joint)
-            log.add(layer, kind, ranks, joint.shape[-1])
+            if mode == "soft":
+                out, mask = transform.soft(joint)
+                log.soft_rates.append(mask.mean())
+            else:
+                out, ranks = transform.apply(joint)
+                log.add(layer, kind, ranks, joint.shape[-1])
             return _from_joint(out, output, layout)
         return hook
 
