@@ -203,7 +203,19 @@ class RulerConfig:
     max_new_tokens: Optional[int] = None           # null: each task's own (RULER's tokens_to_generate)
 
 
-TASK_SCHEMAS = {"passkey": PasskeyConfig, "needle": NeedleConfig, "longbench": LongBenchConfig, "ruler": RulerConfig}
+@dataclass
+class PerplexityConfig:
+    """``conf/task/perplexity.yaml`` (``harness.tasks.perplexity``)."""
+    name: str = "perplexity"
+    text_path: Optional[str] = None
+    label: Optional[str] = None
+    context_length: int = 1024
+    stride: int = 512
+    max_tokens: Optional[int] = None
+
+
+TASK_SCHEMAS = {"passkey": PasskeyConfig, "needle": NeedleConfig, "longbench": LongBenchConfig, "ruler": RulerConfig,
+                "perplexity": PerplexityConfig}
 #: a float knob stays untyped (Any): OmegaConf would turn 5 into 5.0, and the run folder's name with it
 #: (``radiomax5`` -> ``radiomax5.0``: an existing folder would no longer be found); the method checks it
 _PYTHON_TYPES = {"int": int, "float": Any, "str": str, "bool": bool}

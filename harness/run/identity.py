@@ -47,7 +47,8 @@ MODEL_NOT_IDENTITY = ("name", "device_map", "dense_cache", "path", "package", "f
 #: task settings that select samples (the grid) or say where data come from (their content is checksummed)
 TASK_NOT_IDENTITY = ("name", "data_dir", "config_dir", "haystack_dir", "limit", "datasets", "context_lengths",
                      "context_range", "depths", "depth_grid", "samples_per_cell", "hub_repo", "hub_revision",
-                     "config_commit", "tasks", "samples_per_task", "squad_path", "hotpotqa_path")
+                     "config_commit", "tasks", "samples_per_task", "squad_path", "hotpotqa_path", "text_path",
+                     "label", "max_tokens")
 #: protocol settings that only feed method knobs (their resolved values are in ``method``) or the dtype
 #: (resolved in ``model.dtype``)
 PROTOCOL_NOT_IDENTITY = ("window_size", "kernel_size", "pooling", "granularity", "streamingllm_sink_tokens",

@@ -485,6 +485,9 @@ def generate_sample(cfg: DictConfig, job: Plan, lm, chat: bool, sample: Sample, 
     each method's row (``writers``: open prediction files by (method, group)), and log one line with
     every method's score."""
     rank, world = distributed.world()
+    if job.task.evaluate is not None:     # scored without generating (perplexity)
+        evaluated(cfg, job, lm, sample, todo, digest, writers)
+        return
     special_tokens = cfg.protocol.prompt_special_tokens
     device = next(lm.model.parameters()).device
     fast = {"decode": cfg.decode, "cuda_graphs": bool(cfg.cuda_graphs), "compile": bool(cfg.decode_compile)}
@@ -531,6 +534,22 @@ def generate_sample(cfg: DictConfig, job: Plan, lm, chat: bool, sample: Sample, 
         log.debug("%s %s: %r", job.folders[id(c)].name, sample.id, out.text[:80])
     name = f"{sample.group}/{sample.id}" if sample.group else sample.id
     log.info("%s (%d tokens, %.1f s): %s", name, input_ids.shape[1], elapsed, ", ".join(scores))
+
+
+def evaluated(cfg: DictConfig, job: Plan, lm, sample: Sample, todo: list, digest: str, writers: dict) -> None:
+    """A sample of a task scored without generating (``Task.evaluate``): one row per method in ``todo``."""
+    rank, world = distributed.world()
+    start = time.perf_counter()
+    fields = job.task.evaluate(cfg.task, lm, sample)
+    for c in todo:
+        row = {"id": sample.id, **fields, "seconds": round(time.perf_counter() - start, 3), **sample.meta,
+               "sample_sha256": digest}
+        key = (id(c), sample.group)
+        if key not in writers:
+            suffix = distributed.PART.format(rank=rank) if world > 1 else ""
+            writers[key] = results.PredictionWriter(job.folders[id(c)], sample.group, suffix)
+        writers[key].append(row)
+    log.info("%s: %s", sample.id, ", ".join(f"{k}={v:.4g}" for k, v in fields.items() if isinstance(v, float)))
 
 
 def finish(cfg: DictConfig, job: Plan, sample_keys: list[tuple]) -> list[dict]:

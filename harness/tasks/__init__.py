@@ -18,7 +18,7 @@ from harness.tasks.base import Sample, Task
 __all__ = ["REGISTRY", "Sample", "Task", "get_task"]
 
 REGISTRY = {"passkey": "harness.tasks.passkey", "needle": "harness.tasks.needle", "longbench": "harness.tasks.longbench",
-            "ruler": "harness.tasks.ruler"}
+            "ruler": "harness.tasks.ruler", "perplexity": "harness.tasks.perplexity"}
 
 
 def get_task(name: str) -> Task:

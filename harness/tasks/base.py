@@ -36,7 +36,8 @@ class Task:
     -> dict`` (the manifest's ``scorer``), ``finalize(folder) -> dict`` (a run's final scores after a run, the fields of its ``scores.json`` in
     place of the mean ``score``: LongBench's per-dataset scores and averages,
     into ``scores.json``'s ``datasets``), ``records(samples) -> dict`` (the manifest's ``generated``: how
-    generated samples were made, e.g. RULER's per task and length).
+    generated samples were made, e.g. RULER's per task and length), ``evaluate(task_cfg, lm, sample) -> dict``
+    (a task scored without generating, e.g. perplexity: the row's fields in place of a generation).
     """
     name: str
     validate: Callable
@@ -48,3 +49,4 @@ class Task:
     environment: Callable | None = None
     finalize: Callable[[Path], dict] | None = None
     records: Callable | None = None
+    evaluate: Callable | None = None
