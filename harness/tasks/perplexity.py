@@ -109,10 +109,10 @@ def validate(cfg) -> None:
     """Before the model loads: the text file, lengths and the method (perplexity reads every token's
     logits in one forward: an end-of-prefill eviction method has nothing to act on; FullKV only)."""
     task = cfg.task
-    read_text(task.text_path) if task.get("text_path") else None
     if not task.get("text_path"):
         raise ConfigError("task=perplexity needs task.text_path (or KV_HARNESS_PERPLEXITY_TEXT); fix: "
                           "task.text_path=<a .txt/.raw file or a .jsonl(.gz) with 'text'>")
+    read_text(task.text_path)      # the file exists and parses
     checks.positive_int("task.context_length", task.get("context_length"))
     checks.positive_int("task.stride", task.get("stride"))
     checks.positive_int("task.max_tokens", task.get("max_tokens"), allow_none=True)
