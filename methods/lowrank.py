@@ -31,6 +31,7 @@ are knobs with our defaults named: ``centred`` (PCA of centred states; the paper
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -99,7 +100,7 @@ def energy_ranks(coefficients: torch.Tensor, eta: float) -> torch.Tensor:
     energy = coefficients.double().square()
     cumulative = energy.cumsum(-1)
     total = cumulative[..., -1:]
-    reached = cumulative >= eta * total * (1 - 1e-12)     # a relative tolerance: eta = 1 keeps every dim
+    reached = cumulative >= eta * total * (1 - 1e-12)     # relative tolerance: rounding never adds a dimension
     return reached.to(torch.int64).argmax(dim=-1) + 1
 
 
@@ -120,14 +121,15 @@ class TokenGate(torch.nn.Module):
     """DynaKV's gate for one layer and one of K/V: ``p = softmax(x~ @ W + b)`` over the ``d`` cut-off
     positions (one logit per position; reference-dynakv.md section 2.2, width ``d`` is our reading).
     ``forward(x~ [..., d]) -> m [..., d]``, the soft mask (``retain_mask``). Initialised to keep every
-    dimension (zero ``W``, ``b`` peaked at the last cut-off), so training starts from the full model."""
+    dimension: zero ``W`` and ``b`` peaked at the last cut-off by ``5 + log(d)``, so every mask entry is
+    within about ``e^-5`` (0.7 %) of 1: training starts next to the full model with gradients not vanishing."""
 
     def __init__(self, d: int):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(d, d))
         self.bias = torch.nn.Parameter(torch.zeros(d))
         with torch.no_grad():
-            self.bias[-1] = 10.0
+            self.bias[-1] = 5.0 + math.log(d)
 
     def forward(self, rotated: torch.Tensor) -> torch.Tensor:
         """``rotated`` ``[..., d]`` coefficients -> the soft mask ``[..., d]`` in their dtype (the softmax in
@@ -160,7 +162,12 @@ class LowRankTransform:
 
     def _inverse(self) -> torch.Tensor:
         vectors = self.basis.vectors
-        return vectors.T if self.reconstruction == "transpose" else torch.linalg.inv(vectors)
+        if self.reconstruction == "transpose":
+            return vectors.T
+        key = (id(vectors), vectors._version, tuple(vectors.shape))   # computed once per basis, not per call
+        if getattr(self, "_inverse_key", None) != key:
+            self._inverse_cache, self._inverse_key = torch.linalg.inv(vectors), key
+        return self._inverse_cache
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., d]`` -> coefficients ``[..., d]`` in the basis (float64 or the basis dtype)."""

@@ -25,12 +25,14 @@ def config(tmp_path, *overrides):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         return compose(config_name="config", overrides=[
             "model=tiny_llama", "task=perplexity", f"task.text_path={path}", "task.context_length=160",
-            "task.stride=64", "method=fullkv", f"results_dir={tmp_path / 'results'}", "wandb=false",
+            "task.stride=64", "task.bos=false", "method=fullkv", f"results_dir={tmp_path / 'results'}", "wandb=false",
             "progress=never", *overrides])
 
 
 def guide_perplexity(model, ids: list[int], context: int, stride: int) -> float:
-    """transformers' perplexity guide, verbatim in method: model(..., labels=...) with -100 masking."""
+    """transformers' perplexity guide's method: model(..., labels=...) with -100 masking, each window
+    weighted by the tokens its loss really averages (the guide weights by trg_len, one too many for
+    windows after the first)."""
     nll, count, previous = 0.0, 0, 0
     for begin in range(0, len(ids), stride):
         end = min(begin + context, len(ids))
@@ -80,3 +82,25 @@ def test_perplexity_settings_fail_before_the_model_loads(tmp_path):
     assert "is not a file" in user_error(lambda: runner.plan(config(tmp_path, "task.text_path=/nope.txt")))
     with pytest.raises(ConfigError):
         runner.plan(config(tmp_path, "task.context_length=0"))
+
+
+def test_with_bos_every_window_starts_with_it_unscored_and_every_token_is_scored(tmp_path):
+    [summary] = runner.run(config(tmp_path, "task.bos=true"))
+    lm = runner._MODEL[next(iter(runner._MODEL))]
+    ids = lm.tokenizer(TEXT, add_special_tokens=False).input_ids
+    bos = lm.tokenizer.bos_token_id
+    nll, count, previous = 0.0, 0, 0
+    for begin in range(0, len(ids), 64):                 # windows of 1 BOS + 159 text tokens
+        end = min(begin + 159, len(ids))
+        scored = end - previous
+        window = torch.tensor([[bos] + ids[begin:end]])
+        with torch.no_grad():
+            logp = torch.log_softmax(lm.model(window).logits[0].double(), dim=-1)
+        targets = window[0, 1:]
+        nll -= float(logp[:-1].gather(1, targets[:, None])[-scored:].sum())
+        count += scored
+        previous = end
+        if end == len(ids):
+            break
+    assert count == len(ids) and summary["scored_tokens"] == len(ids)
+    assert math.isclose(summary["perplexity"], math.exp(nll / count), rel_tol=1e-5)

@@ -212,6 +212,7 @@ class PerplexityConfig:
     context_length: int = 1024
     stride: int = 512
     max_tokens: Optional[int] = None
+    bos: Optional[bool] = None                     # null: as the tokenizer does by default
 
 
 TASK_SCHEMAS = {"passkey": PasskeyConfig, "needle": NeedleConfig, "longbench": LongBenchConfig, "ruler": RulerConfig,

@@ -43,7 +43,7 @@ def post_train(model, transforms: dict, batches: list[torch.Tensor], alpha: floa
         raise ValueError(f"alpha={alpha} must be >= 0")
     frozen = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
-    optimizer = torch.optim.AdamW(params, lr=lr)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)   # no pull of the gates towards uniform
     history = []
     try:
         for step in range(steps):

@@ -68,6 +68,9 @@ def _key_module(attention, model_type: str):
             raise IntegrationError(f"{model_type}: its attention normalises keys (k_norm), and the layout of that output "
                                    f"is known for {sorted(KEY_NORM_LAYOUT)} only; add it to KEY_NORM_LAYOUT")
         return norm, KEY_NORM_LAYOUT[model_type]
+    if not hasattr(attention, "k_proj") or not hasattr(attention, "v_proj"):
+        raise IntegrationError(f"{model_type}: its attention has no separate k_proj/v_proj (a fused projection?), so "
+                               "the K/V transform hook has no place to act")
     return attention.k_proj, "flat"
 
 
@@ -105,6 +108,11 @@ def transformed(model, transforms: dict, log: TransformLog | None = None, mode: 
     unknown, or a layer of ``transforms`` the model does not have; ``ValueError`` for another mode."""
     if mode not in ("hard", "soft"):
         raise ValueError(f"mode={mode!r} is not one of ('hard', 'soft')")
+    if mode == "soft":
+        plain = [f"{layer}/{kind}" for layer, pair in transforms.items() for kind, t in pair.items()
+                 if t is not None and getattr(t, "gate", None) is None]
+        if plain:
+            raise ValueError(f"mode='soft' needs DynaKV transforms with gates; {plain} have none")
     log = log if log is not None else TransformLog()
     handles = []
     known = set()

@@ -38,7 +38,7 @@ def passkey_table(runs: list[Path]) -> tuple[list[str], list[list]]:
     infos = sorted((run_info(r) for r in runs), key=lambda info: info.order)
     labels = dict(zip((info.folder for info in infos), distinct_labels(infos)))
     for run in (info.folder for info in infos):
-        rows = results.read_predictions(run)
+        rows = [r for r in results.read_predictions(run) if "nll" not in r]   # perplexity: scores.json has it
         by_depth, by_length = defaultdict(list), defaultdict(list)
         for r in rows:
             by_depth[r.get("depth")].append(r["score"])

@@ -542,7 +542,7 @@ def evaluated(cfg: DictConfig, job: Plan, lm, sample: Sample, todo: list, digest
     start = time.perf_counter()
     fields = job.task.evaluate(cfg.task, lm, sample)
     for c in todo:
-        row = {"id": sample.id, **fields, "seconds": round(time.perf_counter() - start, 3), **sample.meta,
+        row = {"id": sample.id, **sample.meta, **fields, "seconds": round(time.perf_counter() - start, 3),
                "sample_sha256": digest}
         key = (id(c), sample.group)
         if key not in writers:
