@@ -231,7 +231,7 @@ def test_longbench_settings_fail_before_the_model_loads(tmp_path, no_model, over
     ("decode=fast", r"decode='fast' is not one of \[batched, plain\]"),
     ("method.pooling=meanpool", r"method.pooling='meanpool' is not one of \[maxpool, avgpool\]"),
     ("distributed_timeout_s=0", "distributed_timeout_s=0 must be a positive number"),
-    ("task.name=other", r"task.name='other' is not one of \['longbench', 'needle', 'passkey', 'ruler'\]"),
+    ("task.name=other", r"task.name='other' is not one of \['longbench', 'needle', 'passkey', 'perplexity', 'ruler'\]"),
 ])
 def test_bad_settings_fail_before_the_model_loads(tmp_path, no_model, override, message):
     assert re.search(message, user_error(lambda: runner.run(config(tmp_path, override))))
