@@ -194,6 +194,12 @@ class LowRankTransform:
         return out.to(x.dtype), ranks
 
 
+def _check_fraction(method: str, knob: str, value, meaning: str, example: float) -> None:
+    """``value`` must be a number in (0, 1]; ``ConfigError`` naming the knob, its meaning and an example."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ConfigError(f"{method}: {knob}={value!r} must be in (0, 1] ({meaning}); fix: e.g. {knob}={example}")
+
+
 @dataclass
 class PCAUniform(LowRankTransform):
     """Every token keeps ``round(rate * d)`` coefficients (at least 1): the training-free ablation."""
@@ -203,9 +209,7 @@ class PCAUniform(LowRankTransform):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)) or not 0 < self.rate <= 1:
-            raise ConfigError(f"pca_uniform: rate={self.rate!r} must be in (0, 1] (the fraction of dimensions kept); "
-                              "fix: e.g. rate=0.5")
+        _check_fraction(self.name, "rate", self.rate, "the fraction of dimensions kept", 0.5)
 
     def ranks(self, coefficients: torch.Tensor) -> torch.Tensor:
         """``round(rate * d)`` (at least 1) for every token: int64 ``[...]``."""
@@ -224,9 +228,7 @@ class EnergyAdaptive(LowRankTransform):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not 0 < self.eta <= 1:
-            raise ConfigError(f"energy: eta={self.eta!r} must be in (0, 1] (the share of each token's energy kept); "
-                              "fix: e.g. eta=0.9")
+        _check_fraction(self.name, "eta", self.eta, "the share of each token's energy kept", 0.9)
 
     def ranks(self, coefficients: torch.Tensor) -> torch.Tensor:
         """``energy_ranks(coefficients, eta)``: int64 ``[...]``."""

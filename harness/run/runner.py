@@ -484,7 +484,6 @@ def generate_sample(cfg: DictConfig, job: Plan, lm, chat: bool, sample: Sample, 
     """One sample for the methods in ``todo``: encode, generate (one shared prefill for several), append
     each method's row (``writers``: open prediction files by (method, group)), and log one line with
     every method's score."""
-    rank, world = distributed.world()
     if job.task.evaluate is not None:     # scored without generating (perplexity)
         evaluated(cfg, job, lm, sample, todo, digest, writers)
         return
@@ -525,30 +524,32 @@ def generate_sample(cfg: DictConfig, job: Plan, lm, chat: bool, sample: Sample, 
                                                                       **compression_fields(c, compressed, scope)}
         if cfg.save_kept_positions and out.report is not None:
             save_positions(job.folders[id(c)], sample.id, out.report)
-        key = (id(c), sample.group)
-        if key not in writers:
-            suffix = distributed.PART.format(rank=rank) if world > 1 else ""
-            writers[key] = results.PredictionWriter(job.folders[id(c)], sample.group, suffix)
-        writers[key].append(row)
+        append_row(job, c, sample, row, writers)
         scores.append(f"{job.folders[id(c)].name}={100 * row['score']:.1f}")   # 0-100, as scores.json
         log.debug("%s %s: %r", job.folders[id(c)].name, sample.id, out.text[:80])
     name = f"{sample.group}/{sample.id}" if sample.group else sample.id
     log.info("%s (%d tokens, %.1f s): %s", name, input_ids.shape[1], elapsed, ", ".join(scores))
 
 
+def append_row(job: Plan, compressor, sample: Sample, row: dict, writers: dict) -> None:
+    """Append ``row`` to the compressor's predictions file for the sample's group (this rank's part file in
+    a data-parallel run), opening it once per (method, group) in ``writers``."""
+    rank, world = distributed.world()
+    key = (id(compressor), sample.group)
+    if key not in writers:
+        suffix = distributed.PART.format(rank=rank) if world > 1 else ""
+        writers[key] = results.PredictionWriter(job.folders[id(compressor)], sample.group, suffix)
+    writers[key].append(row)
+
+
 def evaluated(cfg: DictConfig, job: Plan, lm, sample: Sample, todo: list, digest: str, writers: dict) -> None:
     """A sample of a task scored without generating (``Task.evaluate``): one row per method in ``todo``."""
-    rank, world = distributed.world()
     start = time.perf_counter()
     fields = job.task.evaluate(cfg.task, lm, sample)
     for c in todo:
         row = {"id": sample.id, **sample.meta, **fields, "seconds": round(time.perf_counter() - start, 3),
                "sample_sha256": digest}
-        key = (id(c), sample.group)
-        if key not in writers:
-            suffix = distributed.PART.format(rank=rank) if world > 1 else ""
-            writers[key] = results.PredictionWriter(job.folders[id(c)], sample.group, suffix)
-        writers[key].append(row)
+        append_row(job, c, sample, row, writers)
     log.info("%s: %s", sample.id, ", ".join(f"{k}={v:.4g}" for k, v in fields.items() if isinstance(v, float)))
 
 
