@@ -21,7 +21,7 @@ WANDB ?= true
 # refreshed on purpose with `make lock`, never by an install
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: reliability setup lint test test-compat test-oldest test-latest lock demo needle passkey longbench ruler ruler-demo table bench kvpress-site clean
+.PHONY: reliability setup lint test test-compat test-oldest test-latest lock demo needle passkey longbench ruler ruler-demo dynakv-demo dynakv-ranks dynakv-table table bench kvpress-site clean
 
 setup:
 	@# torch first, pinned to the CPU build on local disk here (a bare `torch` can pull a CUDA build)
@@ -124,6 +124,31 @@ ruler:
 # The CPU demo of RULER: SmolLM2-135M-Instruct at 4K, 3 samples per task, every method at budget 128.
 ruler-demo:
 	$(MAKE) ruler MODEL=smollm2_135m BUDGET=128 RULER_LENGTHS=4096 SAMPLES=3
+
+# DynaKV (docs/DYNAKV.md) with the checkpoint shipped for the model (results/reference/dynakv/<MODEL>.safetensors):
+# perplexity on TEXT (default: the first PPL_TOKENS tokens of WikiText-2 where ../shared has it) for FullKV,
+# DynaKV and the three training-free baselines at about its rate, then the table. CPU is enough for SmolLM2.
+TEXT ?= ../shared/data/text/wikitext-2-raw-reconstructed/wiki.test.raw
+PPL_TOKENS ?= 8192
+DYNAKV_RATE ?= 0.5
+dynakv-demo:
+	@mkdir -p "$(RESULTS)/dynakv"
+	for method in "method=fullkv" "method=dynakv" "method=pca_uniform method.transform_rate=$(DYNAKV_RATE)" \
+	    "method=svd_weights method.transform_rate=$(DYNAKV_RATE)" "method=energy method.transform_eta=0.98"; do \
+	  $(PYTHON) -m harness run model=$(MODEL) task=perplexity "task.text_path='$(TEXT)'" task.max_tokens=$(PPL_TOKENS) \
+	      task.context_length=1024 task.stride=1024 $$method wandb=$(WANDB) "results_dir='$(RESULTS)/dynakv'" \
+	      $(OVERRIDES) || exit 1; \
+	done
+	$(PYTHON) -m harness dynakv table "$(RESULTS)/dynakv" --out "$(RESULTS)/dynakv/dynakv_table.md"
+
+# The kept-ranks-per-token figure of the shipped checkpoint (docs/figures/dynakv_ranks_<MODEL>.png)
+dynakv-ranks:
+	$(PYTHON) -m harness dynakv ranks --model $(MODEL) --checkpoint auto --text "$(TEXT)" --tokens 1024 --bos \
+	    --out docs/figures/dynakv_ranks_$(MODEL).png
+
+# DynaKV's table from results folders (FOLDERS=...), e.g. those of scripts/gpu_dynakv.sh
+dynakv-table:
+	$(PYTHON) -m harness dynakv table $(FOLDERS)
 
 # The paper-style LongBench table from a results folder (FOLDERS=...; default: $(RESULTS)/longbench). Several
 # folders: kvh table A B --out OUT.

@@ -10,6 +10,7 @@
     kvh ruler-heatmap ROOTS --out FILE.png              (RULER: task x length heatmap, one panel per method)
     kvh merge SOURCES --into DEST                       (runs made in pieces, e.g. one per length, as one)
     kvh bench [--out DIR] ...                           (what each method costs and saves, GPU)
+    kvh dynakv calibrate|train|ranks ...                (DynaKV: PCA bases, gate training, ranks per token)
 
 ``kvh <subcommand> --help`` lists each one's options with their defaults (``kvh run --help``: Hydra's
 config groups and the composed config). ``python -m harness ...`` is the same command; ``python -m
@@ -40,6 +41,7 @@ TOOLS = {
     "ruler-heatmap": "harness.report.ruler_heatmap",
     "merge": "harness.run.merge",
     "bench": "harness.bench.speed",
+    "dynakv": "harness.dynakv.cli",
 }
 SUBCOMMANDS = ("run", *TOOLS)
 log = logging.getLogger("harness")

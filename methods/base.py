@@ -28,7 +28,11 @@ from typing import ClassVar
 import torch
 
 POOLINGS = ("maxpool", "avgpool")
-GRANULARITIES = ("query_head", "kv_head")
+GRANULARITIES = ("query_head", "kv_head", "layer")
+#: the K/V transforms a method can carry (``methods.lowrank``; ``transform`` knob), each with the knob it needs
+TRANSFORM_KNOBS = {"pca_uniform": "transform_rate", "svd_weights": "transform_rate", "energy": "transform_eta",
+                   "dynakv": "transform_tau"}
+TRANSFORM_FIELDS = ("transform", "transform_rate", "transform_eta", "transform_tau", "transform_checkpoint")
 
 
 @dataclass
@@ -93,7 +97,16 @@ class KVCompressor:
     granularity: ``query_head`` (reference: keys repeated to query heads, one token set per query
                  head, the cache holds Hq heads) or ``kv_head`` (window scores averaged over each
                  query group, one token set per KV head, a true GQA cache; KVCache-Factory HEAD's
-                 ``--kv_cache_granularity kv_head --gqa_score_agg mean``).
+                 ``--kv_cache_granularity kv_head --gqa_score_agg mean``), or ``layer`` (window
+                 scores averaged over all query heads, one token set per layer kept in every KV head:
+                 DynaKV's "global token eviction", reference-dynakv.md section 5; the mean and the sum
+                 over heads select the same tokens).
+    transform:   a per-token K/V transform applied where keys and values are produced (``methods.lowrank``;
+                 DynaKV and its baselines), stacked with the eviction: ``pca_uniform`` / ``svd_weights``
+                 (``transform_rate``: the fraction of the joint K/V dimensions kept), ``energy``
+                 (``transform_eta``), ``dynakv`` (``transform_tau``, the mask threshold); bases and gates
+                 come from ``transform_checkpoint`` (``auto``: the checkpoint shipped for the model). None:
+                 no transform (every method's default).
 
     Construction runs ``validate``: a knob that cannot work raises ``ConfigError``.
     """
@@ -115,9 +128,59 @@ class KVCompressor:
     pooling: str = "maxpool"
     granularity: str = "query_head"
     compression_ratio: float | None = None
+    transform: str | None = None
+    transform_rate: float | None = None
+    transform_eta: float | None = None
+    transform_tau: float | None = None
+    transform_checkpoint: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
+        self.validate_transform()
+
+    def validate_transform(self) -> None:
+        """Check the K/V transform knobs: ``transform`` one of ``TRANSFORM_KNOBS`` (or None, with the other
+        ``transform_*`` knobs None too), the knob it needs set and in range (rate, eta in (0, 1]; tau in
+        [0, 1)), the others None, and a checkpoint for every transform but ``svd_weights`` (which needs
+        none). Raises ``ConfigError`` naming the knob and the fix."""
+        label = self.name or type(self).__name__
+        name = self.transform
+        if name is None:
+            stray = [f for f in TRANSFORM_FIELDS[1:] if getattr(self, f) is not None]
+            if stray:
+                raise ConfigError(f"{label}: {stray} set without a transform; fix: method.transform=<one of "
+                                  f"{sorted(TRANSFORM_KNOBS)}> or leave them null")
+            return
+        if name not in TRANSFORM_KNOBS:
+            raise ConfigError(f"{label}: transform={name!r} is not one of {sorted(TRANSFORM_KNOBS)} (or null)")
+        needed = TRANSFORM_KNOBS[name]
+        value = getattr(self, needed)
+        low_open = needed != "transform_tau"
+        ok = (not isinstance(value, bool) and isinstance(value, (int, float))
+              and (0 < value <= 1 if low_open else 0 <= value < 1))
+        if not ok:
+            meaning = {"transform_rate": "the fraction of the joint K/V dimensions kept, in (0, 1]",
+                       "transform_eta": "the share of each token's energy kept, in (0, 1]",
+                       "transform_tau": "the gate's mask threshold, in [0, 1); the paper's example is 0.1"}[needed]
+            example = {"transform_rate": 0.5, "transform_eta": 0.9, "transform_tau": 0.1}[needed]
+            raise ConfigError(f"{label}: transform={name} needs {needed}={value!r} to be {meaning}; fix: "
+                              f"method.{needed}={example}")
+        stray = [f for f in ("transform_rate", "transform_eta", "transform_tau") if f != needed
+                 and getattr(self, f) is not None]
+        if stray:
+            raise ConfigError(f"{label}: transform={name} reads {needed} only, but {stray} are set; fix: leave them null")
+        if name == "svd_weights" and self.transform_checkpoint is not None:
+            raise ConfigError(f"{label}: transform=svd_weights factorises the model's own K/V projections and reads "
+                              f"no checkpoint, but transform_checkpoint={self.transform_checkpoint!r}; fix: "
+                              "method.transform_checkpoint=null")
+        if name != "svd_weights" and not self.transform_checkpoint:
+            raise ConfigError(f"{label}: transform={name} needs the PCA bases{' and gates' if name == 'dynakv' else ''} "
+                              "of a checkpoint; fix: method.transform_checkpoint=auto (the one shipped for the model) "
+                              "or a file from `kvh dynakv calibrate`/`kvh dynakv train`")
+        if name != "svd_weights" and self.transform_checkpoint != "auto" \
+                and not str(self.transform_checkpoint).endswith(".safetensors"):
+            raise ConfigError(f"{label}: transform_checkpoint={self.transform_checkpoint!r} must be a .safetensors file "
+                              "(from `kvh dynakv calibrate`/`kvh dynakv train`) or auto")
 
     # ------------------------------------------------------------------ configuration
     def validate(self) -> None:
@@ -179,8 +242,10 @@ class KVCompressor:
                               "compression_ratio, a smaller window, or longer prompts") from None
 
     def knobs(self) -> dict:
-        """The config knobs by name (what ``build`` accepts and results record)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The config knobs by name (what ``build`` accepts and results record); the ``transform*`` knobs only
+        where a transform is set (records made before they existed stay the same)."""
+        skip = TRANSFORM_FIELDS if self.transform is None else ()
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
 
     def query_count(self, prompt_length: int) -> int:
         """How many trailing prompt queries (tokens) the hook must capture per layer for a prompt of
@@ -273,6 +338,8 @@ class KVCompressor:
         groups = self.groups(keys, queries) if self.granularity == "query_head" else 1
         k, v = repeat_heads(keys, groups), repeat_heads(values, groups)
         b, h = k.shape[:2]
+        if selected is not None and self.granularity == "layer" and selected.shape[1] == 1:
+            selected = selected.expand(b, h, selected.shape[-1])   # one token set for the layer, in every head
         window_positions = torch.arange(n - w, n, device=k.device).expand(b, h, w)
         if selected is None or selected.shape[-1] == 0:
             return Kept(k[:, :, -w:], v[:, :, -w:], window_positions.contiguous())

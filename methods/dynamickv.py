@@ -128,7 +128,7 @@ class DynamicKVSession(CompressionSession):
         self.prompt_length = n
         if layer == 0:
             self.whole = self._keeps_whole(n)
-            heads = queries.shape[1] if c.granularity == "query_head" else keys.shape[1]
+            heads = {"query_head": queries.shape[1], "kv_head": keys.shape[1]}.get(c.granularity, 1)
             self.risky = c.variant == "reference" and self._may_crash(n, heads)
         if self.whole:
             return {layer: self._whole_marker(layer, keys, values, queries)}

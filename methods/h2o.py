@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from methods.base import ConfigError, UniformCompressor, register, repeat_heads
-from methods.scoring import attention_probs, group_mean, window_attention_mass
+from methods.scoring import attention_probs, group_mean, layer_mean, window_attention_mass
 
 VARIANTS = ("causal", "reference_2024", "window")
 
@@ -118,6 +118,8 @@ class H2O(UniformCompressor):
                 raise ValueError(f"h2o variant {self.variant!r} needs all {keys.shape[2]} prompt queries, "
                                  f"got {queries.shape[2]}")
             mass = accumulated_attention(queries, repeated, self.window_size, self.variant, self.query_chunk)
+        if self.granularity == "layer":
+            return layer_mean(mass)
         return group_mean(mass, keys.shape[1]) if self.granularity == "kv_head" else mass
 
     def select(self, layer, num_layers, keys, values, queries, count):

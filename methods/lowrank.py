@@ -17,6 +17,8 @@ name from ``TRANSFORMS`` (``build_transform``):
 
 * ``pca_uniform``: every token keeps ``round(rate * d)`` coefficients of the PCA basis (the paper's
   "no adaptivity, no training" ablation, Eigen-Attention-like; reference-dynakv.md section 9.1);
+* ``svd_weights``: Palu's joint low-rank factorisation of ``W_k``/``W_v`` at ``round(rate * d)`` (the paper's
+  main baseline, training-free; it acts on the projection's input, not on the key);
 * ``energy``: every token keeps the fewest coefficients whose energy reaches ``eta`` of its own
   (training-free and token-adaptive: *our* ablation, not in the paper; section 9.3);
 * ``dynakv``: the learned gate (``TokenGate``) with soft masking for training and ``tau`` for inference.
@@ -53,6 +55,43 @@ class Basis:
     mean: torch.Tensor | None = None
 
 
+class Moments:
+    """Streaming second moments of states ``[N, d]`` (``add`` per batch, float64 sums), so that calibration over
+    millions of tokens keeps ``d x d`` numbers per layer instead of the states: ``basis(centred)`` equals
+    ``pca_basis`` of all the states added (up to float64 summation order)."""
+
+    def __init__(self, d: int, device=None):
+        self.count = 0
+        self.total = torch.zeros(d, dtype=torch.float64, device=device)
+        self.outer = torch.zeros(d, d, dtype=torch.float64, device=device)
+
+    def add(self, states: torch.Tensor) -> None:
+        """Accumulate ``states`` ``[N, d]``."""
+        x = states.reshape(-1, states.shape[-1]).to(torch.float64)
+        self.count += x.shape[0]
+        self.total += x.sum(dim=0)
+        self.outer += x.T @ x
+
+    def basis(self, centred: bool = False) -> Basis:
+        """The PCA basis of every state added (``pca_basis``'s definition); ``ValueError`` for fewer than 2."""
+        if self.count < 2:
+            raise ValueError(f"PCA needs at least 2 states; got {self.count}")
+        second_moment = self.outer / self.count
+        mean = None
+        if centred:
+            mean = self.total / self.count
+            second_moment = second_moment - torch.outer(mean, mean)
+        return _eigenbasis(second_moment, mean)
+
+
+def _eigenbasis(second_moment: torch.Tensor, mean: torch.Tensor | None) -> Basis:
+    eigenvalues, vectors = torch.linalg.eigh(second_moment)       # ascending
+    eigenvalues, vectors = eigenvalues.flip(0), vectors.flip(1)
+    peak = vectors.abs().argmax(dim=0)
+    signs = torch.sign(vectors[peak, torch.arange(vectors.shape[1])])
+    return Basis(vectors * signs, eigenvalues, mean)
+
+
 def pca_basis(states: torch.Tensor, centred: bool = False, dtype: torch.dtype = torch.float64) -> Basis:
     """The PCA basis of calibration ``states`` ``[N, d]`` (pre-RoPE keys or values of one layer, heads
     joint): the eigenvectors of the second-moment matrix ``X^T X / N`` (``centred``: of the covariance,
@@ -66,12 +105,7 @@ def pca_basis(states: torch.Tensor, centred: bool = False, dtype: torch.dtype = 
     mean = x.mean(dim=0) if centred else None
     if mean is not None:
         x = x - mean
-    second_moment = x.T @ x / x.shape[0]
-    eigenvalues, vectors = torch.linalg.eigh(second_moment)       # ascending
-    eigenvalues, vectors = eigenvalues.flip(0), vectors.flip(1)
-    peak = vectors.abs().argmax(dim=0)
-    signs = torch.sign(vectors[peak, torch.arange(vectors.shape[1])])
-    return Basis(vectors * signs, eigenvalues, mean)
+    return _eigenbasis(x.T @ x / x.shape[0], mean)
 
 
 def retain_mask(probabilities: torch.Tensor) -> torch.Tensor:
@@ -147,6 +181,8 @@ class LowRankTransform:
     ``apply(x [..., d]) -> (x^ [..., d] in x's dtype, ranks int64 [...])``. Subclasses give ``ranks``."""
 
     name: ClassVar[str] = ""
+    #: where it acts: "output" (the key/value vector) or "input" (the projection's input: svd_weights)
+    acts_on: ClassVar[str] = "output"
     reconstruction: str = "inverse"
     centred: bool = False
     basis: Basis | None = dataclasses.field(default=None, repr=False)
@@ -272,7 +308,49 @@ class DynaKV(LowRankTransform):
         return out.to(x.dtype), mask
 
 
-TRANSFORMS = {cls.name: cls for cls in (PCAUniform, EnergyAdaptive, DynaKV)}
+@dataclass
+class WeightSVD(LowRankTransform):
+    """Palu-style joint low-rank factorisation of the K or V projection (the paper's main baseline,
+    training-free; reference-dynakv.md sections 6 and 9.2): ``fit_weight`` factors ``W [d, d_model]`` to rank
+    ``round(rate * d)`` (``joint_weight_svd``); a latent store holds ``down @ h`` per token and the layer
+    reconstructs ``up @ latent (+ bias)``. It acts on the projection's *input* ``h`` (``acts_on``), so on
+    models that normalise keys the normalisation runs on the reconstruction, as in Palu. No basis."""
+
+    name: ClassVar[str] = "svd_weights"
+    acts_on: ClassVar[str] = "input"
+    rate: float = 0.5
+    down: torch.Tensor | None = dataclasses.field(default=None, repr=False)
+    up: torch.Tensor | None = dataclasses.field(default=None, repr=False)
+    bias: torch.Tensor | None = dataclasses.field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_fraction(self.name, "rate", self.rate, "the fraction of dimensions kept", 0.5)
+
+    def rank(self, d: int) -> int:
+        """``round(rate * d)``, at least 1."""
+        return max(1, round(self.rate * d))
+
+    def fit_weight(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "WeightSVD":
+        """Factor ``weight`` ``[d, d_model]`` (float32 SVD) keeping ``bias`` ``[d]``; returns self."""
+        self.down, self.up = joint_weight_svd(weight.detach().float(), self.rank(weight.shape[0]))
+        self.bias = None if bias is None else bias.detach().float()
+        return self
+
+    def apply_input(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h`` ``[..., d_model]`` -> ``(x^ [..., d] in h's dtype, ranks int64 [...])``: the projection through
+        its rank-``r`` factorisation, every token keeping ``r``."""
+        if self.down is None:
+            raise RuntimeError("svd_weights: call fit_weight(weight, bias) first")
+        dtype = self.down.dtype if h.device.type == "cpu" else h.dtype
+        out = (h.to(dtype) @ self.down.to(h.device, dtype).T) @ self.up.to(h.device, dtype).T
+        if self.bias is not None:
+            out = out + self.bias.to(h.device, dtype)
+        ranks = torch.full(h.shape[:-1], self.down.shape[0], dtype=torch.int64, device=h.device)
+        return out.to(h.dtype), ranks
+
+
+TRANSFORMS = {cls.name: cls for cls in (PCAUniform, WeightSVD, EnergyAdaptive, DynaKV)}
 
 
 def build_transform(name: str, **knobs) -> LowRankTransform:

@@ -122,12 +122,20 @@ def group_mean(scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return scores.view(b, num_kv_heads, hq // num_kv_heads, length).mean(dim=2)
 
 
+def layer_mean(scores: torch.Tensor) -> torch.Tensor:
+    """``[B, H, L] -> [B, 1, L]``: mean over every head, in the input dtype (``layer`` granularity: one token
+    set per layer, DynaKV's global token eviction, reference-dynakv.md section 5). Equal to the mean of the
+    ``kv_head`` group means, since every group has the same number of query heads."""
+    return scores.mean(dim=1, keepdim=True)
+
+
 def window_scores(queries: torch.Tensor, keys: torch.Tensor, window: int, kernel_size: int,
                   pooling: str, granularity: str = "query_head", scaling: float | None = None) -> torch.Tensor:
     """Pooled observation-window scores of the prefix tokens.
 
     queries: ``[B, Hq, >=window, d]``; keys: ``[B, Hkv, n, d]`` (un-repeated), Hq a multiple of Hkv.
-    Returns ``[B, Hq, n - window]`` for ``query_head`` and ``[B, Hkv, n - window]`` for ``kv_head``,
+    Returns ``[B, Hq, n - window]`` for ``query_head``, ``[B, Hkv, n - window]`` for ``kv_head`` and
+    ``[B, 1, n - window]`` for ``layer`` (the mean over all query heads, before pooling),
     in the model dtype. Steps 1-6 of the module docstring (KVCache-Factory
     ``SnapKVCluster.update_kv``); ``scaling`` as in ``attention_logits``. Raises ``ValueError`` (from
     ``pool_scores``) for an unknown ``pooling``.
@@ -136,4 +144,6 @@ def window_scores(queries: torch.Tensor, keys: torch.Tensor, window: int, kernel
     mass = window_attention_mass(queries, repeat_heads(keys, groups), window, scaling)
     if granularity == "kv_head":
         mass = group_mean(mass, keys.shape[1])
+    elif granularity == "layer":
+        mass = layer_mean(mass)
     return pool_scores(mass, kernel_size, pooling)

@@ -143,7 +143,7 @@ def test_methods_list_runs_all_with_one_shared_prefill_and_resumes(tmp_path, mon
 
 def test_unknown_name_in_methods_list(tmp_path):
     from methods import ConfigError
-    with pytest.raises(ConfigError, match=r"unknown method 'snap'; choose from \['dynamickv', 'fullkv', 'h2o'"):
+    with pytest.raises(ConfigError, match=r"unknown method 'snap'; choose from \['dynakv', 'dynamickv', 'energy', 'fullkv', 'h2o'"):
         runner.run(config(tmp_path, "methods=[fullkv,snap]"))
 
 
@@ -196,7 +196,12 @@ def test_every_subcommand_help_lists_defaults(capsys):
         assert exit_.value.code == 0
         text = capsys.readouterr().out
         assert text.startswith(f"usage: kvh {command}"), command
-        if command != "score":
+        if command == "dynakv":   # options live on its own subcommands
+            for sub in ("calibrate", "train", "ranks", "table"):
+                with pytest.raises(SystemExit):
+                    cli.main([command, sub, "--help"])
+                assert "(default:" in capsys.readouterr().out, sub
+        elif command != "score":
             assert "(default:" in text, command
 
 

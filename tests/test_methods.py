@@ -125,7 +125,7 @@ def test_bfloat16_runs_and_keeps_budget():
     ({"budget": 32, "window_size": 0}, "window_size=0 must be > 0"),
     ({"budget": 64, "window_size": 8, "kernel_size": 4}, "kernel_size=4 must be a positive odd number"),
     ({"budget": 64, "window_size": 8, "pooling": "sum"}, "pooling='sum' is not one of"),
-    ({"budget": 64, "window_size": 8, "granularity": "layer"}, "granularity='layer' is not one of"),
+    ({"budget": 64, "window_size": 8, "granularity": "head"}, "granularity='head' is not one of"),
     ({"budget": 64, "window_size": 8, "kernel": 7}, "unknown knob(s) ['kernel']"),
 ])
 def test_impossible_settings_fail_with_the_reason(knobs, message):

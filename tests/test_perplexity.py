@@ -78,7 +78,7 @@ def test_windows_cover_every_token_once():
 def test_perplexity_settings_fail_before_the_model_loads(tmp_path):
     assert "task.stride=300 is larger than task.context_length=160" in user_error(
         lambda: runner.plan(config(tmp_path, "task.stride=300")))
-    assert "runs method=fullkv only" in user_error(lambda: runner.plan(config(tmp_path, "method=snapkv")))
+    assert "runs FullKV or a K/V transform alone" in user_error(lambda: runner.plan(config(tmp_path, "method=snapkv")))
     assert "is not a file" in user_error(lambda: runner.plan(config(tmp_path, "task.text_path=/nope.txt")))
     with pytest.raises(ConfigError):
         runner.plan(config(tmp_path, "task.context_length=0"))

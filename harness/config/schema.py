@@ -364,6 +364,8 @@ def defaults() -> dict[str, object]:
     out = {k: v for k, v in _flat(RunConfig, "").items() if k.split(".")[0] not in ("model", "protocol")}
     out |= _flat(ModelConfig, "model.") | _flat(ProtocolConfig, "protocol.")
     out["method.compression_ratio"] = None     # the knob every method gained with budgets as ratios
+    for knob in methods.base.TRANSFORM_FIELDS:   # and with the K/V transforms (DynaKV)
+        out[f"method.{knob}"] = None
     per_task = [_flat(node, "task.") for node in TASK_SCHEMAS.values()]
     for key in set().union(*per_task):
         values = [flat[key] for flat in per_task if key in flat]

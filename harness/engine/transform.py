@@ -34,31 +34,49 @@ KEY_NORM_LAYOUT = {"qwen3": "tokens_heads", "qwen3_moe": "tokens_heads", "gemma3
 
 @dataclass
 class TransformLog:
-    """What the transforms kept, per model layer and ``"k"``/``"v"``: tokens seen and the sum of their
-    kept ranks, and a histogram of ranks (``rank -> tokens``); ``dims`` the joint width ``d`` per layer."""
+    """What the transforms kept: per model layer and ``"k"``/``"v"``, the kept-rank tensor of every hooked call
+    in order (``calls``; kept on the device, so logging never synchronises), the joint width ``d`` per layer
+    (``dims``), and in soft mode each call's mean mask (``soft_rates``). ``tokens``, ``rank_sum`` and
+    ``histogram`` (``rank -> tokens``) summarise the calls."""
 
-    tokens: dict = field(default_factory=lambda: defaultdict(int))
-    rank_sum: dict = field(default_factory=lambda: defaultdict(int))
-    histogram: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
+    calls: dict = field(default_factory=lambda: defaultdict(list))
     dims: dict = field(default_factory=dict)
     soft_rates: list = field(default_factory=list)   # training (mode="soft"): each hooked call's mean soft mask
 
     def add(self, layer: int, kind: str, ranks: torch.Tensor, d: int) -> None:
         """Record the kept ``ranks`` (int ``[...]``, one per token) of ``layer``'s ``kind`` (``k``/``v``)."""
-        key = (layer, kind)
-        flat = ranks.reshape(-1)
-        self.tokens[key] += flat.numel()
-        self.rank_sum[key] += int(flat.sum())
+        self.calls[(layer, kind)].append(ranks.detach())
         self.dims[layer] = d
-        for value, count in zip(*torch.unique(flat, return_counts=True)):
-            self.histogram[key][int(value)] += int(count)
+
+    def _flat(self, key) -> torch.Tensor:
+        return torch.cat([r.reshape(-1).cpu() for r in self.calls[key]])
+
+    @property
+    def tokens(self) -> dict:
+        """``(layer, kind) -> tokens seen``."""
+        return {key: sum(r.numel() for r in calls) for key, calls in self.calls.items()}
+
+    @property
+    def rank_sum(self) -> dict:
+        """``(layer, kind) -> the sum of the kept ranks``."""
+        return {key: int(self._flat(key).sum()) for key in self.calls}
+
+    @property
+    def histogram(self) -> dict:
+        """``(layer, kind) -> {rank: tokens}``."""
+        out = {}
+        for key in self.calls:
+            values, counts = torch.unique(self._flat(key), return_counts=True)
+            out[key] = {int(v): int(c) for v, c in zip(values, counts)}
+        return out
 
     def retain_rate(self, kind: str | None = None, layer: int | None = None) -> float:
         """Kept dimensions over all dimensions (0-1) over the tokens seen, for one ``kind`` and/or one
         ``layer`` or all; NaN before any token."""
-        keys = [k for k in self.tokens if (kind is None or k[1] == kind) and (layer is None or k[0] == layer)]
-        total = sum(self.tokens[k] * self.dims[k[0]] for k in keys)
-        return sum(self.rank_sum[k] for k in keys) / total if total else float("nan")
+        keys = [k for k in self.calls if (kind is None or k[1] == kind) and (layer is None or k[0] == layer)]
+        tokens, ranks = self.tokens, self.rank_sum
+        total = sum(tokens[k] * self.dims[k[0]] for k in keys)
+        return sum(ranks[k] for k in keys) / total if total else float("nan")
 
 
 def _key_module(attention, model_type: str):
@@ -92,10 +110,12 @@ def _from_joint(x: torch.Tensor, like: torch.Tensor, layout: str) -> torch.Tenso
 
 
 def _points(model):
+    """Per model layer: ``(layer, ("k", key point, layout, k_proj), ("v", v_proj, "flat", v_proj))``; the last
+    module is where a transform acting on the projection's input (``svd_weights``) is hooked."""
     model_type = text_config(model.config).model_type
     for layer, attention in all_attention_modules(model).items():
         key, layout = _key_module(attention, model_type)
-        yield layer, ("k", key, layout), ("v", attention.v_proj, "flat")
+        yield layer, ("k", key, layout, attention.k_proj), ("v", attention.v_proj, "flat", attention.v_proj)
 
 
 @contextlib.contextmanager
@@ -119,6 +139,10 @@ def transformed(model, transforms: dict, log: TransformLog | None = None, mode: 
 
     def hook_for(layer, kind, transform, layout):
         def hook(module, args, output):
+            if getattr(transform, "acts_on", "output") == "input":    # svd_weights: from the projection's input
+                out, ranks = transform.apply_input(args[0])
+                log.add(layer, kind, ranks, out.shape[-1])
+                return out
             joint = _to_joint(output, layout)
             if mode == "soft":
                 out, mask = transform.soft(joint)
@@ -132,10 +156,13 @@ def transformed(model, transforms: dict, log: TransformLog | None = None, mode: 
     try:
         for layer, *points in _points(model):
             known.add(layer)
-            for kind, module, layout in points:
+            for kind, module, layout, projection in points:
                 transform = transforms.get(layer, {}).get(kind)
-                if transform is not None:
-                    handles.append(module.register_forward_hook(hook_for(layer, kind, transform, layout)))
+                if transform is None:
+                    continue
+                if getattr(transform, "acts_on", "output") == "input":
+                    module, layout = projection, "flat"
+                handles.append(module.register_forward_hook(hook_for(layer, kind, transform, layout)))
         missing = sorted(set(transforms) - known)
         if missing:
             raise IntegrationError(f"transforms for layers {missing}, which {type(model).__name__} does not have")
@@ -160,10 +187,38 @@ def record_states(model, input_ids: torch.Tensor) -> dict:
 
     try:
         for layer, *points in _points(model):
-            for kind, module, layout in points:
+            for kind, module, layout, _ in points:
                 handles.append(module.register_forward_hook(hook_for(layer, kind, layout)))
         model(input_ids=input_ids, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
     return dict(states)
+
+
+def joint_widths(model) -> dict:
+    """Model layer -> the joint K width ``d`` (KV heads x head dim: ``k_proj``'s output features)."""
+    return {layer: attention.k_proj.weight.shape[0] for layer, attention in all_attention_modules(model).items()}
+
+
+def accumulate_states(model, input_ids: torch.Tensor, sink) -> None:
+    """One forward of ``input_ids`` ``[B, T]`` (no cache, no gradient) calling ``sink(layer, kind, states)`` with
+    each layer's pre-RoPE keys (after ``k_norm`` where the model has one) and values, heads joint, as
+    ``[B*T, d]`` in the model dtype: calibration without holding every layer's states at once."""
+    handles = []
+
+    def hook_for(layer, kind, layout):
+        def hook(module, args, output):
+            joint = _to_joint(output, layout)
+            sink(layer, kind, joint.reshape(-1, joint.shape[-1]))
+        return hook
+
+    try:
+        for layer, *points in _points(model):
+            for kind, module, layout, _ in points:
+                handles.append(module.register_forward_hook(hook_for(layer, kind, layout)))
+        with torch.no_grad():
+            model(input_ids=input_ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -12,6 +12,16 @@ from harness.run import results
 # tables, panels and legends list methods in this order, FullKV first, any other method after them.
 METHOD_NAMES = {"fullkv": "FullKV", "streamingllm": "StreamingLLM", "h2o": "H2O", "snapkv": "SnapKV",
                 "pyramidkv": "PyramidKV", "dynamickv": "DynamicKV"}
+# K/V transforms (methods.lowrank): display name and the knob shown with it
+TRANSFORM_NAMES = {"pca_uniform": ("PCA-uniform", "rate"), "svd_weights": ("SVD-weights (Palu)", "rate"),
+                   "energy": ("Energy (ours)", "eta"), "dynakv": ("DynaKV", "tau")}
+
+
+def transform_label(knobs: dict) -> str:
+    """"DynaKV (tau 0.1)", "PCA-uniform (rate 0.5)" for a method record with a ``transform``."""
+    name, knob = TRANSFORM_NAMES.get(knobs["transform"], (knobs["transform"], None))
+    value = knobs.get(f"transform_{knob}") if knob else None
+    return name if value is None else f"{name} ({knob} {value:g})"
 
 # What a score field of a results row measures, for colorbars and titles: (task, field) for a field
 # whose meaning depends on the task (every task stores its primary score as "score"), (None, field)
@@ -67,8 +77,15 @@ class RunInfo:
 
     @property
     def label(self) -> str | None:
-        """"SnapKV @128", "FullKV"; None without a readable manifest."""
-        return None if self.method is None else budget_label(self.method, self.budget)
+        """"SnapKV @128", "FullKV", "DynaKV (tau 0.1)", "SnapKV @1024 + DynaKV (tau 0.1)"; None without a
+        readable manifest."""
+        if self.method is None:
+            return None
+        if self.knobs.get("transform"):
+            base = self.method.partition("+")[0]
+            transform = transform_label(self.knobs)
+            return transform if "+" not in self.method else f"{budget_label(base, self.budget)} + {transform}"
+        return budget_label(self.method, self.budget)
 
     @property
     def order(self) -> tuple:
@@ -96,8 +113,10 @@ def run_info(folder) -> RunInfo:
         return value.get("name") if isinstance(value, dict) else None
 
     budget = method.get("budget")
-    return RunInfo(folder, name, None if name == "fullkv" or budget is None else int(budget), method,
-                   named("task"), named("model"), named("protocol"))
+    if method.get("transform"):   # a K/V transform alone (on FullKV) or stacked on an eviction method
+        name = method["transform"] if name == "fullkv" else f"{name}+{method['transform']}"
+    return RunInfo(folder, name, None if name in ("fullkv", method.get("transform")) or budget is None
+                   else int(budget), method, named("task"), named("model"), named("protocol"))
 
 
 def distinct_labels(infos: list[RunInfo], fallback=lambda folder: folder.name) -> list[str]:

@@ -14,13 +14,15 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from methods.base import TRANSFORM_FIELDS
+
 log = logging.getLogger(__name__)
 
 PREDICTIONS = "predictions.jsonl"
 MANIFEST = "manifest.json"
 SCORES = "scores.json"
 
-_SHORT = {"query_head": "qh", "kv_head": "kvh"}
+_SHORT = {"query_head": "qh", "kv_head": "kvh", "layer": "layer"}
 # knobs that change speed or memory, not which tokens are kept: recorded in the manifest, not the name
 NOT_IN_NAME = {"query_chunk"}
 
@@ -32,6 +34,27 @@ def run_name(method: dict) -> str:
     or pooling, and with ``sink_tokens`` set (its window is then ``budget - sink_tokens``, derived, not
     set) it names the sinks: ``streamingllm_b128_sink4_qh``; without, ``streamingllm_b128_w32_qh``."""
     knobs = dict(method)
+    transform = {f: knobs.pop(f, None) for f in TRANSFORM_FIELDS}
+    base = _eviction_name(knobs)
+    if transform["transform"] is None:
+        return base
+    return transform_name(transform) if base == "fullkv" else f"{base}+{transform_name(transform)}"
+
+
+def transform_name(knobs: dict) -> str:
+    """The name part of a K/V transform (``methods.lowrank``): ``dynakv_tau0.1_<checkpoint stem>``,
+    ``pca_uniform_rate0.5_<stem>``, ``svd_weights_rate0.3``, ``energy_eta0.9_<stem>`` (``auto``: the checkpoint
+    shipped for the model)."""
+    name = knobs["transform"]
+    knob = {"pca_uniform": "rate", "svd_weights": "rate", "energy": "eta", "dynakv": "tau"}[name]
+    parts = [name, f"{knob}{knobs['transform_' + knob]:g}"]
+    checkpoint = knobs.get("transform_checkpoint")
+    if checkpoint:
+        parts.append(Path(str(checkpoint)).name.removesuffix(".safetensors"))
+    return "_".join(parts)
+
+
+def _eviction_name(knobs: dict) -> str:
     name = knobs.pop("name")
     if name == "fullkv":
         return "fullkv"

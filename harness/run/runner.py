@@ -5,6 +5,7 @@ Every method gets its own results folder; a re-run skips the samples a folder al
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import hashlib
 import logging
@@ -77,11 +78,17 @@ def method_configs(cfg: DictConfig, searchpath: list[str] | None = None) -> list
     choices = config.group_options("method", searchpath)
     out = []
     for name in names:
-        if name not in choices:
-            raise methods.ConfigError(f"methods: unknown method {name!r}; choose from {choices}")
-        composed = config.plain(config.compose([f"method={name}"], searchpath=searchpath)).method
+        eviction, _, transform = str(name).partition("+")
+        for part in filter(None, (eviction, transform)):
+            if part not in choices:
+                where = f" (in {name!r})" if part != name else ""
+                raise methods.ConfigError(f"methods: unknown method {part!r}{where}; choose from {choices}, or "
+                                          "<eviction>+<transform> such as snapkv+dynakv")
+        composed = config.plain(config.compose([f"method={eviction}"], searchpath=searchpath)).method
         node = OmegaConf.create({"protocol": cfg.protocol, "method": composed})
         knobs = OmegaConf.to_container(node.method, resolve=True)
+        if transform:
+            knobs.update(stacked_transform(cfg, name, eviction, transform, knobs, searchpath))
         if cfg.method_overrides:
             if not isinstance(cfg.method_overrides, DictConfig):
                 raise methods.ConfigError(f"method_overrides={cfg.method_overrides!r} must map knobs to values; fix: "
@@ -90,12 +97,30 @@ def method_configs(cfg: DictConfig, searchpath: list[str] | None = None) -> list
         if isinstance(knobs["budget"], bool) or not isinstance(knobs["budget"], int):
             raise methods.ConfigError(f"{name}: budget={knobs['budget']!r} must be an integer (from "
                                       "method_overrides or the method's config)")
-        if name == "fullkv" or not (cfg.budgets or cfg.compression_ratios):
+        if knobs["name"] == "fullkv" or not (cfg.budgets or cfg.compression_ratios):   # FullKV, a transform alone
             out.append(knobs)
             continue
         out += [{**knobs, "budget": int(b), "compression_ratio": None} for b in cfg.budgets or []]
         out += [{**knobs, "compression_ratio": r} for r in cfg.compression_ratios or []]
     return out
+
+
+def stacked_transform(cfg: DictConfig, name: str, eviction: str, transform: str, knobs: dict,
+                      searchpath: list[str]) -> dict:
+    """The knobs ``<eviction>+<transform>`` (``snapkv+dynakv``) adds to the eviction method's: the transform
+    config's ``transform*`` knobs and ``granularity=layer`` (the same kept tokens in every KV head, the paper's
+    global token eviction: one latent vector per token serves all heads; ``method_overrides`` may set another).
+    ConfigError when the first part is not an eviction method or the second has no transform."""
+    from methods.base import TRANSFORM_FIELDS
+    composed = config.plain(config.compose([f"method={transform}"], searchpath=searchpath)).method
+    extra = OmegaConf.to_container(OmegaConf.create({"protocol": cfg.protocol, "method": composed}).method, resolve=True)
+    if not extra.get("transform"):
+        raise methods.ConfigError(f"methods: {name!r}: {transform!r} is not a K/V transform (pca_uniform, svd_weights, "
+                                  "energy, dynakv); fix: <eviction>+<transform>, e.g. snapkv+dynakv")
+    if knobs.get("transform") or knobs["name"] == "fullkv":
+        raise methods.ConfigError(f"methods: {name!r}: {eviction!r} is not an eviction method to stack a transform on; "
+                                  f"fix: snapkv+{transform}, pyramidkv+{transform}, ... or {transform} alone")
+    return {**{f: extra.get(f) for f in TRANSFORM_FIELDS}, "granularity": "layer"}
 
 
 def checked_config(cfg: DictConfig) -> DictConfig:
@@ -230,6 +255,8 @@ class Plan:
     stored: dict           # id(compressor) -> the stored manifest it resumes, or None
     model_identity: dict
     cfg: DictConfig        # the plain, checked config (``config.plain``) the run works on
+    transform_files: dict = dataclasses.field(default_factory=dict)   # id(compressor) -> its checkpoint file
+    transforms: dict = dataclasses.field(default_factory=dict)        # transform_key -> built transforms (loaded)
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -283,9 +310,12 @@ def plan(cfg: DictConfig) -> Plan:
     check_dtype(cfg, model_ident)
     data_ident = task.data_identity(cfg)
     folders, identities, stored = {}, {}, {}
+    files = transform_files(cfg, compressors)
     for c in compressors:
         base = run_folder(cfg, c)
         identities[id(c)] = identity.run_identity(cfg, {"name": c.name, **c.knobs()}, model_ident, data_ident)
+        if id(c) in files:   # the checkpoint's content, not its path, is what the numbers depend on
+            identities[id(c)]["method"]["transform_checkpoint_sha256"] = results.file_sha256(files[id(c)])
         folders[id(c)], stored[id(c)] = identity.resolve_folder(base, identities[id(c)], cfg.resume)
         if folders[id(c)] != base:
             log.info("%s: resume=new -> %s", c.name, folders[id(c)])
@@ -294,7 +324,40 @@ def plan(cfg: DictConfig) -> Plan:
         repeated = sorted({n for n in names if names.count(n) > 1})
         raise methods.ConfigError(f"methods/budgets give the same run {repeated} twice (one results folder); fix: "
                                   "name each method and budget once")
-    return Plan(task, compressors, folders, identities, stored, model_ident, cfg)
+    return Plan(task, compressors, folders, identities, stored, model_ident, cfg, files)
+
+
+def transform_key(compressor: methods.KVCompressor) -> tuple | None:
+    """What identifies a compressor's K/V transform (None without one): methods with the same key share it
+    (and, in one sample, a prefill)."""
+    from methods.base import TRANSFORM_FIELDS
+    if compressor.transform is None:
+        return None
+    return tuple(getattr(compressor, f) for f in TRANSFORM_FIELDS)
+
+
+def transform_files(cfg: DictConfig, compressors: list) -> dict:
+    """id(compressor) -> the checkpoint file of its transform (``auto``: the one shipped for the model), checked
+    before the model loads (ConfigError naming the fix when it is missing or not a DynaKV checkpoint)."""
+    from harness.dynakv import checkpoint
+    out = {}
+    for c in compressors:
+        if c.transform is not None and c.transform_checkpoint:
+            out[id(c)] = checkpoint.resolve(c.transform_checkpoint, cfg.model.name)
+            checkpoint.load(out[id(c)])
+    return out
+
+
+def build_transforms(job: Plan, model) -> None:
+    """Each distinct transform of the run, built on the loaded model (``harness.dynakv.checkpoint``), into
+    ``job.transforms``."""
+    from harness.dynakv.checkpoint import transforms_for
+    for c in job.compressors:
+        key = transform_key(c)
+        if key is not None and key not in job.transforms:
+            job.transforms[key] = transforms_for(c.knobs(), model, job.transform_files.get(id(c)))
+            log.info("%s: K/V transform %s on %d layers", c.name, results.transform_name(c.knobs()),
+                     len(job.transforms[key]))
 
 
 def lock_folder(folder: Path, stack: contextlib.ExitStack) -> None:
@@ -336,6 +399,7 @@ def _run(cfg: DictConfig, job: Plan, locks: contextlib.ExitStack) -> list[dict]:
         raise RuntimeError(f"model {cfg.model.name} loaded in {lm.info['dtype']}, not the {job.model_identity['dtype']} "
                            "its config resolves to; the run identity would be wrong")
     check_loaded_commit(cfg, job, lm)
+    build_transforms(job, lm.model)
     if rank == 0:   # invalid lines go to <file>.bad before anyone counts what is done
         for folder in job.folders.values():
             for path in list(folder.glob("*.jsonl")) + results.part_files(folder):
@@ -511,17 +575,27 @@ def generate_sample(cfg: DictConfig, job: Plan, lm, chat: bool, sample: Sample, 
               sample.max_new_tokens, len(todo))
     start = time.perf_counter()
     split = {"compressed_tokens": compressed}
-    if len(todo) == 1:
-        outs = [generate(lm.model, lm.tokenizer, input_ids, todo[0], sample.max_new_tokens, stops,
-                         stop_strings, min_new, **fast, **split)]
-    else:
-        outs = generate_many(lm.model, lm.tokenizer, input_ids, todo, sample.max_new_tokens, stops,
-                             stop_strings, min_new, max_batch=int(cfg.decode_batch), **fast, **split)
+    results_by = {}
+    for key, group in transform_groups(todo):
+        with transformed_for(job, lm, key) as tlog:
+            run_fast = fast if key is None else {**fast, "cuda_graphs": False, "compile": False}   # hooks run per call
+            if len(group) == 1:
+                outs = [generate(lm.model, lm.tokenizer, input_ids, group[0], sample.max_new_tokens, stops,
+                                 stop_strings, min_new, **run_fast, **split)]
+            else:
+                outs = generate_many(lm.model, lm.tokenizer, input_ids, group, sample.max_new_tokens, stops,
+                                     stop_strings, min_new, max_batch=int(cfg.decode_batch), **run_fast, **split)
+        for c, out in zip(group, outs):
+            extra = {} if tlog is None else transform_fields(lm, tlog, out.report, compressed, input_ids.shape[1],
+                                                             len(group) == 1)
+            results_by[id(c)] = (out, extra)
     elapsed = time.perf_counter() - start
     scores = []
-    for c, out in zip(todo, outs):
+    for c in todo:
+        out, extra = results_by[id(c)]
         row = _row(job.task, sample, out, elapsed / len(todo), c) | {"sample_sha256": digest,
-                                                                      **compression_fields(c, compressed, scope)}
+                                                                      **compression_fields(c, compressed, scope),
+                                                                      **extra}
         if cfg.save_kept_positions and out.report is not None:
             save_positions(job.folders[id(c)], sample.id, out.report)
         append_row(job, c, sample, row, writers)
@@ -529,6 +603,34 @@ def generate_sample(cfg: DictConfig, job: Plan, lm, chat: bool, sample: Sample, 
         log.debug("%s %s: %r", job.folders[id(c)].name, sample.id, out.text[:80])
     name = f"{sample.group}/{sample.id}" if sample.group else sample.id
     log.info("%s (%d tokens, %.1f s): %s", name, input_ids.shape[1], elapsed, ", ".join(scores))
+
+
+def transform_groups(todo: list) -> list[tuple]:
+    """``todo`` split by K/V transform (``transform_key``), in first-seen order: ``[(key, [compressors])]``.
+    Methods without a transform share one prefill, and so do methods with the same transform."""
+    groups: dict = {}
+    for c in todo:
+        groups.setdefault(transform_key(c), []).append(c)
+    return list(groups.items())
+
+
+@contextlib.contextmanager
+def transformed_for(job: Plan, lm, key):
+    """The K/V transform ``key`` attached for the block (``harness.engine.transform.transformed``), yielding its
+    log; nothing attached and None for ``key`` None."""
+    if key is None:
+        yield None
+        return
+    from harness.engine.transform import transformed
+    with transformed(lm.model, job.transforms[key]) as tlog:
+        yield tlog
+
+
+def transform_fields(lm, tlog, report, compressed: int, prompt_length: int, own_decode: bool) -> dict:
+    """The row's transform record (``harness.dynakv.accounting.row_fields``) at the model's element size."""
+    from harness.dynakv.accounting import row_fields, sliding_windows
+    element = next(lm.model.parameters()).element_size()
+    return row_fields(tlog, report, compressed, prompt_length, element, own_decode, sliding_windows(lm.model))
 
 
 def append_row(job: Plan, compressor, sample: Sample, row: dict, writers: dict) -> None:
@@ -544,13 +646,21 @@ def append_row(job: Plan, compressor, sample: Sample, row: dict, writers: dict) 
 
 def evaluated(cfg: DictConfig, job: Plan, lm, sample: Sample, todo: list, digest: str, writers: dict) -> None:
     """A sample of a task scored without generating (``Task.evaluate``): one row per method in ``todo``."""
-    start = time.perf_counter()
-    fields = job.task.evaluate(cfg.task, lm, sample)
-    for c in todo:
-        row = {"id": sample.id, **sample.meta, **fields, "seconds": round(time.perf_counter() - start, 3),
-               "sample_sha256": digest}
-        append_row(job, c, sample, row, writers)
-    log.info("%s: %s", sample.id, ", ".join(f"{k}={v:.4g}" for k, v in fields.items() if isinstance(v, float)))
+    for key, group in transform_groups(todo):
+        start = time.perf_counter()
+        with transformed_for(job, lm, key) as tlog:
+            fields = job.task.evaluate(cfg.task, lm, sample)
+        if tlog is not None:
+            if not tlog.calls:
+                raise RuntimeError(f"{group[0].name}: the K/V transform was attached but saw no token of {sample.id}")
+            fields |= {"kv_retain_rate": round(tlog.retain_rate(), 6), "kv_retain_rate_k": round(tlog.retain_rate("k"), 6),
+                       "kv_retain_rate_v": round(tlog.retain_rate("v"), 6)}
+        for c in group:
+            row = {"id": sample.id, **sample.meta, **fields, "seconds": round(time.perf_counter() - start, 3),
+                   "sample_sha256": digest}
+            append_row(job, c, sample, row, writers)
+        log.info("%s %s: %s", sample.id, group[0].name if key is None else results.transform_name(group[0].knobs()),
+                 ", ".join(f"{k}={v:.4g}" for k, v in fields.items() if isinstance(v, float)))
 
 
 def finish(cfg: DictConfig, job: Plan, sample_keys: list[tuple]) -> list[dict]:
@@ -625,6 +735,16 @@ def summarize(folder: Path, method: str, finalize=None) -> dict:
         summary["score"] = round(100 * mean, 2)
     else:
         summary |= finalize(folder)
+    for key in ("kv_retain_rate", "kv_retain_rate_k", "kv_retain_rate_v", "kv_combined_rate"):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        if values:     # a K/V transform's realised rates, the mean over rows (0-1)
+            summary[key] = round(sum(values) / len(values), 4)
+    full = sum(r.get("kv_bytes_full") or 0 for r in rows)
+    if full:
+        latent = sum(r.get("kv_bytes_latent") or 0 for r in rows)
+        summary["kv_bytes_ratio"] = round(latent / full, 4)
+        summary["kv_bytes_ratio_with_metadata"] = round((latent + sum(r.get("kv_bytes_rank_metadata") or 0
+                                                                       for r in rows)) / full, 4)
     if rows:
         results.write_json(Path(folder) / results.SCORES, summary)
     return summary

@@ -131,7 +131,8 @@ def finalize(folder: Path) -> dict:
 
 def validate(cfg) -> None:
     """Before the model loads: the text file, lengths and the method (perplexity reads every token's
-    logits in one forward: an end-of-prefill eviction method has nothing to act on; FullKV only)."""
+    logits in one forward: an end-of-prefill eviction method has nothing to act on; FullKV, alone or with a
+    K/V transform, which acts on every token)."""
     task = cfg.task
     if not task.get("text_path"):
         raise ConfigError("task=perplexity needs task.text_path (or KV_HARNESS_PERPLEXITY_TEXT); fix: "
@@ -148,10 +149,13 @@ def validate(cfg) -> None:
     if task.stride > task.context_length:
         raise ConfigError(f"task.stride={task.stride} is larger than task.context_length={task.context_length}: tokens "
                           "between windows would never be scored; fix: a stride up to the context length")
+    from methods.base import TRANSFORM_KNOBS
     names = list(cfg.methods or [cfg.method.name])
-    if any(name != "fullkv" for name in names):
-        raise ConfigError(f"task=perplexity runs method=fullkv only (got {names}): end-of-prefill eviction has no "
-                          "effect on a single forward's logits; fix: method=fullkv")
+    allowed = ["fullkv", *TRANSFORM_KNOBS]
+    if any(name not in allowed for name in names):
+        raise ConfigError(f"task=perplexity runs FullKV or a K/V transform alone ({allowed}), got {names}: "
+                          "end-of-prefill eviction has no effect on a single forward's logits; fix: method=fullkv or "
+                          "methods=[fullkv,dynakv,...]")
 
 
 def data_identity(cfg) -> dict:

@@ -1,0 +1,162 @@
+"""Calibration (PCA bases from text) and post-training (the gates, CE + alpha * R^2) of DynaKV, and the retain
+rate a checkpoint realises on text (reference-dynakv.md sections 2.1, 3 and 4).
+
+``calibrate`` streams the pre-RoPE keys and values of every layer into float64 second moments
+(``methods.lowrank.Moments``) and returns the PCA bases. ``train`` learns the gates with the backbone and the
+bases frozen (our default; the paper does not say, section 11), bf16 autocast on a GPU, optional gradient
+checkpointing, and data parallelism over ``torchrun`` ranks (each rank its share of the windows, gate
+gradients averaged). ``measure`` applies the hard masks (``tau``) and reports the realised rates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+
+import torch
+
+from harness.engine.posttrain import gate_parameters, objective
+from harness.engine.transform import TransformLog, accumulate_states, transformed
+from methods.lowrank import DynaKV, Moments
+
+log = logging.getLogger(__name__)
+
+
+def calibrate(model, windows: torch.Tensor, batch_size: int = 8, centred: bool = False) -> dict:
+    """PCA bases of every layer's K and V over ``windows`` ``[N, T]``: model layer -> {"k"/"v": ``Basis``}
+    (float64), each the eigenbasis of the states' second moment (``centred``: covariance)."""
+    device = next(model.parameters()).device
+    moments: dict = {}
+
+    def sink(layer, kind, states):
+        if (layer, kind) not in moments:
+            moments[(layer, kind)] = Moments(states.shape[-1], device=states.device)
+        moments[(layer, kind)].add(states)
+
+    for start in range(0, windows.shape[0], batch_size):
+        accumulate_states(model, windows[start:start + batch_size].to(device), sink)
+    bases: dict = {}
+    for (layer, kind), m in sorted(moments.items()):
+        bases.setdefault(layer, {})[kind] = m.basis(centred)
+    return bases
+
+
+#: the eta grid ``energy_rates`` measures
+ETA_GRID = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99)
+
+
+def energy_rates(model, bases: dict, windows: torch.Tensor, etas=ETA_GRID, batch_size: int = 8) -> dict:
+    """The retain rate the ``energy`` transform realises on ``windows`` at each ``eta``: ``{eta: rate}`` (0-1),
+    so that a target rate can be matched (reference-dynakv.md section 9.3: tune eta to hit a mean rate)."""
+    from methods.lowrank import Basis, EnergyAdaptive
+    device = next(model.parameters()).device
+    out = {}
+    for eta in etas:
+        transforms = {}
+        for layer, pair in bases.items():
+            transforms[layer] = {}
+            for kind, basis in pair.items():
+                t = EnergyAdaptive(eta=eta, centred=basis.mean is not None)
+                t.basis = Basis(basis.vectors.float().to(device), basis.eigenvalues.float().to(device),
+                                None if basis.mean is None else basis.mean.float().to(device))
+                transforms[layer][kind] = t
+        out[eta] = round(measure(model, transforms, windows, batch_size)["retain_rate"], 4)
+    return out
+
+
+def eta_for_rate(rates: dict, target: float) -> float:
+    """The eta of ``rates`` (``energy_rates``) whose rate is closest to ``target``."""
+    return min(rates, key=lambda eta: abs(rates[eta] - target))
+
+
+def fresh_transforms(bases: dict, tau: float = 0.1, device=None) -> dict:
+    """DynaKV transforms on ``bases`` with fresh gates (keeping every dimension), float32 on ``device``."""
+    from methods.lowrank import Basis, TokenGate
+    out = {}
+    for layer, pair in bases.items():
+        out[layer] = {}
+        for kind, basis in pair.items():
+            t = DynaKV(tau=tau, centred=basis.mean is not None)
+            t.basis = Basis(basis.vectors.float().to(device), basis.eigenvalues.float().to(device),
+                            None if basis.mean is None else basis.mean.float().to(device))
+            t.gate = TokenGate(basis.vectors.shape[0]).to(device)
+            out[layer][kind] = t
+    return out
+
+
+def train(model, transforms: dict, windows: torch.Tensor, alpha: float, steps: int, batch_size: int = 8,
+          lr: float = 1e-3, checkpointing: bool = False, seed: int = 0, on_step=None) -> list[dict]:
+    """Train the gates of ``transforms`` on ``windows`` ``[N, T]`` for ``steps`` AdamW steps (``batch_size``
+    windows per step per rank, drawn in a seeded order; lr constant after a 5 % linear warm-up; no weight
+    decay). The model and bases stay frozen. Under ``torchrun`` each rank draws from its own share and the
+    gate gradients are averaged. ``on_step(record)`` sees each step's ``step``, ``ce``, ``rate``, ``loss``,
+    ``lr``. Returns the records. ``ValueError`` for ``alpha < 0`` or no gates."""
+    params = gate_parameters(transforms)
+    if not params:
+        raise ValueError("train needs DynaKV transforms with gates")
+    if alpha < 0:
+        raise ValueError(f"alpha={alpha} must be >= 0")
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+    device = next(model.parameters()).device
+    order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))
+    mine = windows[order[rank::world]]
+    frozen = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.requires_grad_(False)
+    was_training = model.training
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    history = []
+    try:
+        for step in range(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr * min(1.0, (step + 1) / warmup)
+            picks = [(step * batch_size + i) % mine.shape[0] for i in range(batch_size)]
+            batch = mine[picks].to(device)
+            with autocast:
+                loss, parts = objective(model, transforms, batch, alpha)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if world > 1:
+                for p in params:
+                    torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+            optimizer.step()
+            record = {"step": step, **parts, "lr": optimizer.param_groups[0]["lr"]}
+            history.append(record)
+            if on_step is not None:
+                on_step(record)
+    finally:
+        if checkpointing:
+            model.gradient_checkpointing_disable()
+        model.train(was_training)
+        for name, p in model.named_parameters():
+            p.requires_grad_(frozen[name])
+    return history
+
+
+@torch.no_grad()
+def measure(model, transforms: dict, windows: torch.Tensor, batch_size: int = 8) -> dict:
+    """The hard masks on ``windows`` ``[N, T]``: ``retain_rate`` (mean kept fraction over tokens, layers, K and V),
+    ``retain_rate_k``/``_v``, ``per_layer`` ({layer: [k, v]}), the mean ``ce`` (nats per predicted token) and
+    ``perplexity`` with the transforms applied, and ``tokens``."""
+    device = next(model.parameters()).device
+    log_ = TransformLog()
+    nll, count = 0.0, 0
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start:start + batch_size].to(device)
+        with transformed(model, transforms, log_):
+            logits = model(input_ids=batch, use_cache=False).logits
+        nll += float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(),
+                                                       reduction="sum"))
+        count += batch[:, 1:].numel()
+    layers = sorted(log_.dims)
+    return {"retain_rate": log_.retain_rate(), "retain_rate_k": log_.retain_rate("k"),
+            "retain_rate_v": log_.retain_rate("v"),
+            "per_layer": {layer: [log_.retain_rate("k", layer), log_.retain_rate("v", layer)] for layer in layers},
+            "ce": nll / count, "perplexity": math.exp(nll / count), "tokens": int(windows.numel())}
