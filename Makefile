@@ -132,6 +132,7 @@ TEXT ?= ../shared/data/text/wikitext-2-raw-reconstructed/wiki.test.raw
 PPL_TOKENS ?= 8192
 DYNAKV_RATE ?= 0.5
 dynakv-demo:
+	@test -f "$(TEXT)" || { echo "error: TEXT=$(TEXT) is not a file; fix: make dynakv-demo TEXT=<a .txt/.raw file, or a .jsonl(.gz) with a text field>" >&2; exit 2; }
 	@mkdir -p "$(RESULTS)/dynakv"
 	for method in "method=fullkv" "method=dynakv" "method=pca_uniform method.transform_rate=$(DYNAKV_RATE)" \
 	    "method=svd_weights method.transform_rate=$(DYNAKV_RATE)" "method=energy method.transform_eta=0.98"; do \

@@ -143,7 +143,7 @@ class KVCompressor:
         ``transform_*`` knobs None too), the knob it needs set and in range (rate, eta in (0, 1]; tau in
         [0, 1)), the others None, and a checkpoint for every transform but ``svd_weights`` (which needs
         none). Raises ``ConfigError`` naming the knob and the fix."""
-        label = self.name or type(self).__name__
+        label = self.method_name
         name = self.transform
         if name is None:
             stray = [f for f in TRANSFORM_FIELDS[1:] if getattr(self, f) is not None]
@@ -216,6 +216,14 @@ class KVCompressor:
             bad(f"pooling={self.pooling!r} is not one of {POOLINGS}")
         if self.granularity not in GRANULARITIES:
             bad(f"granularity={self.granularity!r} is not one of {GRANULARITIES}")
+
+    @property
+    def method_name(self) -> str:
+        """What the method is called in summaries and messages: the registry name, the transform's alone
+        (``dynakv`` on FullKV), or ``<eviction>+<transform>`` (``snapkv+dynakv``)."""
+        if self.transform is None:
+            return self.name or type(self).__name__
+        return self.transform if self.is_noop else f"{self.name}+{self.transform}"
 
     def budget_for(self, prompt_length: int) -> int:
         """The token budget for a compressed prompt of ``prompt_length`` tokens: ``budget``, or with a

@@ -299,12 +299,14 @@ class DynaKV(LowRankTransform):
         return hard_ranks(self.gate(coefficients.float()), self.tau)
 
     def soft(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training: ``(x^, m)`` with ``x^ = (x~ * m) @ U^-1`` and the soft mask ``m [..., d]``."""
-        coefficients = self.rotate(x).float()
-        mask = self.gate(coefficients)
-        out = (coefficients * mask) @ self._inverse().float()
-        if self.basis.mean is not None:
-            out = out + self.basis.mean.float()
+        """Training: ``(x^, m)`` with ``x^ = (x~ * m) @ U^-1`` and the soft mask ``m [..., d]``, in float32 even
+        under autocast (inference computes in float32 too: training must see the same transform)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            coefficients = self.rotate(x).float()
+            mask = self.gate(coefficients)
+            out = (coefficients * mask) @ self._inverse().float()
+            if self.basis.mean is not None:
+                out = out + self.basis.mean.float()
         return out.to(x.dtype), mask
 
 

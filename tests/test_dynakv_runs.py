@@ -225,3 +225,72 @@ def test_the_shipped_checkpoint_is_a_trained_smollm2_one_with_its_record():
     assert manifest["model"]["name"] == "smollm2_135m" and manifest["training"]["alpha"] == 1.0
     assert 0.45 < manifest["measured"]["retain_rate"] < 0.55     # docs/DYNAKV.md: 51.3 % on WikiText-2
     assert json.loads(path.with_suffix(".json").read_text()) == manifest
+
+
+def test_checkpointed_training_gives_the_gradients_of_plain_training(trained):
+    from harness.dynakv.train import fresh_transforms
+    from harness.engine.posttrain import gate_parameters, objective
+    from methods.lowrank import TokenGate
+    bases, _, _ = checkpoint.load(trained / "pca.safetensors")
+    lm = runner._MODEL.get(next(iter(runner._MODEL), None)) if runner._MODEL else None
+    if lm is None or lm.name != "tiny_llama":
+        from harness.engine.models import load_model
+        from omegaconf import OmegaConf
+        from harness import config
+        lm = load_model(OmegaConf.create(OmegaConf.to_container(config.compose(["model=tiny_llama"]).model,
+                                                                  resolve=True)))
+    ids = torch.randint(2, 258, (2, 64), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for checkpointing in (False, True):
+        transforms = fresh_transforms(bases)
+        for pair in transforms.values():
+            for t in pair.values():
+                with torch.no_grad():
+                    t.gate.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+        if checkpointing:
+            lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            lm.model.train()
+        lm.model.requires_grad_(False)
+        try:
+            objective(lm.model, transforms, ids, alpha=3.0, backward=True)
+        finally:
+            lm.model.gradient_checkpointing_disable()
+            lm.model.eval()
+            lm.model.requires_grad_(True)
+        grads.append([p.grad.clone() for p in gate_parameters(transforms)])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads)) and any(g.abs().sum() > 0 for g in grads[0])
+    assert isinstance(fresh_transforms(bases)[0]["k"].gate, TokenGate)
+
+
+def test_method_overrides_of_transform_knobs_leave_methods_without_one_alone(tmp_path, trained):
+    job = runner.plan(compose_run(tmp_path, "task=passkey", "methods=[fullkv,snapkv,snapkv+dynakv]", "budgets=[64]",
+                                  f"++method_overrides={{transform_tau: 0.2, transform_checkpoint: "
+                                  f"'{trained / 'trained.safetensors'}'}}"))
+    names = sorted(c.method_name for c in job.compressors)
+    assert names == ["fullkv", "snapkv", "snapkv+dynakv"]
+    stacked = next(c for c in job.compressors if c.transform)
+    assert stacked.transform_tau == 0.2 and stacked.granularity == "layer"
+    assert all(c.transform is None for c in job.compressors if c is not stacked)
+
+
+def test_under_a_split_scope_each_stacked_method_accounts_for_its_own_appended_question(tmp_path, trained):
+    common = ["task=passkey", "task.context_lengths=[400]", "task.depths=[50]", "limit=1",
+              "protocol.compression_scope=context", "methods=[snapkv+energy]",
+              f"++method_overrides={{transform_eta: 0.9, transform_checkpoint: '{trained / 'pca.safetensors'}', "
+              "window_size: 8}"]
+    together = runner.run(compose_run(tmp_path / "together", *common, "budgets=[16,128]"))
+    alone = [runner.run(compose_run(tmp_path / f"alone{b}", *common, f"budgets=[{b}]"))[0] for b in (16, 128)]
+    for shared, single in zip(together, alone):
+        [a] = results.read_predictions(Path(shared["folder"]))
+        [b] = results.read_predictions(Path(single["folder"]))
+        assert a["compressed_tokens"] < a["prompt_tokens"]
+        for key in ("kv_retain_rate", "kv_combined_rate", "kv_bytes_latent", "kv_rank_histogram"):
+            assert a[key] == b[key], key
+
+
+def test_attaching_transforms_marks_the_model_for_decoding_without_graphs(tiny):
+    from harness.engine.batched import TRANSFORMS_ATTACHED
+    from harness.engine.transform import transformed
+    with transformed(tiny.model, {}):
+        assert getattr(tiny.model, TRANSFORMS_ATTACHED)
+    assert not hasattr(tiny.model, TRANSFORMS_ATTACHED)

@@ -52,6 +52,42 @@ def resolve(checkpoint: str, model_name: str) -> Path:
                       "calibrate`/`kvh dynakv train`, or auto (the one shipped for the model)")
 
 
+def weight_files(identity: dict) -> set | None:
+    """The sha256 of the weight files a model identity's ``weights`` names (a GGUF file; a package's files),
+    or None where the weights are not files (hub, local folder, random): those compare as whole records."""
+    weights = identity.get("weights", {})
+    if weights.get("source") == "gguf":
+        return {weights["sha256"]}
+    if weights.get("source") == "package" and weights.get("files_sha256"):
+        return set(weights["files_sha256"])
+    return None
+
+
+def check_model(path: Path, manifest: dict, model_cfg) -> None:
+    """Before the model loads: the checkpoint was made from the weights ``model_cfg`` loads (the same GGUF /
+    package file by sha256, or the same hub id, folder or random seed). ConfigError naming both otherwise."""
+    from harness.engine.models import weights_fingerprint
+    mine = weights_fingerprint(model_cfg)
+    if mine.get("source") == "package":
+        mine = {**mine, "files_sha256": package_file_hashes(model_cfg)}
+    theirs = manifest.get("model", {}).get("identity", {})
+    a, b = weight_files(theirs), weight_files({"weights": mine})
+    same = bool(a & b) if a is not None and b is not None else theirs.get("weights") == mine
+    if not same:
+        raise ConfigError(f"{path} was made from other weights ({theirs.get('weights')}) than model "
+                          f"{model_cfg.name} loads ({mine}); its bases and gates would not fit; fix: a checkpoint "
+                          f"made with `kvh dynakv calibrate/train --model {model_cfg.name}`")
+
+
+def package_file_hashes(model_cfg) -> list[str]:
+    """The sha256 of each weight file of a packaged model (the files ``weights_fingerprint`` digests)."""
+    import importlib.util
+
+    from harness.engine.models import memo_sha256
+    folder = Path(importlib.util.find_spec(str(model_cfg.package)).origin).parent
+    return [memo_sha256(p) for p in sorted(folder.glob(model_cfg.get("file") or "*.gguf"))]
+
+
 def save(path, bases: dict, manifest: dict, gates: dict | None = None, dtype: torch.dtype = torch.float32) -> Path:
     """Write ``bases`` (model layer -> {"k"/"v": ``Basis``}) and ``gates`` (same keys -> ``TokenGate``, or None)
     in ``dtype`` with ``manifest`` to ``path`` (``.safetensors``) and ``<stem>.json``; returns the path. The
@@ -74,6 +110,7 @@ def save(path, bases: dict, manifest: dict, gates: dict | None = None, dtype: to
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata={"manifest": json.dumps(record)})
+    tmp.chmod(0o644)            # safetensors writes 0600; a checkpoint is meant to be shared
     tmp.replace(path)
     path.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     return path
@@ -127,7 +164,6 @@ def transforms_for(knobs: dict, model, checkpoint: Path | None) -> dict:
     from harness.engine.hook import all_attention_modules
     from harness.engine.transform import joint_widths
     name = knobs["transform"]
-    device = next(model.parameters()).device
     attention = all_attention_modules(model)
     if name == "svd_weights":
         out = {}
@@ -144,13 +180,14 @@ def transforms_for(knobs: dict, model, checkpoint: Path | None) -> dict:
                           f"{sorted(set(widths.values()))}); fix: a checkpoint of this model")
     if name == "dynakv" and not gates:
         raise ConfigError(f"transform=dynakv needs trained gates, and {checkpoint} holds only PCA bases (from `kvh dynakv "
-                          "calibrate`); fix: `kvh dynakv train` it, or use transform=pca_uniform/energy with it")
+                          "calibrate`); fix: `kvh dynakv train` it, or use method=pca_uniform / method=energy with it")
     knob = {"pca_uniform": {"rate": knobs.get("transform_rate")}, "energy": {"eta": knobs.get("transform_eta")},
             "dynakv": {"tau": knobs.get("transform_tau")}}[name]
     centred = bool(manifest.get("centred", False))
     out = {}
     for layer, pair in bases.items():
         out[layer] = {}
+        device = attention[layer].k_proj.weight.device     # a model spread over devices: each layer's own
         for kind, basis in pair.items():
             t = build_transform(name, centred=centred, **knob)
             t.basis = Basis(basis.vectors.to(device), basis.eigenvalues.to(device),

@@ -33,17 +33,22 @@ log = logging.getLogger("harness.dynakv")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _load(args):
+def _model_cfg(args):
+    """The composed model config of ``--model`` and ``--set`` (ConfigError naming the fix)."""
     from omegaconf import OmegaConf
 
     from harness import config
-    from harness.engine.models import load_model
     try:
         cfg = config.compose([f"model={args.model}", *args.set])
     except Exception as error:   # Hydra's and OmegaConf's errors name the bad override
         raise ConfigError(f"--model {args.model} {' '.join(args.set)}: {error}; fix: a config in conf/model "
                           f"({config.group_options('model')}) and --set model.<key>=<value>") from None
-    model_cfg = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
+    return OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
+
+
+def _load(args, model_cfg=None):
+    from harness.engine.models import load_model
+    model_cfg = model_cfg if model_cfg is not None else _model_cfg(args)
     return model_cfg, load_model(model_cfg)
 
 
@@ -54,9 +59,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _record(args, model_cfg, lm) -> dict:
+    from harness.dynakv.checkpoint import package_file_hashes
     from harness.engine.models import model_identity
+    identity = model_identity(model_cfg)
+    if identity["weights"].get("source") == "package":   # so that the same file loaded as a .gguf matches
+        identity["weights"]["files_sha256"] = package_file_hashes(model_cfg)
     return {"model": {"name": model_cfg.name, "name_or_path": model_cfg.get("name_or_path") or model_cfg.get("path")
-                      or model_cfg.get("package"), "identity": model_identity(model_cfg)},
+                      or model_cfg.get("package"), "identity": identity},
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": "kvh dynakv " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["dynakv"] else sys.argv[1:]),
             "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__}}
@@ -86,8 +95,16 @@ def cmd_train(args) -> None:
         data.text_files([args.eval_text])
     if args.alpha < 0:
         raise ConfigError(f"--alpha {args.alpha} must be >= 0 (the weight of R^2; larger gives lower rates)")
-    init = checkpoint.resolve(args.init, args.model)
+    if not args.lr > 0:
+        raise ConfigError(f"--lr {args.lr} must be > 0; fix: e.g. --lr 3e-3")
+    if not 0 <= args.tau < 1:
+        raise ConfigError(f"--tau {args.tau} must be in [0, 1) (the inference mask threshold); fix: e.g. --tau 0.1")
+    try:
+        init = checkpoint.resolve(args.init, args.model)
+    except ConfigError as error:
+        raise ConfigError(str(error).replace("method.transform_checkpoint", "--init")) from None
     bases, _, init_manifest = checkpoint.load(init)
+    checkpoint.check_model(init, init_manifest, _model_cfg(args))     # before the weights load
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -156,7 +173,13 @@ def _wandb(args, model_cfg):
 def cmd_ranks(args) -> None:
     from harness.dynakv import checkpoint, ranks
     path = checkpoint.resolve(args.checkpoint, args.model)
-    model_cfg, lm = _load(args)
+    _, gates, manifest = checkpoint.load(path)
+    if not gates:
+        raise ConfigError(f"--checkpoint {path} holds only PCA bases; the ranks per token are the trained gate's: fix: "
+                          "a checkpoint from `kvh dynakv train`")
+    model_cfg = _model_cfg(args)
+    checkpoint.check_model(path, manifest, model_cfg)
+    model_cfg, lm = _load(args, model_cfg)
     text = Path(args.text).expanduser()
     if not text.is_file():
         raise ConfigError(f"--text {args.text}: not a file")

@@ -64,6 +64,10 @@ def token_windows(tokenizer, paths, tokens: int, seq_len: int) -> tuple[torch.Te
     if count == 0:
         raise ConfigError(f"the text holds {len(stream)} tokens, fewer than one window of {seq_len}; fix: more text "
                           "or a shorter --seq-len")
+    if count * seq_len < tokens - seq_len:
+        import logging
+        logging.getLogger(__name__).warning("the text holds %d tokens: %d windows of %d (%d tokens), not the %d asked "
+                                            "for", len(stream), count, seq_len, count * seq_len, tokens)
     windows = torch.tensor(stream[: count * body], dtype=torch.int64).view(count, body)
     if bos is not None:
         windows = torch.cat([torch.full((count, 1), bos, dtype=torch.int64), windows], dim=1)

@@ -119,10 +119,9 @@ def train(model, transforms: dict, windows: torch.Tensor, alpha: float, steps: i
                 group["lr"] = lr * min(1.0, (step + 1) / warmup)
             picks = [(step * batch_size + i) % mine.shape[0] for i in range(batch_size)]
             batch = mine[picks].to(device)
-            with autocast:
-                loss, parts = objective(model, transforms, batch, alpha)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with autocast:
+                loss, parts = objective(model, transforms, batch, alpha, backward=True)
             if world > 1:
                 for p in params:
                     torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)

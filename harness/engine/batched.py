@@ -54,6 +54,9 @@ from harness.engine.compat import IntegrationError
 from harness.engine.stopping import Stopping
 from methods.base import repeat_heads
 
+#: set on a model while K/V transforms are attached (``harness.engine.transform.transformed``)
+TRANSFORMS_ATTACHED = "_kv_harness_transforms_attached"
+
 SLOT_ATTENTION = "kvharness_slots"
 LONG_BUFFER = 4096   # slots from which a segment's attention uses two matmuls instead of SDPA (see Segment.attend)
 _ACTIVE: dict[int, "SlotLayer"] = {}  # id(attention module) -> its layer of the cache being decoded
@@ -559,8 +562,11 @@ def decode_caches(model, first_token: torch.Tensor, caches: list, prompt_length:
     capacities; ``stats``: filled in when given. ``stopped_by`` is ``"stop_token"``, ``"stop_string"``
     or ``"max_new_tokens"``. Raises ``ValueError`` (``row_layers``) for a cache with an empty layer and
     ``IntegrationError`` when the model does not route through the slot cache (``slot_routing``,
-    ``SlotCache.verify_routing``)."""
+    ``SlotCache.verify_routing``). While a K/V transform is attached (``harness.engine.transform.transformed``)
+    every step runs its hooks: ``cuda_graphs`` and ``compile`` are ignored."""
     stats = stats if stats is not None else DecodeStats()
+    if getattr(model, TRANSFORMS_ATTACHED, False):   # the hooks must run at every step: no replayed graph
+        cuda_graphs = compile = False
     firsts = [int(t) for t in torch.as_tensor(first_token).reshape(-1).tolist()]
     if len(firsts) == 1:
         firsts = firsts * len(caches)

@@ -19,14 +19,19 @@ def gate_parameters(transforms: dict) -> list[torch.nn.Parameter]:
             for p in t.gate.parameters()]
 
 
-def objective(model, transforms: dict, input_ids: torch.Tensor, alpha: float) -> tuple[torch.Tensor, dict]:
+def objective(model, transforms: dict, input_ids: torch.Tensor, alpha: float,
+              backward: bool = False) -> tuple[torch.Tensor, dict]:
     """``(loss, parts)`` for one batch ``[B, T]``: ``loss = CE + alpha * R^2`` with the soft masks
-    (``transformed(mode="soft")``); ``parts``: ``ce``, ``rate`` and ``loss`` as floats."""
+    (``transformed(mode="soft")``); ``parts``: ``ce``, ``rate`` and ``loss`` as floats. ``backward``: also
+    ``loss.backward()`` while the hooks are still attached (gradient checkpointing re-runs the layers during
+    the backward pass, and they must transform as in the forward)."""
     with transformed(model, transforms, mode="soft") as log:
         logits = model(input_ids=input_ids, use_cache=False).logits
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
-    rate = torch.stack(log.soft_rates).mean()
-    loss = ce + alpha * rate ** 2
+        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+        rate = torch.stack(log.soft_rates).mean()
+        loss = ce + alpha * rate ** 2
+        if backward:
+            loss.backward()
     return loss, {"ce": float(ce.detach()), "rate": float(rate.detach()), "loss": float(loss.detach())}
 
 
@@ -47,9 +52,8 @@ def post_train(model, transforms: dict, batches: list[torch.Tensor], alpha: floa
     history = []
     try:
         for step in range(steps):
-            loss, parts = objective(model, transforms, batches[step % len(batches)], alpha)
             optimizer.zero_grad()
-            loss.backward()
+            loss, parts = objective(model, transforms, batches[step % len(batches)], alpha, backward=True)
             optimizer.step()
             history.append({"step": step, **parts})
     finally:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from harness.engine.batched import TRANSFORMS_ATTACHED
 from harness.engine.cache import text_config
 from harness.engine.compat import IntegrationError
 from harness.engine.hook import all_attention_modules
@@ -166,10 +167,13 @@ def transformed(model, transforms: dict, log: TransformLog | None = None, mode: 
         missing = sorted(set(transforms) - known)
         if missing:
             raise IntegrationError(f"transforms for layers {missing}, which {type(model).__name__} does not have")
+        setattr(model, TRANSFORMS_ATTACHED, True)    # decoding then runs every step's hooks (no CUDA graph)
         yield log
     finally:
         for handle in handles:
             handle.remove()
+        if hasattr(model, TRANSFORMS_ATTACHED):
+            delattr(model, TRANSFORMS_ATTACHED)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from methods.base import TRANSFORM_FIELDS
+from methods.base import TRANSFORM_FIELDS, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ def configure_logging(level: int = logging.INFO) -> None:
 
 def run_cli(main) -> None:
     """Run a command-line ``main`` with logging configured (``configure_logging``): a user error (a
-    message given to ``SystemExit``, an unreadable results file, a missing folder) prints one
+    message given to ``SystemExit``, an unreadable results file, a missing folder, a ``ConfigError``) prints one
     ``error:`` line and exits with code 2."""
     configure_logging()
     try:
@@ -266,7 +266,7 @@ def run_cli(main) -> None:
             print(text if text.startswith("error:") else f"error: {text}", file=sys.stderr)
             sys.exit(2)
         raise
-    except (ResultFileError, FileNotFoundError) as error:
+    except (ResultFileError, FileNotFoundError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

@@ -93,7 +93,10 @@ def method_configs(cfg: DictConfig, searchpath: list[str] | None = None) -> list
             if not isinstance(cfg.method_overrides, DictConfig):
                 raise methods.ConfigError(f"method_overrides={cfg.method_overrides!r} must map knobs to values; fix: "
                                           "\"method_overrides={granularity: kv_head}\"")
-            knobs.update(OmegaConf.to_container(cfg.method_overrides, resolve=True))
+            overrides = OmegaConf.to_container(cfg.method_overrides, resolve=True)
+            if not knobs.get("transform") and not overrides.get("transform"):   # transform knobs: for those with one
+                overrides = {k: v for k, v in overrides.items() if not str(k).startswith("transform_")}
+            knobs.update(overrides)
         if isinstance(knobs["budget"], bool) or not isinstance(knobs["budget"], int):
             raise methods.ConfigError(f"{name}: budget={knobs['budget']!r} must be an integer (from "
                                       "method_overrides or the method's config)")
@@ -318,7 +321,7 @@ def plan(cfg: DictConfig) -> Plan:
             identities[id(c)]["method"]["transform_checkpoint_sha256"] = results.file_sha256(files[id(c)])
         folders[id(c)], stored[id(c)] = identity.resolve_folder(base, identities[id(c)], cfg.resume)
         if folders[id(c)] != base:
-            log.info("%s: resume=new -> %s", c.name, folders[id(c)])
+            log.info("%s: resume=new -> %s", c.method_name, folders[id(c)])
     if len(set(folders.values())) != len(folders):
         names = [results.run_name({"name": c.name, **c.knobs()}) for c in compressors]
         repeated = sorted({n for n in names if names.count(n) > 1})
@@ -344,7 +347,12 @@ def transform_files(cfg: DictConfig, compressors: list) -> dict:
     for c in compressors:
         if c.transform is not None and c.transform_checkpoint:
             out[id(c)] = checkpoint.resolve(c.transform_checkpoint, cfg.model.name)
-            checkpoint.load(out[id(c)])
+            _, gates, manifest = checkpoint.load(out[id(c)])
+            if c.transform == "dynakv" and not gates:
+                raise methods.ConfigError(f"transform=dynakv needs trained gates, and {out[id(c)]} holds only PCA "
+                                          "bases (from `kvh dynakv calibrate`); fix: `kvh dynakv train --init` it, "
+                                          "or method=pca_uniform / method=energy with it")
+            checkpoint.check_model(out[id(c)], manifest, cfg.model)
     return out
 
 
@@ -356,7 +364,7 @@ def build_transforms(job: Plan, model) -> None:
         key = transform_key(c)
         if key is not None and key not in job.transforms:
             job.transforms[key] = transforms_for(c.knobs(), model, job.transform_files.get(id(c)))
-            log.info("%s: K/V transform %s on %d layers", c.name, results.transform_name(c.knobs()),
+            log.info("%s: K/V transform %s on %d layers", c.method_name, results.transform_name(c.knobs()),
                      len(job.transforms[key]))
 
 
@@ -455,7 +463,7 @@ def build_samples(cfg: DictConfig, job: Plan, locks: contextlib.ExitStack, token
             folder, stored = identity.resolve_folder(
                 base, job.identities[id(c)], "new",
                 reject=lambda f: bool(identity.conflicts(results.finished(f), digests)))
-            log.info("%s: resume=new -> %s (the earlier folders hold other samples)", c.name, folder)
+            log.info("%s: resume=new -> %s (the earlier folders hold other samples)", c.method_name, folder)
             job.folders[id(c)], job.stored[id(c)] = folder, stored
             if distributed.world()[0] == 0:
                 lock_folder(folder, locks)
@@ -520,7 +528,7 @@ def write_manifests(cfg: DictConfig, job: Plan, lm, chat: bool, all_samples: lis
                           "identity": job.identities[id(c)], "sessions": [session]}
             results.write_json(folder / results.MANIFEST, record)
         finished = sum((s.group, s.id) in done[id(c)] for s in mine)
-        log.info("%s: %d of %d samples already done -> %s", c.name, finished, len(mine), folder)
+        log.info("%s: %d of %d samples already done -> %s", c.method_name, finished, len(mine), folder)
 
 
 def generate_rows(cfg: DictConfig, job: Plan, lm, chat: bool, samples: list[Sample], digests: dict,
@@ -576,7 +584,13 @@ def generate_sample(cfg: DictConfig, job: Plan, lm, chat: bool, sample: Sample, 
     start = time.perf_counter()
     split = {"compressed_tokens": compressed}
     results_by = {}
+    groups = []
     for key, group in transform_groups(todo):
+        # under a split scope each method's appended question is transformed on its own cache: such a group
+        # runs one method at a time, so that the log's calls after the prefill are that method's
+        one_by_one = key is not None and compressed < input_ids.shape[1]
+        groups += [(key, [c]) for c in group] if one_by_one else [(key, group)]
+    for key, group in groups:
         with transformed_for(job, lm, key) as tlog:
             run_fast = fast if key is None else {**fast, "cuda_graphs": False, "compile": False}   # hooks run per call
             if len(group) == 1:
@@ -587,7 +601,7 @@ def generate_sample(cfg: DictConfig, job: Plan, lm, chat: bool, sample: Sample, 
                                      stop_strings, min_new, max_batch=int(cfg.decode_batch), **run_fast, **split)
         for c, out in zip(group, outs):
             extra = {} if tlog is None else transform_fields(lm, tlog, out.report, compressed, input_ids.shape[1],
-                                                             len(group) == 1)
+                                                             len(group) == 1, job.transforms[key])
             results_by[id(c)] = (out, extra)
     elapsed = time.perf_counter() - start
     scores = []
@@ -626,11 +640,24 @@ def transformed_for(job: Plan, lm, key):
         yield tlog
 
 
-def transform_fields(lm, tlog, report, compressed: int, prompt_length: int, own_decode: bool) -> dict:
-    """The row's transform record (``harness.dynakv.accounting.row_fields``) at the model's element size."""
+def transform_fields(lm, tlog, report, compressed: int, prompt_length: int, own_decode: bool,
+                     transforms: dict) -> dict:
+    """The row's transform record (``harness.dynakv.accounting.row_fields``) at the size of an element of the
+    cache (the K projection's output dtype). RuntimeError when a layer of ``transforms`` saw no token."""
     from harness.dynakv.accounting import row_fields, sliding_windows
-    element = next(lm.model.parameters()).element_size()
+    check_transformed(tlog, transforms)
+    element = torch.empty((), dtype=lm.model.get_input_embeddings().weight.dtype).element_size()
     return row_fields(tlog, report, compressed, prompt_length, element, own_decode, sliding_windows(lm.model))
+
+
+def check_transformed(tlog, transforms: dict) -> None:
+    """Every (layer, K/V) of ``transforms`` went through its hook (RuntimeError naming the missing ones): a
+    transform attached but not applied must never pass for one that was."""
+    expected = {(layer, kind) for layer, pair in transforms.items() for kind, t in pair.items() if t is not None}
+    missing = sorted(expected - {key for key, calls in tlog.calls.items() if calls})
+    if missing:
+        raise RuntimeError(f"the K/V transform was attached but layers {missing[:6]} saw no token; the model does "
+                           "not route its keys/values through the hooked modules")
 
 
 def append_row(job: Plan, compressor, sample: Sample, row: dict, writers: dict) -> None:
@@ -651,8 +678,7 @@ def evaluated(cfg: DictConfig, job: Plan, lm, sample: Sample, todo: list, digest
         with transformed_for(job, lm, key) as tlog:
             fields = job.task.evaluate(cfg.task, lm, sample)
         if tlog is not None:
-            if not tlog.calls:
-                raise RuntimeError(f"{group[0].name}: the K/V transform was attached but saw no token of {sample.id}")
+            check_transformed(tlog, job.transforms[key])
             fields |= {"kv_retain_rate": round(tlog.retain_rate(), 6), "kv_retain_rate_k": round(tlog.retain_rate("k"), 6),
                        "kv_retain_rate_v": round(tlog.retain_rate("v"), 6)}
         for c in group:
@@ -671,7 +697,7 @@ def finish(cfg: DictConfig, job: Plan, sample_keys: list[tuple]) -> list[dict]:
     for c in job.compressors:
         folder = job.folders[id(c)]
         distributed.merge(folder, {key: k for k, key in enumerate(sample_keys)})
-        summary = summarize(folder, c.name, job.task.finalize)   # LongBench: datasets, averages
+        summary = summarize(folder, c.method_name, job.task.finalize)   # LongBench: datasets, averages
         if cfg.wandb and summary["samples"]:
             log_to_wandb(cfg, folder, c, summary)
         summaries.append(summary)
