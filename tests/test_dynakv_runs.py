@@ -183,6 +183,7 @@ def test_row_accounting_recomputed_by_hand():
     assert fields["kv_bytes_full"] == 2 * 10 * 16 * 2 and fields["kv_bytes_latent"] == stored * 2
     assert fields["kv_bytes_rank_metadata"] == (4 + 10) * 2 * accounting.RANK_BYTES
     assert accounting.row_fields(log, report, 10, 10, 2, own_decode=False)["kv_retain_rate_generated"] is None
+    assert accounting.row_fields(log, report, 10, 10, 2, per_token_ranks=False)["kv_bytes_rank_metadata"] == 0
     # layer 1 slides over a window of 5 (its cache holds the last 4 tokens), as Gemma 3's local layers do
     slid = accounting.row_fields(log, report, 10, 10, 2, sliding={1: 4})
     stored_slid = sum(int(ranks[(0, k)][0, union].sum()) + int(ranks[(1, k)][0, 6:].sum()) for k in "kv")
@@ -234,9 +235,10 @@ def test_checkpointed_training_gives_the_gradients_of_plain_training(trained):
     bases, _, _ = checkpoint.load(trained / "pca.safetensors")
     lm = runner._MODEL.get(next(iter(runner._MODEL), None)) if runner._MODEL else None
     if lm is None or lm.name != "tiny_llama":
-        from harness.engine.models import load_model
         from omegaconf import OmegaConf
+
         from harness import config
+        from harness.engine.models import load_model
         lm = load_model(OmegaConf.create(OmegaConf.to_container(config.compose(["model=tiny_llama"]).model,
                                                                   resolve=True)))
     ids = torch.randint(2, 258, (2, 64), generator=torch.Generator().manual_seed(1))

@@ -71,7 +71,7 @@ def stored_positions(report: dict | None, compressed: int, prompt_length: int, s
 
 
 def row_fields(log, report: dict | None, compressed: int, prompt_length: int, element_bytes: int,
-               own_decode: bool = True, sliding: dict | None = None) -> dict:
+               own_decode: bool = True, sliding: dict | None = None, per_token_ranks: bool = True) -> dict:
     """The row's transform record: ``kv_retain_rate`` (kept fraction of the joint K/V dimensions over the
     prompt's tokens, layers, K and V), ``_k``/``_v``, ``kv_retain_rate_layers`` ([k, v] per model layer),
     ``kv_retain_rate_generated`` (over the generated tokens; None without any, or when ``own_decode`` is False:
@@ -80,7 +80,8 @@ def row_fields(log, report: dict | None, compressed: int, prompt_length: int, el
     after eviction and transform over what FullKV's cache of the prompt holds: ``2 T d`` per full-attention layer,
     ``2 min(T, held) d`` per sliding-window layer, ``sliding``), ``kv_bytes_full`` (that FullKV cache at
     ``element_bytes``), ``kv_bytes_latent`` (the kept coefficients) and ``kv_bytes_rank_metadata`` (an int16
-    rank per stored token, layer and K/V)."""
+    rank per stored token, layer and K/V; 0 where ``per_token_ranks`` is False: a transform whose rank is the
+    same for every token, pca_uniform and svd_weights, needs none)."""
     ranks = prompt_ranks(log, prompt_length)
     stored = stored_positions(report, compressed, prompt_length, sliding)
     dims = log.dims
@@ -114,7 +115,7 @@ def row_fields(log, report: dict | None, compressed: int, prompt_length: int, el
             "kv_combined_rate": round(combined / cache_dims, 6),
             "kv_bytes_full": cache_dims * element_bytes,
             "kv_bytes_latent": combined * element_bytes,
-            "kv_bytes_rank_metadata": metadata_tokens * RANK_BYTES}
+            "kv_bytes_rank_metadata": metadata_tokens * RANK_BYTES if per_token_ranks else 0}
 
 
 def _after_prompt(calls: list, prompt_length: int) -> list:

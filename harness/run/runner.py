@@ -601,7 +601,7 @@ def generate_sample(cfg: DictConfig, job: Plan, lm, chat: bool, sample: Sample, 
                                      stop_strings, min_new, max_batch=int(cfg.decode_batch), **run_fast, **split)
         for c, out in zip(group, outs):
             extra = {} if tlog is None else transform_fields(lm, tlog, out.report, compressed, input_ids.shape[1],
-                                                             len(group) == 1, job.transforms[key])
+                                                             len(group) == 1, job.transforms[key], c.transform)
             results_by[id(c)] = (out, extra)
     elapsed = time.perf_counter() - start
     scores = []
@@ -641,13 +641,14 @@ def transformed_for(job: Plan, lm, key):
 
 
 def transform_fields(lm, tlog, report, compressed: int, prompt_length: int, own_decode: bool,
-                     transforms: dict) -> dict:
+                     transforms: dict, transform: str) -> dict:
     """The row's transform record (``harness.dynakv.accounting.row_fields``) at the size of an element of the
     cache (the K projection's output dtype). RuntimeError when a layer of ``transforms`` saw no token."""
     from harness.dynakv.accounting import row_fields, sliding_windows
     check_transformed(tlog, transforms)
     element = torch.empty((), dtype=lm.model.get_input_embeddings().weight.dtype).element_size()
-    return row_fields(tlog, report, compressed, prompt_length, element, own_decode, sliding_windows(lm.model))
+    return row_fields(tlog, report, compressed, prompt_length, element, own_decode, sliding_windows(lm.model),
+                      per_token_ranks=transform not in ("pca_uniform", "svd_weights"))
 
 
 def check_transformed(tlog, transforms: dict) -> None:
