@@ -54,6 +54,29 @@ class Basis:
     eigenvalues: torch.Tensor
     mean: torch.Tensor | None = None
 
+    def to(self, device=None, dtype: torch.dtype = torch.float32) -> "Basis":
+        """A copy on ``device`` in ``dtype`` (float32 by default: what the transforms compute in)."""
+        return Basis(self.vectors.to(device, dtype), self.eigenvalues.to(device, dtype),
+                     None if self.mean is None else self.mean.to(device, dtype))
+
+
+def transforms_on(bases: dict, name: str, device_of=lambda layer: None, gates: dict | None = None,
+                  **knobs) -> dict:
+    """The transform ``name`` (with ``knobs``) on every basis of ``bases`` (layer -> {"k"/"v": ``Basis``}): layer ->
+    {"k"/"v": transform}, each with its basis in float32 on ``device_of(layer)``, centred where the basis has a
+    mean; a DynaKV transform gets ``gates[layer][kind]`` there, or a fresh ``TokenGate`` without ``gates``."""
+    out = {}
+    for layer, pair in bases.items():
+        device = device_of(layer)
+        out[layer] = {}
+        for kind, basis in pair.items():
+            t = build_transform(name, centred=basis.mean is not None, **knobs)
+            t.basis = basis.to(device)
+            if isinstance(t, DynaKV):
+                t.gate = (gates[layer][kind] if gates else TokenGate(basis.vectors.shape[0])).to(device)
+            out[layer][kind] = t
+    return out
+
 
 class Moments:
     """Streaming second moments of states ``[N, d]`` (``add`` per batch, float64 sums), so that calibration over
@@ -230,6 +253,11 @@ class LowRankTransform:
         return out.to(x.dtype), ranks
 
 
+def kept_rank(rate: float, d: int) -> int:
+    """``round(rate * d)``, at least 1: the rank a fixed-rate transform keeps of ``d`` dimensions."""
+    return max(1, round(rate * d))
+
+
 def _check_fraction(method: str, knob: str, value, meaning: str, example: float) -> None:
     """``value`` must be a number in (0, 1]; ``ConfigError`` naming the knob, its meaning and an example."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
@@ -249,8 +277,7 @@ class PCAUniform(LowRankTransform):
 
     def ranks(self, coefficients: torch.Tensor) -> torch.Tensor:
         """``round(rate * d)`` (at least 1) for every token: int64 ``[...]``."""
-        d = coefficients.shape[-1]
-        return torch.full(coefficients.shape[:-1], max(1, round(self.rate * d)), dtype=torch.int64,
+        return torch.full(coefficients.shape[:-1], kept_rank(self.rate, coefficients.shape[-1]), dtype=torch.int64,
                           device=coefficients.device)
 
 
@@ -329,13 +356,9 @@ class WeightSVD(LowRankTransform):
         super().__post_init__()
         _check_fraction(self.name, "rate", self.rate, "the fraction of dimensions kept", 0.5)
 
-    def rank(self, d: int) -> int:
-        """``round(rate * d)``, at least 1."""
-        return max(1, round(self.rate * d))
-
     def fit_weight(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "WeightSVD":
         """Factor ``weight`` ``[d, d_model]`` (float32 SVD) keeping ``bias`` ``[d]``; returns self."""
-        self.down, self.up = joint_weight_svd(weight.detach().float(), self.rank(weight.shape[0]))
+        self.down, self.up = joint_weight_svd(weight.detach().float(), kept_rank(self.rate, weight.shape[0]))
         self.bias = None if bias is None else bias.detach().float()
         return self
 

@@ -21,7 +21,8 @@ import torch
 
 from harness.config import reference_dir
 from methods import ConfigError
-from methods.lowrank import Basis, DynaKV, TokenGate, build_transform
+from methods.base import TRANSFORM_KNOBS
+from methods.lowrank import Basis, TokenGate, build_transform, transforms_on
 
 FORMAT = "kv-harness/dynakv-checkpoint/1"
 
@@ -181,18 +182,6 @@ def transforms_for(knobs: dict, model, checkpoint: Path | None) -> dict:
     if name == "dynakv" and not gates:
         raise ConfigError(f"transform=dynakv needs trained gates, and {checkpoint} holds only PCA bases (from `kvh dynakv "
                           "calibrate`); fix: `kvh dynakv train` it, or use method=pca_uniform / method=energy with it")
-    knob = {"pca_uniform": {"rate": knobs.get("transform_rate")}, "energy": {"eta": knobs.get("transform_eta")},
-            "dynakv": {"tau": knobs.get("transform_tau")}}[name]
-    centred = bool(manifest.get("centred", False))
-    out = {}
-    for layer, pair in bases.items():
-        out[layer] = {}
-        device = attention[layer].k_proj.weight.device     # a model spread over devices: each layer's own
-        for kind, basis in pair.items():
-            t = build_transform(name, centred=centred, **knob)
-            t.basis = Basis(basis.vectors.to(device), basis.eigenvalues.to(device),
-                            None if basis.mean is None else basis.mean.to(device))
-            if isinstance(t, DynaKV):
-                t.gate = gates[layer][kind].to(device)
-            out[layer][kind] = t
-    return out
+    knob = TRANSFORM_KNOBS[name]
+    return transforms_on(bases, name, lambda layer: attention[layer].k_proj.weight.device,   # each layer's device
+                         gates, **{knob.removeprefix("transform_"): knobs.get(knob)})

@@ -45,10 +45,10 @@ def token_windows(tokenizer, paths, tokens: int, seq_len: int) -> tuple[torch.Te
     """``(windows [N, seq_len] int64, record)``: the first ``tokens`` tokens (rounded down to whole windows) of
     the files in ``paths``. ``record``: the files read (name, sha256 of their bytes), the window count and
     tokens. ConfigError when the files hold fewer than one window."""
-    from harness.tasks.perplexity import read_text
+    from harness.tasks.perplexity import adds_bos, read_text
     if seq_len < 2:
         raise ConfigError(f"--seq-len {seq_len}: a window needs at least 2 tokens; fix: e.g. 1024")
-    bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
+    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
     body = seq_len - (bos is not None)
     eos = tokenizer.eos_token_id
     needed = max(1, tokens // seq_len) * body
@@ -74,9 +74,3 @@ def token_windows(tokenizer, paths, tokens: int, seq_len: int) -> tuple[torch.Te
     return windows, {"files": used, "windows": count, "seq_len": seq_len, "tokens": count * seq_len,
                      "bos": bos is not None}
 
-
-def _adds_bos(tokenizer) -> bool:
-    if tokenizer.bos_token_id is None:
-        return False
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[0] == tokenizer.bos_token_id

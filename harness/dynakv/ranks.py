@@ -40,10 +40,10 @@ def ranks_over_text(lm, checkpoint: Path, text: str, tokens: int, tau: float, bo
     put the tokenizer's BOS first (None: as the tokenizer does by default)."""
     from harness.dynakv.checkpoint import transforms_for
     from harness.engine.transform import TransformLog, transformed
+    from harness.tasks.perplexity import adds_bos
     model, tokenizer = lm.model, lm.tokenizer
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    default = tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
-    bos = (default if bos is None else bos) and tokenizer.bos_token_id is not None
+    bos = (adds_bos(tokenizer) if bos is None else bos) and tokenizer.bos_token_id is not None
     ids = ([tokenizer.bos_token_id] if bos else []) + ids
     ids = ids[:tokens]
     device = next(model.parameters()).device

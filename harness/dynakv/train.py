@@ -18,7 +18,7 @@ import torch
 
 from harness.engine.posttrain import gate_parameters, objective
 from harness.engine.transform import TransformLog, accumulate_states, transformed
-from methods.lowrank import DynaKV, Moments
+from methods.lowrank import Moments
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +49,11 @@ ETA_GRID = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99)
 def energy_rates(model, bases: dict, windows: torch.Tensor, etas=ETA_GRID, batch_size: int = 8) -> dict:
     """The retain rate the ``energy`` transform realises on ``windows`` at each ``eta``: ``{eta: rate}`` (0-1),
     so that a target rate can be matched (reference-dynakv.md section 9.3: tune eta to hit a mean rate)."""
-    from methods.lowrank import Basis, EnergyAdaptive
+    from methods.lowrank import transforms_on
     device = next(model.parameters()).device
     out = {}
     for eta in etas:
-        transforms = {}
-        for layer, pair in bases.items():
-            transforms[layer] = {}
-            for kind, basis in pair.items():
-                t = EnergyAdaptive(eta=eta, centred=basis.mean is not None)
-                t.basis = Basis(basis.vectors.float().to(device), basis.eigenvalues.float().to(device),
-                                None if basis.mean is None else basis.mean.float().to(device))
-                transforms[layer][kind] = t
+        transforms = transforms_on(bases, "energy", lambda layer: device, eta=eta)
         out[eta] = round(measure(model, transforms, windows, batch_size)["retain_rate"], 4)
     return out
 
@@ -72,17 +65,8 @@ def eta_for_rate(rates: dict, target: float) -> float:
 
 def fresh_transforms(bases: dict, tau: float = 0.1, device=None) -> dict:
     """DynaKV transforms on ``bases`` with fresh gates (keeping every dimension), float32 on ``device``."""
-    from methods.lowrank import Basis, TokenGate
-    out = {}
-    for layer, pair in bases.items():
-        out[layer] = {}
-        for kind, basis in pair.items():
-            t = DynaKV(tau=tau, centred=basis.mean is not None)
-            t.basis = Basis(basis.vectors.float().to(device), basis.eigenvalues.float().to(device),
-                            None if basis.mean is None else basis.mean.float().to(device))
-            t.gate = TokenGate(basis.vectors.shape[0]).to(device)
-            out[layer][kind] = t
-    return out
+    from methods.lowrank import transforms_on
+    return transforms_on(bases, "dynakv", lambda layer: device, tau=tau)
 
 
 def train(model, transforms: dict, windows: torch.Tensor, alpha: float, steps: int, batch_size: int = 8,

@@ -75,9 +75,8 @@ class TransformLog:
         """Kept dimensions over all dimensions (0-1) over the tokens seen, for one ``kind`` and/or one
         ``layer`` or all; NaN before any token."""
         keys = [k for k in self.calls if (kind is None or k[1] == kind) and (layer is None or k[0] == layer)]
-        tokens, ranks = self.tokens, self.rank_sum
-        total = sum(tokens[k] * self.dims[k[0]] for k in keys)
-        return sum(ranks[k] for k in keys) / total if total else float("nan")
+        total = sum(r.numel() * self.dims[k[0]] for k in keys for r in self.calls[k])
+        return sum(int(self._flat(k).sum()) for k in keys) / total if total else float("nan")
 
 
 def _key_module(attention, model_type: str):

@@ -12,16 +12,19 @@ from harness.run import results
 # tables, panels and legends list methods in this order, FullKV first, any other method after them.
 METHOD_NAMES = {"fullkv": "FullKV", "streamingllm": "StreamingLLM", "h2o": "H2O", "snapkv": "SnapKV",
                 "pyramidkv": "PyramidKV", "dynamickv": "DynamicKV"}
-# K/V transforms (methods.lowrank): display name and the knob shown with it
-TRANSFORM_NAMES = {"pca_uniform": ("PCA-uniform", "rate"), "svd_weights": ("SVD-weights (Palu)", "rate"),
-                   "energy": ("Energy (ours)", "eta"), "dynakv": ("DynaKV", "tau")}
+# K/V transforms (methods.lowrank; their knob: methods.base.TRANSFORM_KNOBS): display names
+TRANSFORM_NAMES = {"pca_uniform": "PCA-uniform", "svd_weights": "SVD-weights (Palu)", "energy": "Energy (ours)",
+                   "dynakv": "DynaKV"}
 
 
 def transform_label(knobs: dict) -> str:
     """"DynaKV (tau 0.1)", "PCA-uniform (rate 0.5)" for a method record with a ``transform``."""
-    name, knob = TRANSFORM_NAMES.get(knobs["transform"], (knobs["transform"], None))
-    value = knobs.get(f"transform_{knob}") if knob else None
-    return name if value is None else f"{name} ({knob} {value:g})"
+    from methods.base import TRANSFORM_KNOBS
+    name = knobs["transform"]
+    knob = TRANSFORM_KNOBS.get(name)
+    value = knobs.get(knob) if knob else None
+    label = TRANSFORM_NAMES.get(name, name)
+    return label if value is None else f"{label} ({knob.removeprefix('transform_')} {value:g})"
 
 # What a score field of a results row measures, for colorbars and titles: (task, field) for a field
 # whose meaning depends on the task (every task stores its primary score as "score"), (None, field)

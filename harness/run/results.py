@@ -14,7 +14,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from methods.base import TRANSFORM_FIELDS, ConfigError
+from methods.base import TRANSFORM_FIELDS, TRANSFORM_KNOBS, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,8 @@ def transform_name(knobs: dict) -> str:
     ``pca_uniform_rate0.5_<stem>``, ``svd_weights_rate0.3``, ``energy_eta0.9_<stem>`` (``auto``: the checkpoint
     shipped for the model)."""
     name = knobs["transform"]
-    knob = {"pca_uniform": "rate", "svd_weights": "rate", "energy": "eta", "dynakv": "tau"}[name]
-    parts = [name, f"{knob}{knobs['transform_' + knob]:g}"]
+    knob = TRANSFORM_KNOBS[name]
+    parts = [name, f"{knob.removeprefix('transform_')}{knobs[knob]:g}"]
     checkpoint = knobs.get("transform_checkpoint")
     if checkpoint:
         parts.append(Path(str(checkpoint)).name.removesuffix(".safetensors"))

@@ -591,14 +591,13 @@ def generate_sample(cfg: DictConfig, job: Plan, lm, chat: bool, sample: Sample, 
         one_by_one = key is not None and compressed < input_ids.shape[1]
         groups += [(key, [c]) for c in group] if one_by_one else [(key, group)]
     for key, group in groups:
-        with transformed_for(job, lm, key) as tlog:
-            run_fast = fast if key is None else {**fast, "cuda_graphs": False, "compile": False}   # hooks run per call
+        with transformed_for(job, lm, key) as tlog:   # (the engine decodes without graphs while it is attached)
             if len(group) == 1:
                 outs = [generate(lm.model, lm.tokenizer, input_ids, group[0], sample.max_new_tokens, stops,
-                                 stop_strings, min_new, **run_fast, **split)]
+                                 stop_strings, min_new, **fast, **split)]
             else:
                 outs = generate_many(lm.model, lm.tokenizer, input_ids, group, sample.max_new_tokens, stops,
-                                     stop_strings, min_new, max_batch=int(cfg.decode_batch), **run_fast, **split)
+                                     stop_strings, min_new, max_batch=int(cfg.decode_batch), **fast, **split)
         for c, out in zip(group, outs):
             extra = {} if tlog is None else transform_fields(lm, tlog, out.report, compressed, input_ids.shape[1],
                                                              len(group) == 1, job.transforms[key], c.transform)

@@ -64,12 +64,15 @@ def _cached_ids(path: str, mtime_ns: int, size: int, tokenizer, max_tokens: int 
     return tuple(ids[:max_tokens] if max_tokens else ids)
 
 
-def uses_bos(cfg, tokenizer) -> bool:
-    """``task.bos``, or where null whether the tokenizer puts its BOS first by default."""
-    if cfg.get("bos") is not None:
-        return bool(cfg.bos)
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS first by default."""
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer("x").input_ids[:1] == [bos]
+
+
+def uses_bos(cfg, tokenizer) -> bool:
+    """``task.bos``, or where null whether the tokenizer puts its BOS first by default (``adds_bos``)."""
+    return bool(cfg.bos) if cfg.get("bos") is not None else adds_bos(tokenizer)
 
 
 def windows(total: int, context_length: int, stride: int, bos: bool = False) -> list[tuple[int, int, int]]:
