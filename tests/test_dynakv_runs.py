@@ -296,3 +296,32 @@ def test_attaching_transforms_marks_the_model_for_decoding_without_graphs(tiny):
     with transformed(tiny.model, {}):
         assert getattr(tiny.model, TRANSFORMS_ATTACHED)
     assert not hasattr(tiny.model, TRANSFORMS_ATTACHED)
+
+
+def test_kvh_dynakv_refuses_bad_input_in_one_line_before_the_model_loads(tmp_path, trained, capsys, monkeypatch):
+    from harness import cli
+    from harness.engine import models
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
+    text = str(trained / "text.txt")
+    cases = [
+        (["calibrate", "--model", "tiny_llama", "--text", str(tmp_path / "nope.txt"), "--out", "x.safetensors"],
+         "no such file or folder"),
+        (["calibrate", "--model", "tiny_llama", "--text", text, "--tokens", "0", "--out", "x.safetensors"],
+         "--tokens 0 must be >= 1"),
+        (["train", "--model", "tiny_llama", "--init", str(trained / "pca.safetensors"), "--text", text,
+          "--alpha", "-1", "--out", "x.safetensors"], "--alpha -1.0 must be >= 0"),
+        (["train", "--model", "tiny_llama", "--init", str(trained / "pca.safetensors"), "--text", text,
+          "--alpha", "1", "--lr", "0", "--out", "x.safetensors"], "--lr 0.0 must be > 0"),
+        (["train", "--model", "tiny_llama", "--init", "auto", "--text", text, "--alpha", "1",
+          "--out", "x.safetensors"], "--init=auto: no DynaKV checkpoint is shipped for model tiny_llama"),
+        (["train", "--model", "tiny_llama", "--init", str(checkpoint.shipped("smollm2_135m")), "--text", text,
+          "--alpha", "1", "--out", "x.safetensors"], "was made from other weights"),
+        (["ranks", "--model", "tiny_llama", "--checkpoint", str(trained / "pca.safetensors"), "--text", text,
+          "--out", "x.png"], "holds only PCA bases"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["dynakv", *argv])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith("error: ") and message in err, (argv, err)
+        assert "Traceback" not in err
