@@ -9,7 +9,8 @@ case: rows identical, graphs captured and reused, and any reason capture fell ba
 each prompt runs once without stop ids and once with stop ids under min_new_tokens=3 (the logit bias
 the captured step reads).
 Then, float32, both shapes: every method through the hook on attn_implementation=eager against sdpa
-(tokens and kept positions), which must agree row for row.
+(tokens and kept positions), which must agree row for row; and K/V transforms (DynaKV's hooks) captured in
+the step's graph: tokens and every generated token's kept ranks equal the plain path's.
 """
 
 import sys
@@ -90,4 +91,36 @@ for shape, config in SHAPES.items():
             same += a.token_ids == b.token_ids and positions[0] == positions[1]
     print(f"{shape} float32 eager vs sdpa: {same}/{total} method rows identical (tokens and kept positions)", flush=True)
     failures += same != total
+
+# K/V transforms (DynaKV's hooks) inside the captured step: float32, both shapes, a token-adaptive transform; every
+# row's tokens and every generated token's kept ranks equal the plain path's, and the graph was captured.
+from harness.engine.transform import record_states, transformed  # noqa: E402
+from methods.lowrank import build_transform  # noqa: E402
+
+for shape, config in SHAPES.items():
+    cfg = OmegaConf.create({"name": "tiny", "source": "random", "seed": 0, "tokenizer": "bytes", "dtype": "float32",
+                            "device": "cuda", "attn_implementation": "sdpa", "config": config})
+    lm = load_model(cfg)
+    states = record_states(lm.model, random_ids(256, seed=9).cuda())
+    transforms = {layer: {kind: build_transform("energy", eta=0.8).fit(x) for kind, x in pair.items()}
+                  for layer, pair in states.items()}
+    compressors = [build("fullkv"), build("snapkv", budget=40, window_size=8, granularity="layer")]
+    same = total = 0
+    stats = DecodeStats()
+    for seed, n in ((1, 300), (2, 35), (3, 300)):
+        ids = random_ids(n, seed=seed).cuda()
+        runs = []
+        for decode in ("batched", "plain"):
+            with transformed(lm.model, transforms) as log:
+                outs = generate_many(lm.model, lm.tokenizer, ids, compressors, 40, decode=decode,
+                                     stats=stats if decode == "batched" else None)
+            runs.append((outs, log))
+        (fast, fast_log), (slow, slow_log) = runs
+        for row, (f, s_) in enumerate(zip(fast, slow)):
+            total += 1
+            same += f.token_ids == s_.token_ids and all(
+                torch.equal(fast_log.generated[row][key], slow_log.generated[row][key]) for key in slow_log.generated[row])
+    print(f"{shape} float32 transforms in the graph: {same}/{total} rows identical (tokens and generated ranks); "
+          f"graphs {stats.graphs}, reused {stats.reused}, eager reason {stats.eager_reason}", flush=True)
+    failures += same != total or stats.graphs == 0
 sys.exit(1 if failures else 0)

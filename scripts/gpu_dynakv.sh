@@ -11,7 +11,9 @@
 # c4_validation_2k.jsonl.gz, essays/ (the needle haystack) and longbench/ (multi_news.jsonl, config/).
 # OUT/<model>/ckpt gets pca.safetensors and dynakv_a<alpha>.safetensors; OUT/<model>/results the runs.
 # TIMEOUT=seconds stops each process after that long (finished rows are kept; a re-run resumes). Smaller runs:
-# CALIB_TOKENS, EVAL_TOKENS (the retain rate measured after training), PPL_TOKENS, SNAP_BUDGETS.
+# CALIB_TOKENS, EVAL_TOKENS (the retain rate measured after training), PPL_TOKENS, SNAP_BUDGETS. A subset of the
+# evaluation: TASKS (default "ppl needle longbench"), SKIP (an extended regex: method lines that match it are left
+# out; the lines are printed first).
 set -uo pipefail
 stage=$1; model=$2; gguf=$3; data=$4; out=$5
 export PPL_TOKENS=${PPL_TOKENS:-262144} PYTHONUNBUFFERED=1 KV_HARNESS_CACHE=${KV_HARNESS_CACHE:-/tmp/kv-harness}
@@ -60,21 +62,24 @@ print("fullkv")
 print("snapkv")
 EOF
 )
+TASKS=${TASKS:-ppl needle longbench}
+if [ -n "${SKIP:-}" ]; then mapfile -t picks < <(printf '%s\n' "${picks[@]}" | grep -vE "$SKIP"); fi
+printf 'method: %s\n' "${picks[@]}"
 common=(model="$model" model.source=gguf ++model.path="$gguf" wandb=false progress=never)
 run_tasks() {   # $1: a label, $2: the method's name; the rest: method overrides
   local label=$1 name=$2; shift 2
   {
-    if [ "${name%%+*}" != snapkv ]; then    # eviction changes no logit of a single forward: no perplexity
+    if [ "${name%%+*}" != snapkv ] && [[ " $TASKS " == *" ppl "* ]]; then   # eviction changes no logit of one forward
       for text in "wiki.test.raw:wikitext2" "c4_validation_2k.jsonl.gz:c4"; do
         python3 -m harness run "${common[@]}" results_dir="$res/ppl_${text##*:}" task=perplexity \
             task.text_path="$data/${text%%:*}" task.label="${text##*:}" task.context_length=1024 task.stride=1024 \
             task.max_tokens=$PPL_TOKENS "$@" hydra.run.dir="$logs/hydra/$label/ppl_${text##*:}"
       done
     fi
-    python3 -m harness run "${common[@]}" results_dir="$res/needle" task=needle task.haystack=essays \
+    [[ " $TASKS " != *" needle "* ]] || python3 -m harness run "${common[@]}" results_dir="$res/needle" task=needle task.haystack=essays \
         task.haystack_dir="$data/essays" "task.context_lengths=[$needle_lengths]" "task.depths=[0,25,50,75,100]" \
         "$@" hydra.run.dir="$logs/hydra/$label/needle"
-    [ "$longbench_limit" = 0 ] || python3 -m harness run "${common[@]}" results_dir="$res/longbench" task=longbench task.data_dir="$data/longbench" \
+    [ "$longbench_limit" = 0 ] || [[ " $TASKS " != *" longbench "* ]] || python3 -m harness run "${common[@]}" results_dir="$res/longbench" task=longbench task.data_dir="$data/longbench" \
         task.config_dir="$data/longbench/config" "task.datasets=[multi_news]" task.limit="$longbench_limit" "$@" \
         hydra.run.dir="$logs/hydra/$label/longbench"
   } > "$logs/eval_$label.jsonl" 2> "$logs/eval_$label.log"
@@ -88,7 +93,7 @@ for line in "${picks[@]}"; do
     snapkv) args=("methods=[snapkv]" "budgets=[$SNAP_BUDGETS]" "method_overrides={granularity: layer}") ;;
     *) args=("method=$name"); for kv in $rest; do args+=("$kv"); done ;;
   esac
-  $T bash -c "$(declare -f run_tasks); $(declare -p common data logs res needle_lengths longbench_limit); \
+  $T bash -c "$(declare -f run_tasks); $(declare -p common data logs res needle_lengths longbench_limit TASKS); \
       run_tasks $i-${name/+/_} $name ${args[*]@Q}" &
   pids+=($!)
 done

@@ -171,7 +171,7 @@ def test_row_accounting_recomputed_by_hand():
     decode = {key: torch.randint(1, 9, (1, 1), generator=g) for key in ranks}
     for key in ranks:
         log.add(*key, ranks[key], 8)
-        log.add(*key, decode[key], 8)
+    log.set_generated(0, {key: r.reshape(-1) for key, r in decode.items()})   # row 0: one generated token fed back
     keep = {0: torch.tensor([[[0, 3, 9], [3, 5, 9]]]), 1: None}     # layer 0: two heads, union {0, 3, 5, 9}
     report = {"layers": [{"layer": 0, "positions": keep[0]}, {"layer": 1, "positions": None}]}
     fields = accounting.row_fields(log, report, 10, 10, 2)
@@ -182,7 +182,10 @@ def test_row_accounting_recomputed_by_hand():
     assert fields["kv_retain_rate_generated"] == round(sum(int(r.sum()) for r in decode.values()) / (4 * 8), 6)
     assert fields["kv_bytes_full"] == 2 * 10 * 16 * 2 and fields["kv_bytes_latent"] == stored * 2
     assert fields["kv_bytes_rank_metadata"] == (4 + 10) * 2 * accounting.RANK_BYTES
-    assert accounting.row_fields(log, report, 10, 10, 2, own_decode=False)["kv_retain_rate_generated"] is None
+    assert accounting.row_fields(log, report, 10, 10, 2, row=1)["kv_retain_rate_generated"] is None  # no such row
+    assert accounting.row_fields(log, report, 10, 10, 2, generated_tokens=1)["kv_retain_rate_generated"] > 0
+    with pytest.raises(RuntimeError, match="generated tokens of layer 0 .k., not 2: a decode step bypassed it"):
+        accounting.row_fields(log, report, 10, 10, 2, generated_tokens=2)
     assert accounting.row_fields(log, report, 10, 10, 2, per_token_ranks=False)["kv_bytes_rank_metadata"] == 0
     # layer 1 slides over a window of 5 (its cache holds the last 4 tokens), as Gemma 3's local layers do
     slid = accounting.row_fields(log, report, 10, 10, 2, sliding={1: 4})
@@ -290,12 +293,12 @@ def test_under_a_split_scope_each_stacked_method_accounts_for_its_own_appended_q
             assert a[key] == b[key], key
 
 
-def test_attaching_transforms_marks_the_model_for_decoding_without_graphs(tiny):
-    from harness.engine.batched import TRANSFORMS_ATTACHED
+def test_attaching_transforms_hands_the_decoder_their_log_and_detaches_on_exit(tiny):
+    from harness.engine.batched import TRANSFORMS_ATTACHED, transform_log
     from harness.engine.transform import transformed
-    with transformed(tiny.model, {}):
-        assert getattr(tiny.model, TRANSFORMS_ATTACHED)
-    assert not hasattr(tiny.model, TRANSFORMS_ATTACHED)
+    with transformed(tiny.model, {}) as log:
+        assert transform_log(tiny.model) is log
+    assert not hasattr(tiny.model, TRANSFORMS_ATTACHED) and transform_log(tiny.model) is None
 
 
 def test_kvh_dynakv_refuses_bad_input_in_one_line_before_the_model_loads(tmp_path, trained, capsys, monkeypatch):

@@ -74,6 +74,39 @@ def test_the_engine_decodes_through_the_transform_like_transformers(lm):
             assert ours.token_ids == reference, decode
 
 
+def test_each_rows_generated_ranks_are_recorded_as_transformers_generate_sees_them(lm):
+    """The batched decoder records every generated token's kept ranks per row in place (what a CUDA graph
+    replays); row 0 (FullKV) equals the ranks the hooks log under transformers' ``generate``, one call per token,
+    and every row equals the plain path's, also for rows that stop at different steps."""
+    from harness.engine.shared import generate_many
+    ids = random_ids(60, seed=5)
+    transforms = fitted(lm, "energy", eta=0.8)          # token-adaptive: the ranks differ token to token
+    with transformed(lm.model, transforms) as log:
+        reference = lm.model.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False)[0, 60:].tolist()
+    expected = {key: torch.cat([c.reshape(-1) for c in calls[1:]]) for key, calls in log.calls.items()}  # after prefill
+    assert all(r.numel() == 9 for r in expected.values()) and len({int(r.max()) for r in expected.values()}) > 1
+    compressors = [methods.build("fullkv"), methods.build("snapkv", budget=8, window_size=4, granularity="layer")]
+    with transformed(lm.model, transforms):
+        free = generate_many(lm.model, lm.tokenizer, ids, compressors, 10)
+    stop = next(t for t in free[1].token_ids[2:] if t not in free[0].token_ids)   # row 1 stops early, row 0 not
+    runs = {}
+    for decode in ("batched", "plain"):
+        with transformed(lm.model, transforms) as log:
+            outs = generate_many(lm.model, lm.tokenizer, ids, compressors, 10, [stop], decode=decode)
+        runs[decode] = (outs, log)
+        assert outs[0].token_ids == reference and len(outs[1].token_ids) < 10
+        assert set(log.generated) == {0, 1} and log.tokens[(0, "k")] == 60   # calls: the prompt only
+        for row, out in enumerate(outs):
+            assert {key: r.numel() for key, r in log.generated[row].items()} == \
+                {key: len(out.token_ids) - 1 for key in expected}
+        for key in expected:
+            assert torch.equal(log.generated[0][key], expected[key]), (decode, key)
+    for row in (0, 1):
+        assert runs["batched"][0][row].token_ids == runs["plain"][0][row].token_ids
+        for key in expected:
+            assert torch.equal(runs["batched"][1].generated[row][key], runs["plain"][1].generated[row][key])
+
+
 def test_calibration_states_are_the_joint_pre_rope_vectors(lm):
     ids = random_ids(12, seed=4)
     states = record_states(lm.model, ids)

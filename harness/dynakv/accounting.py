@@ -5,7 +5,7 @@ per-token rank metadata and the paper's omission of it are reported separately).
 The transform runs on every token, so its ranks come from the hook's log (``TransformLog.calls``, in call
 order): the prompt's tokens from the first calls (the prefill, then the appended question under a split
 ``compression_scope``; row 0 of a batched call, every row holding the same prompt), the generated tokens from
-the rest. For an eviction method stacked on the transform (``snapkv+dynakv``), a layer's store holds the
+the decoder, per row (``TransformLog.generated``). For an eviction method stacked on the transform (``snapkv+dynakv``), a layer's store holds the
 union over heads of its kept prompt positions (one latent vector per token serves every head: with
 ``granularity=layer`` every head keeps the same tokens, so the union is that set) plus the appended tokens.
 """
@@ -71,17 +71,22 @@ def stored_positions(report: dict | None, compressed: int, prompt_length: int, s
 
 
 def row_fields(log, report: dict | None, compressed: int, prompt_length: int, element_bytes: int,
-               own_decode: bool = True, sliding: dict | None = None, per_token_ranks: bool = True) -> dict:
+               row: int = 0, generated_tokens: int | None = None, sliding: dict | None = None,
+               per_token_ranks: bool = True) -> dict:
     """The row's transform record: ``kv_retain_rate`` (kept fraction of the joint K/V dimensions over the
     prompt's tokens, layers, K and V), ``_k``/``_v``, ``kv_retain_rate_layers`` ([k, v] per model layer),
-    ``kv_retain_rate_generated`` (over the generated tokens; None without any, or when ``own_decode`` is False:
-    the row was decoded in one batch with other methods' rows, whose tokens the log mixes), ``kv_rank_histogram``
+    ``kv_retain_rate_generated`` (over the generated tokens fed back to the model, row ``row`` of the decode:
+    ``TransformLog.generated``; None without any), ``kv_rank_histogram``
     (``{"k"|"v": {rank: tokens}}`` over the prompt, all layers), ``kv_combined_rate`` (stored dimensions
     after eviction and transform over what FullKV's cache of the prompt holds: ``2 T d`` per full-attention layer,
     ``2 min(T, held) d`` per sliding-window layer, ``sliding``), ``kv_bytes_full`` (that FullKV cache at
     ``element_bytes``), ``kv_bytes_latent`` (the kept coefficients) and ``kv_bytes_rank_metadata`` (an int16
     rank per stored token, layer and K/V; 0 where ``per_token_ranks`` is False: a transform whose rank is the
-    same for every token, pca_uniform and svd_weights, needs none)."""
+    same for every token, pca_uniform and svd_weights, needs none).
+
+    ``generated_tokens``: how many generated tokens the row fed back (its tokens minus the last); when given,
+    every transformed layer must have recorded exactly that many, else ``RuntimeError`` (a decode step that
+    bypassed the transform)."""
     ranks = prompt_ranks(log, prompt_length)
     stored = stored_positions(report, compressed, prompt_length, sliding)
     dims = log.dims
@@ -101,28 +106,26 @@ def row_fields(log, report: dict | None, compressed: int, prompt_length: int, el
     for kind in ("k", "v"):
         values, counts = torch.unique(torch.cat([ranks[(layer, kind)] for layer in layers]), return_counts=True)
         histogram[kind] = {int(v): int(c) for v, c in zip(values, counts)}
-    generated = [r for key, calls in log.calls.items() for r in _after_prompt(calls, prompt_length)] if own_decode else []
-    gen_dims = sum(r.numel() * dims[key[0]] for key, calls in log.calls.items()
-                   for r in _after_prompt(calls, prompt_length)) if own_decode else 0
+    generated = log.generated.get(row, {})
+    if generated_tokens is not None:
+        wrong = sorted(key for key in ranks if generated_tokens and generated.get(key, torch.empty(0)).numel()
+                       != generated_tokens)
+        if wrong:
+            raise RuntimeError(f"the K/V transform saw {generated.get(wrong[0], torch.empty(0)).numel()} generated "
+                               f"tokens of layer {wrong[0][0]} ({wrong[0][1]}), not {generated_tokens}: a decode step "
+                               "bypassed it")
+    gen_kept = sum(int(r.sum()) for r in generated.values())
+    gen_dims = sum(r.numel() * dims[key[0]] for key, r in generated.items())
     full = full_one["k"] + full_one["v"]
     return {"kv_retain_rate": round((kept["k"] + kept["v"]) / full, 6),
             "kv_retain_rate_k": round(kept["k"] / full_one["k"], 6),
             "kv_retain_rate_v": round(kept["v"] / full_one["v"], 6),
             "kv_retain_rate_layers": [[round(float(ranks[(layer, kind)].sum()) / (prompt_length * dims[layer]), 4)
                                        for kind in ("k", "v")] for layer in layers],
-            "kv_retain_rate_generated": round(sum(int(r.sum()) for r in generated) / gen_dims, 6) if gen_dims else None,
+            "kv_retain_rate_generated": round(gen_kept / gen_dims, 6) if gen_dims else None,
             "kv_rank_histogram": histogram,
             "kv_combined_rate": round(combined / cache_dims, 6),
             "kv_bytes_full": cache_dims * element_bytes,
             "kv_bytes_latent": combined * element_bytes,
             "kv_bytes_rank_metadata": metadata_tokens * RANK_BYTES if per_token_ranks else 0}
 
-
-def _after_prompt(calls: list, prompt_length: int) -> list:
-    out, total = [], 0
-    for ranks in calls:
-        tokens = ranks.shape[-1] if ranks.dim() > 1 else ranks.numel()
-        if total >= prompt_length:
-            out.append(ranks.cpu())
-        total += tokens
-    return out

@@ -54,8 +54,52 @@ from harness.engine.compat import IntegrationError
 from harness.engine.stopping import Stopping
 from methods.base import repeat_heads
 
-#: set on a model while K/V transforms are attached (``harness.engine.transform.transformed``)
+#: set on a model while K/V transforms are attached (``harness.engine.transform.transformed``): their log
 TRANSFORMS_ATTACHED = "_kv_harness_transforms_attached"
+
+
+def transform_log(model):
+    """The ``TransformLog`` of the K/V transforms attached to ``model`` (``harness.engine.transform.transformed``),
+    None when none are."""
+    return getattr(model, TRANSFORMS_ATTACHED, None)
+
+
+@contextlib.contextmanager
+def decoding_row(model, row: int):
+    """Plain decoding of row ``row`` (one model call per token): the attached transforms' hooks record each
+    generated token's kept ranks as that row's (``TransformLog.generated``). Nothing when none are attached."""
+    log = transform_log(model)
+    if log is None:
+        yield
+        return
+    log.row = row
+    try:
+        yield
+    finally:
+        log.row = None
+
+
+class RankRecorder:
+    """Kept ranks of the generated tokens while K/V transforms are attached, written in place so that a
+    captured CUDA graph records them on every replay: per ``(layer, kind)`` a ``[steps, B]`` int32 buffer
+    (made at the first write), row ``step`` written by every hooked call of a decode step; ``step`` (``[1]``
+    int64) advances after each step's forward. ``steps`` bounds the decode steps (a slot buffer's capacity)."""
+
+    def __init__(self, steps: int, batch: int, device):
+        self.steps, self.batch, self.device = steps, batch, device
+        self.step = torch.zeros(1, dtype=torch.long, device=device)
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def write(self, key: tuple, ranks: torch.Tensor) -> None:
+        """One decode step's ranks of ``key``, one per row (``[B, 1]`` or ``[B]``)."""
+        buffer = self.buffers.get(key)
+        if buffer is None:
+            buffer = self.buffers[key] = torch.zeros(self.steps, self.batch, dtype=torch.int32, device=self.device)
+        buffer.index_copy_(0, self.step, ranks.reshape(1, self.batch).to(torch.int32))
+
+    def rows(self, b: int, steps: int) -> dict:
+        """Row ``b``'s ranks of its first ``steps`` steps: ``(layer, kind) -> [steps]``."""
+        return {key: buffer[:steps, b] for key, buffer in self.buffers.items()}
 
 SLOT_ATTENTION = "kvharness_slots"
 LONG_BUFFER = 4096   # slots from which a segment's attention uses two matmuls instead of SDPA (see Segment.attend)
@@ -417,12 +461,16 @@ class Decoder:
         self.suppressing: tuple[int, ...] = ()
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_error: str | None = None
+        self.recorder: RankRecorder | None = None    # K/V transforms attached: their generated tokens' ranks
+        self.transforms = None                       # (kept alive: the captured graph reads their tensors)
 
     def reset(self, first_tokens: torch.Tensor, positions: torch.Tensor) -> None:
         """Start a decode: ``first_tokens`` (B token ids) and their ``positions`` (B position ids) are
         copied in place into the ``[B, 1]`` int64 input buffers."""
         self.ids.copy_(first_tokens.view(-1, 1))
         self.positions.copy_(positions.view(-1, 1))
+        if self.recorder is not None:
+            self.recorder.step.zero_()
 
     def suppress(self, ids: list[int]) -> None:
         """The ids the next steps may not choose (in place: a captured graph reads the same buffer)."""
@@ -438,6 +486,8 @@ class Decoder:
         self.ids.copy_((logits[:, -1].float() + self.bias).argmax(dim=-1, keepdim=True))
         self.positions.add_(1)
         self.cache.advance()
+        if self.recorder is not None:
+            self.recorder.step.add_(1)
 
     def capture(self, model) -> bool:
         """Record one step into a CUDA graph (after two eager warm-up steps on a side stream, undone).
@@ -445,7 +495,8 @@ class Decoder:
         Returns True when a graph was captured. Any failure is caught: ``graph_error`` records it
         (``"Type: message"``) and the steps run eagerly. The input buffers and fills are restored
         either way. CUDA only."""
-        saved = self.ids.clone(), self.positions.clone(), self.cache.fills.clone()
+        saved = (self.ids.clone(), self.positions.clone(), self.cache.fills.clone(),
+                 None if self.recorder is None else self.recorder.step.clone())
         try:
             stream = torch.cuda.Stream(device=self.ids.device)
             stream.wait_stream(torch.cuda.current_stream(self.ids.device))
@@ -468,6 +519,8 @@ class Decoder:
         self.ids.copy_(saved[0])
         self.positions.copy_(saved[1])
         self.cache.fills.copy_(saved[2])
+        if saved[3] is not None:
+            self.recorder.step.copy_(saved[3])
 
     def step(self, model, graph: bool) -> None:
         """One greedy step for every row: replay the captured graph when ``graph`` and one exists, else
@@ -562,11 +615,16 @@ def decode_caches(model, first_token: torch.Tensor, caches: list, prompt_length:
     capacities; ``stats``: filled in when given. ``stopped_by`` is ``"stop_token"``, ``"stop_string"``
     or ``"max_new_tokens"``. Raises ``ValueError`` (``row_layers``) for a cache with an empty layer and
     ``IntegrationError`` when the model does not route through the slot cache (``slot_routing``,
-    ``SlotCache.verify_routing``). While a K/V transform is attached (``harness.engine.transform.transformed``)
-    every step runs its hooks: ``cuda_graphs`` and ``compile`` are ignored."""
+    ``SlotCache.verify_routing``).
+
+    While K/V transforms are attached (``harness.engine.transform.transformed``) their hooks are part of the
+    step (and of its CUDA graph: the graph is kept for those transforms only) and each generated token's kept
+    ranks go to the transforms' log, per row (``TransformLog.generated``, row ``i`` the ``i``-th cache);
+    ``compile`` is ignored then (the hooks' bookkeeping is Python)."""
     stats = stats if stats is not None else DecodeStats()
-    if getattr(model, TRANSFORMS_ATTACHED, False):   # the hooks must run at every step: no replayed graph
-        cuda_graphs = compile = False
+    log = transform_log(model)
+    if log is not None:
+        compile = False
     firsts = [int(t) for t in torch.as_tensor(first_token).reshape(-1).tolist()]
     if len(firsts) == 1:
         firsts = firsts * len(caches)
@@ -591,8 +649,8 @@ def decode_caches(model, first_token: torch.Tensor, caches: list, prompt_length:
         batch = len(group)
         pool = pool_for(model)
         reused_before = pool.reuses
-        decoder = pool.get((shape, dtype, str(device), compile),
-                           lambda: Decoder(allocate(shape, dtype, device), batch, vocab, compiled=compile))
+        decoder = pool.get((shape, dtype, str(device), compile, None if log is None else log.identity),
+                           lambda: _decoder(shape, dtype, device, batch, vocab, compile, log))
         stats.reused += pool.reuses - reused_before
         load(decoder.cache, batch_rows, prompt_length)
         current = [firsts[i] for i in group]
@@ -603,7 +661,7 @@ def decode_caches(model, first_token: torch.Tensor, caches: list, prompt_length:
         stats.segments.append(len(segments))
         tokens = [[] for _ in group]
         done: list[str | None] = [None] * batch
-        with slot_routing(model, decoder.cache):
+        with slot_routing(model, decoder.cache), _recording(log, decoder):
             if use_graphs and decoder.graph is None and decoder.graph_error is None:
                 if decoder.capture(model):      # the captured step ran eagerly: its routing is the graph's
                     decoder.cache.verify_routing()
@@ -626,4 +684,30 @@ def decode_caches(model, first_token: torch.Tensor, caches: list, prompt_length:
                 current = decoder.ids.view(-1).tolist()
         for b, i in enumerate(group):
             results[i] = (tokens[b], done[b] or "max_new_tokens")
+            if log is not None:      # the tokens fed back: all but the last
+                log.set_generated(i, decoder.recorder.rows(b, len(tokens[b]) - 1))
     return results
+
+
+def _decoder(shape: tuple, dtype, device, batch: int, vocab: int, compile: bool, log) -> Decoder:
+    """A new ``Decoder`` for ``shape``; with transforms attached (``log``), a ``RankRecorder`` for as many steps
+    as its smallest buffer has slots (every row's capacity covers its steps), and the transforms kept."""
+    decoder = Decoder(allocate(shape, dtype, device), batch, vocab, compiled=compile)
+    if log is not None:
+        steps = min(seg.keys.shape[2] for layer in decoder.cache.layers for seg in layer.segments)
+        decoder.recorder = RankRecorder(steps, batch, device)
+        decoder.transforms = log.transforms
+    return decoder
+
+
+@contextlib.contextmanager
+def _recording(log, decoder: Decoder):
+    """The transforms' hooks write into ``decoder``'s recorder for the block (nothing without ``log``)."""
+    if log is None:
+        yield
+        return
+    log.recorder = decoder.recorder
+    try:
+        yield
+    finally:
+        log.recorder = None

@@ -192,7 +192,8 @@ def generate(model, tokenizer, input_ids: torch.Tensor, compressor: KVCompressor
         if decode == "batched" and batched.spans_devices(cache):
             decode = "plain"   # a model split over devices: the plain path (same tokens)
         if decode == "plain":
-            tokens, stopped_by = decode_loop(model, first, cache, n, max_new_tokens, stopping)
+            with batched.decoding_row(model, 0):
+                tokens, stopped_by = decode_loop(model, first, cache, n, max_new_tokens, stopping)
         report = controller.report
     if decode == "batched":
         [(tokens, stopped_by)] = batched.decode_caches(model, first, [cache], n, max_new_tokens, stopping,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from harness.engine import hook
-from harness.engine.batched import DecodeStats, decode_caches, spans_devices
+from harness.engine.batched import DecodeStats, decode_caches, decoding_row, spans_devices
 from harness.engine.cache import make_cache, text_config
 from harness.engine.compat import check_query_layout
 from harness.engine.generate import Generation, check_decode, check_request, check_split, decode_loop, extend, prefill
@@ -149,7 +149,7 @@ def generate_many(model, tokenizer, input_ids: torch.Tensor, compressors: list[K
         return [Generation(tokens, tokenizer.decode(tokens, skip_special_tokens=True), n, stopped_by, report)
                 for (tokens, stopped_by), (_, report) in zip(decoded, built)]
     out = []
-    for compressor in compressors:
+    for row, compressor in enumerate(compressors):
         cache, report = compressed_cache(shared, compressor)
         first = shared.first_token
         if c < n:
@@ -158,7 +158,8 @@ def generate_many(model, tokenizer, input_ids: torch.Tensor, compressors: list[K
         with attach as controller:  # decoding a query-head cache needs the attention wrapper
             if controller is not None:
                 controller.bind(cache, fresh=False)
-            tokens, stopped_by = decode_loop(model, first, cache, n, max_new_tokens, stopping)
+            with decoding_row(model, row):    # attached K/V transforms: the generated tokens' ranks are this row's
+                tokens, stopped_by = decode_loop(model, first, cache, n, max_new_tokens, stopping)
         out.append(Generation(tokens, tokenizer.decode(tokens, skip_special_tokens=True), n, stopped_by, report))
     return out
 

@@ -35,19 +35,47 @@ KEY_NORM_LAYOUT = {"qwen3": "tokens_heads", "qwen3_moe": "tokens_heads", "gemma3
 
 @dataclass
 class TransformLog:
-    """What the transforms kept: per model layer and ``"k"``/``"v"``, the kept-rank tensor of every hooked call
-    in order (``calls``; kept on the device, so logging never synchronises), the joint width ``d`` per layer
-    (``dims``), and in soft mode each call's mean mask (``soft_rates``). ``tokens``, ``rank_sum`` and
-    ``histogram`` (``rank -> tokens``) summarise the calls."""
+    """What the transforms kept.
+
+    ``calls``: per model layer and ``"k"``/``"v"``, the kept-rank tensor of every hooked call outside decoding, in
+    order (the prompt: the prefill, then an appended question; kept on the device, so logging never
+    synchronises); ``generated``: per decoded row (its index among the caches of one ``decode_caches`` or
+    ``generate_many`` call; 0 for ``generate``), ``(layer, kind) -> int64 [tokens]``, the kept rank of each
+    generated token fed back to the model; ``dims``: the joint width ``d`` per layer; ``soft_rates``: in soft
+    mode each call's mean mask. ``tokens``, ``rank_sum``, ``histogram`` and ``retain_rate`` summarise ``calls``.
+
+    While decoding, ``add`` does not append: the decoder sets ``recorder`` (batched decoding: ranks written in
+    place into the decoder's fixed buffers, which a captured CUDA graph replays) or ``row`` (plain decoding,
+    one model call per token), and hands the ranks over per row (``set_generated``). ``identity`` names the
+    attached transforms (a key for the decoders, and their graphs, built while they are attached);
+    ``transforms`` holds them."""
 
     calls: dict = field(default_factory=lambda: defaultdict(list))
     dims: dict = field(default_factory=dict)
     soft_rates: list = field(default_factory=list)   # training (mode="soft"): each hooked call's mean soft mask
+    generated: dict = field(default_factory=dict)    # row -> {(layer, kind): int64 [tokens]}
+    recorder: object = None                          # batched decoding: RankRecorder of the decoder
+    row: int | None = None                           # plain decoding: the row whose token this is
+    transforms: dict = field(default_factory=dict, repr=False)
+    identity: tuple = ()
 
     def add(self, layer: int, kind: str, ranks: torch.Tensor, d: int) -> None:
         """Record the kept ``ranks`` (int ``[...]``, one per token) of ``layer``'s ``kind`` (``k``/``v``)."""
-        self.calls[(layer, kind)].append(ranks.detach())
         self.dims[layer] = d
+        if self.recorder is not None:
+            self.recorder.write((layer, kind), ranks)
+        elif self.row is not None:
+            row = self.generated.setdefault(self.row, {})
+            key = (layer, kind)
+            row[key] = torch.cat([row[key], ranks.detach().reshape(-1).cpu()]) if key in row \
+                else ranks.detach().reshape(-1).cpu()
+        else:
+            self.calls[(layer, kind)].append(ranks.detach())
+
+    def set_generated(self, row: int, ranks: dict) -> None:
+        """Row ``row``'s generated tokens' kept ranks, ``(layer, kind) -> int64 [tokens]`` (from a decoder's
+        recorder)."""
+        self.generated[row] = {key: r.reshape(-1).to("cpu", torch.int64) for key, r in ranks.items()}
 
     def _flat(self, key) -> torch.Tensor:
         return torch.cat([r.reshape(-1).cpu() for r in self.calls[key]])
@@ -166,7 +194,10 @@ def transformed(model, transforms: dict, log: TransformLog | None = None, mode: 
         missing = sorted(set(transforms) - known)
         if missing:
             raise IntegrationError(f"transforms for layers {missing}, which {type(model).__name__} does not have")
-        setattr(model, TRANSFORMS_ATTACHED, True)    # decoding then runs every step's hooks (no CUDA graph)
+        log.transforms = transforms
+        log.identity = tuple(sorted((layer, kind, id(t)) for layer, pair in transforms.items()
+                                    for kind, t in pair.items() if t is not None))
+        setattr(model, TRANSFORMS_ATTACHED, log)     # the decoders record generated tokens' ranks through it
         yield log
     finally:
         for handle in handles:

@@ -591,16 +591,17 @@ def generate_sample(cfg: DictConfig, job: Plan, lm, chat: bool, sample: Sample, 
         one_by_one = key is not None and compressed < input_ids.shape[1]
         groups += [(key, [c]) for c in group] if one_by_one else [(key, group)]
     for key, group in groups:
-        with transformed_for(job, lm, key) as tlog:   # (the engine decodes without graphs while it is attached)
+        with transformed_for(job, lm, key) as tlog:
             if len(group) == 1:
                 outs = [generate(lm.model, lm.tokenizer, input_ids, group[0], sample.max_new_tokens, stops,
                                  stop_strings, min_new, **fast, **split)]
             else:
                 outs = generate_many(lm.model, lm.tokenizer, input_ids, group, sample.max_new_tokens, stops,
                                      stop_strings, min_new, max_batch=int(cfg.decode_batch), **fast, **split)
-        for c, out in zip(group, outs):
+        for row, (c, out) in enumerate(zip(group, outs)):
             extra = {} if tlog is None else transform_fields(lm, tlog, out.report, compressed, input_ids.shape[1],
-                                                             len(group) == 1, job.transforms[key], c.transform)
+                                                             row, len(out.token_ids) - 1, job.transforms[key],
+                                                             c.transform)
             results_by[id(c)] = (out, extra)
     elapsed = time.perf_counter() - start
     scores = []
@@ -639,15 +640,16 @@ def transformed_for(job: Plan, lm, key):
         yield tlog
 
 
-def transform_fields(lm, tlog, report, compressed: int, prompt_length: int, own_decode: bool,
+def transform_fields(lm, tlog, report, compressed: int, prompt_length: int, row: int, generated_tokens: int,
                      transforms: dict, transform: str) -> dict:
-    """The row's transform record (``harness.dynakv.accounting.row_fields``) at the size of an element of the
-    cache (the K projection's output dtype). RuntimeError when a layer of ``transforms`` saw no token."""
+    """The record of row ``row`` of the decode (``harness.dynakv.accounting.row_fields``; ``generated_tokens`` fed
+    back to the model) at the size of an element of the cache (the K projection's output dtype). RuntimeError
+    when a layer of ``transforms`` saw no token, or not every generated token."""
     from harness.dynakv.accounting import row_fields, sliding_windows
     check_transformed(tlog, transforms)
     element = torch.empty((), dtype=lm.model.get_input_embeddings().weight.dtype).element_size()
-    return row_fields(tlog, report, compressed, prompt_length, element, own_decode, sliding_windows(lm.model),
-                      per_token_ranks=transform not in ("pca_uniform", "svd_weights"))
+    return row_fields(tlog, report, compressed, prompt_length, element, row, generated_tokens,
+                      sliding_windows(lm.model), per_token_ranks=transform not in ("pca_uniform", "svd_weights"))
 
 
 def check_transformed(tlog, transforms: dict) -> None:
