@@ -28,10 +28,17 @@ attaching them to a model (the K/V transform hook) is the harness's part. Choice
 are knobs with our defaults named: ``centred`` (PCA of centred states; the paper subtracts no mean in
 ``x @ U``, so the default is False), ``reconstruction`` (``inverse``: ``U^-1`` as the paper; ``transpose``:
 ``U^T``, exact for an orthogonal ``U``).
+
+The paper trains ``U`` with the gates, from its PCA initialisation, without constraining it to stay orthogonal
+(reference-dynakv.md section 2.1; how it keeps ``U^-1`` is not stated). ``DynaKV.learn_basis`` makes a
+transform's ``U`` trainable (``TrainableBasis``) in the way its ``reconstruction`` implies: a free matrix
+reconstructed by ``torch.linalg.inv`` (``inverse``), or a matrix kept orthogonal by parametrisation so that
+``U^-1 = U^T`` exactly (``transpose``); ``DynaKV.freeze_basis`` writes the trained ``U`` back as a plain basis.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -42,6 +49,8 @@ import torch
 from methods.base import ConfigError
 
 RECONSTRUCTIONS = ("inverse", "transpose")
+#: what DynaKV's training does with the bases: keep them (PCA), or train them with the gates
+BASIS_CHOICES = ("frozen", "train")
 
 
 @dataclass
@@ -195,6 +204,40 @@ class TokenGate(torch.nn.Module):
         return retain_mask(torch.softmax(logits.float(), dim=-1)).to(rotated.dtype)
 
 
+class TrainableBasis(torch.nn.Module):
+    """A per-layer basis ``U`` ``[d, d]`` being trained with the gates (reference-dynakv.md section 2.1: ``U`` is
+    PCA-initialised, then trained; the paper does not constrain it to stay orthogonal and does not say how it
+    keeps ``U^-1``). Its parameters are float32; ``vectors`` is ``U`` (column ``i`` is direction ``i``).
+
+    ``orthogonal=False`` (``reconstruction="inverse"``): ``vectors`` is a free parameter, initialised to
+    ``init``; the reconstruction is ``torch.linalg.inv(U)``, recomputed in float32 and differentiable.
+    ``orthogonal=True`` (``reconstruction="transpose"``): ``vectors`` is parametrised on the orthogonal group
+    (``torch.nn.utils.parametrizations.orthogonal``: the matrix exponential of a skew-symmetric parameter,
+    times ``init``), so ``U^-1 = U^T`` at every step; ``init`` must then be orthogonal (PCA eigenvectors are),
+    and one that is not to float32 tolerance (a basis stored in bfloat16) is first re-orthogonalised by QR.
+
+    ``forward() -> (U, U^-1)``, float32 ``[d, d]`` each, autocast off. ``ValueError`` for ``init`` not ``[d, d]``."""
+
+    def __init__(self, init: torch.Tensor, orthogonal: bool = False):
+        super().__init__()
+        if init.dim() != 2 or init.shape[0] != init.shape[1]:
+            raise ValueError(f"a basis must be [d, d]; got {tuple(init.shape)}")
+        self.orthogonal = orthogonal
+        self.vectors = torch.nn.Parameter(init.detach().to(torch.float32).clone())
+        if orthogonal:
+            torch.nn.utils.parametrizations.orthogonal(self, "vectors")
+
+    def matrix(self) -> torch.Tensor:
+        """``U`` (float32 ``[d, d]``; orthogonal: computed from the parameter on each call, autocast off)."""
+        with torch.autocast(device_type=next(self.parameters()).device.type, enabled=False):
+            return self.vectors
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        vectors = self.matrix()
+        with torch.autocast(device_type=vectors.device.type, enabled=False):
+            return vectors, vectors.T if self.orthogonal else torch.linalg.inv(vectors)
+
+
 @dataclass
 class LowRankTransform:
     """Base of the token-wise low-rank transforms of one layer's K or V (``d`` = KV heads x head dim).
@@ -219,23 +262,39 @@ class LowRankTransform:
         self.basis = pca_basis(states, centred=self.centred)
         return self
 
+    def basis_vectors(self) -> torch.Tensor:
+        """``U`` ``[d, d]`` (column ``i`` is direction ``i``): the basis' ``vectors``. RuntimeError before ``fit``."""
+        if self.basis is None:
+            raise RuntimeError(f"{self.name}: no basis; call fit(states) first")
+        return self.basis.vectors
+
     def _inverse(self) -> torch.Tensor:
-        vectors = self.basis.vectors
+        """``U^-1`` ``[d, d]`` (``U^T`` for ``reconstruction="transpose"``), in ``U``'s dtype.
+
+        A ``U`` that requires grad, under grad mode, gets a fresh ``torch.linalg.inv`` in this call's graph and
+        nothing is cached. Otherwise the inverse is computed once, without a graph, and cached against the
+        tensor itself (held, so that a freed tensor's id reused by a new one cannot match) and its ``_version``
+        (bumped by any in-place change, an optimizer step included): a replaced or updated ``U`` is never
+        answered with an old inverse, and no cached tensor carries an autograd graph across calls."""
+        vectors = self.basis_vectors()
         if self.reconstruction == "transpose":
             return vectors.T
-        key = (id(vectors), vectors._version, tuple(vectors.shape))   # computed once per basis, not per call
-        if getattr(self, "_inverse_key", None) != key:
-            self._inverse_cache, self._inverse_key = torch.linalg.inv(vectors), key
-        return self._inverse_cache
+        if vectors.requires_grad and torch.is_grad_enabled():
+            return torch.linalg.inv(vectors)
+        version = None if vectors.is_inference() else vectors._version
+        cached = getattr(self, "_inverse_cache", None)
+        if cached is None or cached[0] is not vectors or cached[1] != version:
+            with torch.inference_mode(False), torch.no_grad():   # a plain tensor, usable in and out of inference
+                self._inverse_cache = (vectors, version, torch.linalg.inv(vectors))
+        return self._inverse_cache[2]
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., d]`` -> coefficients ``[..., d]`` in the basis (float64 or the basis dtype)."""
-        if self.basis is None:
-            raise RuntimeError(f"{self.name}: no basis; call fit(states) first")
-        x = x.to(self.basis.vectors.dtype)
+        vectors = self.basis_vectors()
+        x = x.to(vectors.dtype)
         if self.basis.mean is not None:
             x = x - self.basis.mean
-        return x @ self.basis.vectors
+        return x @ vectors
 
     def ranks(self, coefficients: torch.Tensor) -> torch.Tensor:
         """The kept rank per token (int64 ``[...]``) of ``coefficients`` ``[..., d]``; subclasses decide."""
@@ -301,11 +360,69 @@ class EnergyAdaptive(LowRankTransform):
 @dataclass
 class DynaKV(LowRankTransform):
     """The learned gate (``gate``: a ``TokenGate``) with ``tau`` for inference ranks; ``soft(x)`` is the
-    training path (the continuous mask, differentiable in ``gate``)."""
+    training path (the continuous mask, differentiable in ``gate``, and in ``U`` while ``learned_basis`` is set:
+    ``learn_basis``, ``step_basis``, ``freeze_basis``)."""
 
     name: ClassVar[str] = "dynakv"
     tau: float = 0.1
     gate: TokenGate | None = dataclasses.field(default=None, repr=False)
+    #: ``U`` while it is being trained (``learn_basis``); None: ``basis.vectors`` is ``U``
+    learned_basis: TrainableBasis | None = dataclasses.field(default=None, repr=False)
+
+    def learn_basis(self) -> TrainableBasis:
+        """Make ``U`` trainable from the current ``basis`` (the PCA one, the paper's initialisation): a
+        ``TrainableBasis`` on the basis' device, orthogonal when ``reconstruction="transpose"``. The basis'
+        eigenvalues and mean stay (as float32 from now on); no tensor of the basis is modified (the calibration's
+        bases may be shared with other transforms). Returns it (the same one on a second call). RuntimeError
+        before ``fit``."""
+        if self.learned_basis is None:
+            vectors = self.basis_vectors()
+            self.basis = self.basis.to(vectors.device)     # float32 mean: the soft path computes in float32
+            self.learned_basis = TrainableBasis(vectors, orthogonal=self.reconstruction == "transpose").to(
+                vectors.device)
+        return self.learned_basis
+
+    def freeze_basis(self) -> None:
+        """End training ``U``: the trained ``U`` (float32, detached) becomes ``basis.vectors`` of a new ``Basis``
+        with the same eigenvalues (the calibration's) and mean; nothing without ``learned_basis``."""
+        if self.learned_basis is None:
+            return
+        with torch.no_grad():
+            vectors = self.learned_basis.matrix().detach().clone()
+        self.basis = Basis(vectors, self.basis.eigenvalues, self.basis.mean)
+        self.learned_basis = None
+
+    @contextlib.contextmanager
+    def step_basis(self):
+        """For one training step (forward and backward): ``(U, U^-1)`` computed once from ``learned_basis`` and
+        used by every call in the block, gradient checkpointing's recomputation included (it sees the tensors of
+        the forward, made outside the checkpointed layers); dropped on exit, so that no tensor of this step's
+        graph serves a later step. Nothing without ``learned_basis``."""
+        if self.learned_basis is None:
+            yield
+            return
+        self._step_basis = self.learned_basis()
+        try:
+            yield
+        finally:
+            self._step_basis = None
+
+    def basis_vectors(self) -> torch.Tensor:
+        """``U``: this step's (``step_basis``), else the trained one's current value, else ``basis.vectors``."""
+        step = getattr(self, "_step_basis", None)
+        if step is not None:
+            return step[0]
+        if self.learned_basis is not None:
+            return self.learned_basis.matrix()
+        return super().basis_vectors()
+
+    def _inverse(self) -> torch.Tensor:
+        step = getattr(self, "_step_basis", None)
+        if step is not None:
+            return step[1]
+        if self.learned_basis is not None:
+            return self.learned_basis()[1]
+        return super()._inverse()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -314,9 +431,10 @@ class DynaKV(LowRankTransform):
                               "is 0.1); fix: e.g. tau=0.1")
 
     def fit(self, states: torch.Tensor) -> "DynaKV":
-        """The PCA basis of ``states`` ``[N, d]`` (the paper's initialisation) and, if there is none yet, a
-        fresh ``TokenGate`` that keeps every dimension; returns self."""
+        """The PCA basis of ``states`` ``[N, d]`` (the paper's initialisation; a basis being trained is dropped)
+        and, if there is none yet, a fresh ``TokenGate`` that keeps every dimension; returns self."""
         super().fit(states)
+        self.learned_basis = None
         if self.gate is None:
             self.gate = TokenGate(states.shape[-1]).to(states.device)
         return self
@@ -327,7 +445,8 @@ class DynaKV(LowRankTransform):
 
     def soft(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Training: ``(x^, m)`` with ``x^ = (x~ * m) @ U^-1`` and the soft mask ``m [..., d]``, in float32 even
-        under autocast (inference computes in float32 too: training must see the same transform)."""
+        under autocast (inference computes in float32 too: training must see the same transform). ``x^`` is in
+        ``x``'s dtype; differentiable in the gate and, while it is being trained, in ``U``."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             coefficients = self.rotate(x).float()
             mask = self.gate(coefficients)

@@ -232,8 +232,10 @@ def test_the_shipped_checkpoint_is_a_trained_smollm2_one_with_its_record():
 
 
 def test_checkpointed_training_gives_the_gradients_of_plain_training(trained):
+    """Gates and, with a trained basis (each reconstruction), U: the same gradients with and without gradient
+    checkpointing (its recomputation sees the step's U and U^-1)."""
     from harness.dynakv.train import fresh_transforms
-    from harness.engine.posttrain import gate_parameters, objective
+    from harness.engine.posttrain import gate_parameters, learning_bases, objective
     from methods.lowrank import TokenGate
     bases, _, _ = checkpoint.load(trained / "pca.safetensors")
     lm = runner._MODEL.get(next(iter(runner._MODEL), None)) if runner._MODEL else None
@@ -245,25 +247,29 @@ def test_checkpointed_training_gives_the_gradients_of_plain_training(trained):
         lm = load_model(OmegaConf.create(OmegaConf.to_container(config.compose(["model=tiny_llama"]).model,
                                                                   resolve=True)))
     ids = torch.randint(2, 258, (2, 64), generator=torch.Generator().manual_seed(1))
-    grads = []
-    for checkpointing in (False, True):
-        transforms = fresh_transforms(bases)
-        for pair in transforms.values():
-            for t in pair.values():
-                with torch.no_grad():
-                    t.gate.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
-        if checkpointing:
-            lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            lm.model.train()
-        lm.model.requires_grad_(False)
-        try:
-            objective(lm.model, transforms, ids, alpha=3.0, backward=True)
-        finally:
-            lm.model.gradient_checkpointing_disable()
-            lm.model.eval()
-            lm.model.requires_grad_(True)
-        grads.append([p.grad.clone() for p in gate_parameters(transforms)])
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads)) and any(g.abs().sum() > 0 for g in grads[0])
+    for basis, reconstruction in (("frozen", "inverse"), ("train", "inverse"), ("train", "transpose")):
+        grads = []
+        for checkpointing in (False, True):
+            transforms = fresh_transforms(bases, reconstruction=reconstruction)
+            for pair in transforms.values():
+                for t in pair.values():
+                    with torch.no_grad():
+                        t.gate.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+            if checkpointing:
+                lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                lm.model.train()
+            lm.model.requires_grad_(False)
+            try:
+                with learning_bases(transforms, basis) as basis_params:
+                    objective(lm.model, transforms, ids, alpha=3.0, backward=True)
+                    grads.append([p.grad.clone() for p in gate_parameters(transforms) + basis_params])
+            finally:
+                lm.model.gradient_checkpointing_disable()
+                lm.model.eval()
+                lm.model.requires_grad_(True)
+        assert len(grads[0]) == 4 * 2 * (2 if basis == "frozen" else 3), basis     # 4 layers, K and V
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads)), (basis, reconstruction)
+        assert all(g.abs().sum() > 0 for g in grads[0]), (basis, reconstruction)      # every gate and U learns
     assert isinstance(fresh_transforms(bases)[0]["k"].gate, TokenGate)
 
 

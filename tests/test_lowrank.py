@@ -7,8 +7,10 @@ import torch
 
 from methods import ConfigError
 from methods.lowrank import (
+    Basis,
     DynaKV,
     TokenGate,
+    TrainableBasis,
     build_transform,
     energy_ranks,
     hard_ranks,
@@ -113,6 +115,72 @@ def test_inverse_reconstruction_is_exact_for_a_non_orthogonal_basis():
     transpose = DynaKV(tau=0.1, reconstruction="transpose").fit(x)
     transpose.basis.vectors = transform.basis.vectors
     assert not torch.allclose(transpose.apply(x)[0], x, atol=1e-3)   # U^T is not U^-1 here
+
+
+def test_the_cached_inverse_follows_the_basis_and_never_carries_a_graph():
+    x = states(d=8)
+    transform = DynaKV(tau=0.1).fit(x)
+    first = transform._inverse()
+    assert transform._inverse() is first                                # computed once per basis
+    with torch.no_grad():
+        transform.basis.vectors.mul_(2.0)                               # in place, as an optimizer step is
+    torch.testing.assert_close(transform._inverse(), first / 2.0)
+    transform.basis = Basis(transform.basis.vectors.clone() + 0.1, transform.basis.eigenvalues)   # replaced
+    torch.testing.assert_close(transform._inverse(), torch.linalg.inv(transform.basis.vectors))
+    u = transform.basis.vectors.clone().requires_grad_(True)
+    transform.basis = Basis(u, transform.basis.eigenvalues)
+    with torch.no_grad():
+        cached = transform._inverse()
+    assert cached.grad_fn is None
+    a, b = transform._inverse(), transform._inverse()                   # under grad: fresh, in each call's graph
+    assert a is not b and a.grad_fn is not None and b.grad_fn is not None
+    a.sum().backward()
+    b.sum().backward()                                                  # no freed graph shared between the two
+    torch.testing.assert_close(u.grad, 2 * torch.autograd.grad(torch.linalg.inv(u).sum(), u)[0])
+
+
+@pytest.mark.parametrize("orthogonal", [False, True])
+def test_a_trainable_basis_starts_at_its_init_and_keeps_its_reconstruction(orthogonal):
+    init = pca_basis(states(d=8)).vectors.float()
+    basis = TrainableBasis(init, orthogonal=orthogonal)
+    u, inverse = basis()
+    assert torch.equal(u.detach(), init) and u.dtype == torch.float32
+    adamw = torch.optim.AdamW(basis.parameters(), lr=0.1, weight_decay=0.0)
+    for _ in range(5):
+        adamw.zero_grad()
+        (basis.matrix() @ torch.arange(8.0)).square().sum().backward()
+        adamw.step()
+    u, inverse = basis()
+    assert (u - init).abs().max() > 1e-2                                # it moved
+    torch.testing.assert_close(u @ inverse, torch.eye(8), rtol=0, atol=1e-5)
+    off = (u.T @ u - torch.eye(8)).abs().max()
+    assert off < 1e-5 if orthogonal else off > 1e-3                     # U^T = U^-1 only when kept orthogonal
+    if orthogonal:                                                      # a non-orthogonal init is re-orthogonalised
+        q = TrainableBasis(init.bfloat16().float(), orthogonal=True).matrix()
+        torch.testing.assert_close(q.T @ q, torch.eye(8), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"must be \[d, d\]"):
+        TrainableBasis(torch.zeros(3, 4))
+
+
+def test_learning_a_basis_trains_u_and_freezing_writes_it_back():
+    x = states(d=8)
+    transform = DynaKV(tau=0.1).fit(x)
+    pca, pca_copy, eigenvalues = transform.basis.vectors, transform.basis.vectors.clone(), transform.basis.eigenvalues
+    learned = transform.learn_basis()
+    assert transform.learn_basis() is learned and torch.equal(transform.basis_vectors().detach(), pca.float())
+    with transform.step_basis():                                        # one U and U^-1 for the whole step
+        step = transform._step_basis
+        assert transform.basis_vectors() is step[0] and transform._inverse() is step[1]
+        out, _ = transform.soft(x.float())
+        out.sum().backward()
+    assert transform._step_basis is None and learned.vectors.grad.abs().sum() > 0
+    with torch.no_grad():
+        learned.vectors.add_(0.05)
+    transform.freeze_basis()
+    assert transform.learned_basis is None and torch.equal(transform.basis.vectors, (pca.float() + 0.05))
+    assert torch.equal(pca, pca_copy) and torch.equal(transform.basis.eigenvalues, eigenvalues.float())  # untouched
+    assert not transform.basis.vectors.requires_grad
+    torch.testing.assert_close(transform._inverse(), torch.linalg.inv(transform.basis.vectors))
 
 
 def test_bad_knobs_name_the_value_and_the_fix():

@@ -3,13 +3,18 @@ safetensors file with its manifest (reference-dynakv.md sections 2 and 3).
 
 Tensors, one set per model layer ``L`` and ``kind`` in ``k``/``v``:
 
-* ``layers.L.kind.basis`` ``[d, d]`` (column ``i`` is direction ``i``), ``layers.L.kind.eigenvalues`` ``[d]``,
-  ``layers.L.kind.mean`` ``[d]`` (centred bases only);
+* ``layers.L.kind.basis`` ``[d, d]`` (column ``i`` is direction ``i``): ``U``, the PCA eigenvectors, or after
+  ``kvh dynakv train --basis train`` the trained ``U``; ``layers.L.kind.eigenvalues`` ``[d]`` (always the
+  calibration's), ``layers.L.kind.mean`` ``[d]`` (centred bases only);
 * ``layers.L.kind.gate.weight`` ``[d, d]`` and ``layers.L.kind.gate.bias`` ``[d]`` (trained checkpoints only).
 
 The manifest (JSON) is stored twice: in the file's safetensors metadata (``manifest``), so a file is never
 separated from its record, and beside it as ``<stem>.json`` for reading. It records the model, the data and
-token counts, and for a trained checkpoint ``alpha``, the steps and the retain rate measured after saving.
+token counts, and for a trained checkpoint ``alpha``, the steps and the retain rate measured after saving, and
+``basis`` (``pca`` or ``trained``) and ``reconstruction`` (``inverse``: ``U^-1``; ``transpose``: ``U^T``), the
+reconstruction the gates (and a trained ``U``) were trained with. Every transform built on the checkpoint
+(``transforms_for``) reconstructs that way; a checkpoint without the key (a calibration, or one trained before
+the key existed, with ``inverse``) reconstructs with ``inverse``.
 """
 
 from __future__ import annotations
@@ -160,8 +165,9 @@ def transforms_for(knobs: dict, model, checkpoint: Path | None) -> dict:
     """The per-layer transforms of a method's knobs (``transform``, ``transform_rate``/``_eta``/``_tau``) on
     ``model``: model layer -> {"k": t, "v": t}. ``svd_weights`` factorises the model's own ``k_proj``/``v_proj``;
     the others read their bases (and ``dynakv`` its gates) from ``checkpoint``, whose layers and widths must
-    be the model's. Raises ConfigError for a checkpoint that does not fit the model or has no gates for
-    ``dynakv``."""
+    be the model's, and reconstruct as it records (``reconstruction_of``). Raises ConfigError for a checkpoint
+    that does not fit the model, has no gates for ``dynakv``, or was trained with another reconstruction than
+    ``knobs`` asks for."""
     from harness.engine.hook import all_attention_modules
     from harness.engine.transform import joint_widths
     name = knobs["transform"]
@@ -184,4 +190,20 @@ def transforms_for(knobs: dict, model, checkpoint: Path | None) -> dict:
                           "calibrate`); fix: `kvh dynakv train` it, or use method=pca_uniform / method=energy with it")
     knob = TRANSFORM_KNOBS[name]
     return transforms_on(bases, name, lambda layer: attention[layer].k_proj.weight.device,   # each layer's device
-                         gates, **{knob.removeprefix("transform_"): knobs.get(knob)})
+                         gates, reconstruction=reconstruction_of(checkpoint, manifest, knobs),
+                         **{knob.removeprefix("transform_"): knobs.get(knob)})
+
+
+def reconstruction_of(checkpoint: Path, manifest: dict, knobs: dict) -> str:
+    """How transforms on ``checkpoint`` reconstruct: the ``reconstruction`` its ``manifest`` records (what its gates
+    and a trained ``U`` were trained with), else a ``transform_reconstruction`` of ``knobs``, else ``inverse``. A
+    knob that disagrees with a recorded value is refused (ConfigError naming both and the fix): a trained basis
+    is only right with the reconstruction it was trained with (a free ``U`` is not orthogonal, so ``U^T`` is not
+    its inverse), and the gates learnt their cut-offs through it. (``methods.base.TRANSFORM_FIELDS`` has no such
+    knob today, so a run always gets the recorded value.)"""
+    recorded, asked = manifest.get("reconstruction"), knobs.get("transform_reconstruction")
+    if recorded is not None and asked is not None and asked != recorded:
+        raise ConfigError(f"transform_reconstruction={asked!r}, but {checkpoint} was trained with reconstruction="
+                          f"{recorded!r} (basis: {manifest.get('basis', 'pca')}); its gates and basis are only right "
+                          f"with it; fix: transform_reconstruction={recorded!r}, or leave it unset")
+    return recorded or asked or "inverse"

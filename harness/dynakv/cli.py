@@ -11,7 +11,10 @@ kept ranks per token of a checkpoint over a text (the paper's section 5.1 figure
 ``--model`` is a model config (``conf/model/<name>.yaml``; ``--set model.dtype=bfloat16`` and the like
 override its keys). Training logs every step to W&B (offline without an API key; ``--no-wandb`` turns it
 off) and writes the checkpoint with its manifest (``harness.dynakv.checkpoint``): the data, tokens, alpha,
-steps, and the retain rate and perplexity measured with the saved file on ``--eval-text``.
+steps, and the retain rate and perplexity measured with the saved file on ``--eval-text``. ``--basis train``
+trains the bases ``U`` with the gates (from PCA; ``--basis-lr``), and ``--reconstruction`` says how ``U^-1`` is
+kept (``inverse``: a free ``U``, ``torch.linalg.inv``; ``transpose``: an orthogonal ``U``, ``U^T``); both are
+recorded, and every later run on the checkpoint reconstructs as it was trained.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 import torch
 
 from methods import ConfigError
+from methods.lowrank import BASIS_CHOICES, RECONSTRUCTIONS
 
 log = logging.getLogger("harness.dynakv")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -97,6 +101,10 @@ def cmd_train(args) -> None:
         raise ConfigError(f"--alpha {args.alpha} must be >= 0 (the weight of R^2; larger gives lower rates)")
     if not args.lr > 0:
         raise ConfigError(f"--lr {args.lr} must be > 0; fix: e.g. --lr 3e-3")
+    basis_lr = args.lr if args.basis_lr is None else args.basis_lr
+    if not basis_lr > 0:
+        raise ConfigError(f"--basis-lr {args.basis_lr} must be > 0 (the learning rate of U with --basis train); fix: "
+                          "e.g. --basis-lr 1e-4, or leave it out (the same as --lr)")
     if not 0 <= args.tau < 1:
         raise ConfigError(f"--tau {args.tau} must be in [0, 1) (the inference mask threshold); fix: e.g. --tau 0.1")
     try:
@@ -104,6 +112,7 @@ def cmd_train(args) -> None:
     except ConfigError as error:
         raise ConfigError(str(error).replace("method.transform_checkpoint", "--init")) from None
     bases, _, init_manifest = checkpoint.load(init)
+    _check_init_basis(init, init_manifest, args.reconstruction)
     checkpoint.check_model(init, init_manifest, _model_cfg(args))     # before the weights load
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
@@ -115,7 +124,7 @@ def cmd_train(args) -> None:
     model_cfg, lm = _load(args)
     device = next(lm.model.parameters()).device
     windows, record = data.token_windows(lm.tokenizer, args.text, args.tokens, args.seq_len)
-    transforms = train.fresh_transforms(bases, args.tau, device)
+    transforms = train.fresh_transforms(bases, args.tau, device, args.reconstruction)
     run = _wandb(args, model_cfg) if rank == 0 and args.wandb else None
     start = time.perf_counter()
 
@@ -126,28 +135,33 @@ def cmd_train(args) -> None:
             log.info("step %d: ce %.4f, soft rate %.4f, loss %.4f", step["step"], step["ce"], step["rate"], step["loss"])
 
     history = train.train(lm.model, transforms, windows, args.alpha, args.steps, args.batch_size, args.lr,
-                          args.checkpointing, args.seed, on_step)
+                          args.checkpointing, args.seed, on_step, args.basis, basis_lr)
     if rank != 0:
         torch.distributed.destroy_process_group()
         return
     gates = {layer: {kind: t.gate for kind, t in pair.items()} for layer, pair in transforms.items()}
+    # the bases as training left them: the trained U with --basis train, else the PCA ones unchanged
+    final_bases = {layer: {kind: t.basis for kind, t in pair.items()} for layer, pair in transforms.items()}
+    trained_basis = args.basis == "train" or init_manifest.get("basis") == "trained"
     manifest = {**_record(args, model_cfg, lm), "centred": bool(init_manifest.get("centred", False)),
                 "calibration": init_manifest.get("calibration"), "init": {"file": init.name},
                 "training": {**record, "alpha": args.alpha, "steps": args.steps, "batch_size": args.batch_size,
                              "world_size": torch.distributed.get_world_size() if distributed else 1, "lr": args.lr,
                              "optimizer": "AdamW (weight_decay 0, 5% linear warm-up)", "backbone": "frozen",
-                             "basis": "frozen (PCA)", "checkpointing": args.checkpointing, "seed": args.seed,
-                             "first": history[0], "last": history[-1],
+                             "basis": "trained (PCA init)" if args.basis == "train" else "frozen (PCA)",
+                             "basis_lr": basis_lr if args.basis == "train" else None,
+                             "reconstruction": args.reconstruction, "checkpointing": args.checkpointing,
+                             "seed": args.seed, "first": history[0], "last": history[-1],
                              "seconds": round(time.perf_counter() - start, 1)},
-                "tau": args.tau}
-    path = checkpoint.save(args.out, bases, manifest, gates, dtype=DTYPES[args.dtype])
+                "tau": args.tau, "basis": "trained" if trained_basis else "pca", "reconstruction": args.reconstruction}
+    path = checkpoint.save(args.out, final_bases, manifest, gates, dtype=DTYPES[args.dtype])
     if args.eval_text:   # measured with the file as saved (its dtype), as every later run reads it
         knobs = {"transform": "dynakv", "transform_tau": args.tau}
         saved = checkpoint.transforms_for(knobs, lm.model, path)
         eval_windows, eval_record = data.token_windows(lm.tokenizer, [args.eval_text], args.eval_tokens, args.seq_len)
         measured = train.measure(lm.model, saved, eval_windows, args.batch_size)
         manifest["measured"] = {"text": eval_record, "tau": args.tau, **measured}
-        path = checkpoint.save(args.out, bases, manifest, gates, dtype=DTYPES[args.dtype])
+        path = checkpoint.save(args.out, final_bases, manifest, gates, dtype=DTYPES[args.dtype])
         if run is not None:
             run.summary.update({f"measured/{k}": v for k, v in measured.items() if isinstance(v, float)})
     if run is not None:
@@ -156,6 +170,16 @@ def cmd_train(args) -> None:
         torch.distributed.destroy_process_group()
     print(json.dumps({"checkpoint": str(path), "alpha": args.alpha, "last": history[-1],
                       "measured": {k: v for k, v in manifest.get("measured", {}).items() if isinstance(v, float)}}))
+
+
+def _check_init_basis(init: Path, manifest: dict, reconstruction: str) -> None:
+    """An ``--init`` checkpoint whose basis was trained carries its ``reconstruction``: training on it with another
+    is refused (a free ``U`` has no ``U^T`` inverse; an orthogonal one was trained for ``U^T``)."""
+    recorded = manifest.get("reconstruction", "inverse")
+    if manifest.get("basis") == "trained" and recorded != reconstruction:
+        raise ConfigError(f"--init {init} holds a basis trained with reconstruction {recorded!r}, not "
+                          f"--reconstruction {reconstruction}; fix: --reconstruction {recorded}, or a calibration "
+                          "checkpoint (PCA bases) as --init")
 
 
 def _wandb(args, model_cfg):
@@ -191,9 +215,17 @@ def cmd_ranks(args) -> None:
     print(json.dumps({"figure": str(out), **{k: v for k, v in summary.items() if k in ("bos", "content", "stopword")}}))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, reporting a bad option or value as one ``error:`` line with exit code 2 (as every ``kvh`` user
+    error is), without the usage block; ``--help`` shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvh dynakv", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog="kvh dynakv", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("table", help="DynaKV and its baselines in one table per model (kvh dynakv table --help)",
                    add_help=False)
@@ -208,8 +240,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="tensor dtype in the file")
     c.add_argument("--out", required=True, help="the .safetensors file to write")
     c.set_defaults(func=cmd_calibrate)
-    t = sub.add_parser("train", help="train the gates (CE + alpha R^2), backbone and bases frozen",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t = sub.add_parser("train", help="train the gates (CE + alpha R^2), and with --basis train the bases; backbone "
+                       "frozen", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _common(t)
     t.add_argument("--init", required=True, help="a calibration checkpoint (its bases), or auto")
     t.add_argument("--text", nargs="+", required=True, help="training text files or folders")
@@ -219,6 +251,14 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=500, help="optimizer steps")
     t.add_argument("--batch-size", type=int, default=8, help="windows per step (per rank)")
     t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the gates (constant after warm-up)")
+    t.add_argument("--basis", choices=BASIS_CHOICES, default="frozen",
+                   help="frozen: keep the PCA bases U; train: train every layer's K and V U with the gates, from PCA "
+                   "(the paper)")
+    t.add_argument("--basis-lr", type=float, default=None,
+                   help="AdamW learning rate of U with --basis train, warmed up as --lr is; None: --lr's value")
+    t.add_argument("--reconstruction", choices=RECONSTRUCTIONS, default="inverse",
+                   help="how U^-1 is kept, in training and in every run on the checkpoint: inverse (a free U, "
+                   "torch.linalg.inv(U) in float32 each step) or transpose (U kept orthogonal, U^-1 = U^T)")
     t.add_argument("--tau", type=float, default=0.1, help="inference mask threshold (recorded, used for --eval-text)")
     t.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     t.add_argument("--seed", type=int, default=0, help="seed of the window order")

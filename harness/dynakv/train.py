@@ -2,10 +2,12 @@
 rate a checkpoint realises on text (reference-dynakv.md sections 2.1, 3 and 4).
 
 ``calibrate`` streams the pre-RoPE keys and values of every layer into float64 second moments
-(``methods.lowrank.Moments``) and returns the PCA bases. ``train`` learns the gates with the backbone and the
-bases frozen (our default; the paper does not say, section 11), bf16 autocast on a GPU, optional gradient
-checkpointing, and data parallelism over ``torchrun`` ranks (each rank its share of the windows, gate
-gradients averaged). ``measure`` applies the hard masks (``tau``) and reports the realised rates.
+(``methods.lowrank.Moments``) and returns the PCA bases. ``train`` learns the gates with the backbone frozen
+(our default; the paper does not say, section 11) and the bases either frozen at PCA (``basis="frozen"``, the
+default) or trained with the gates from PCA (``basis="train"``, the paper, section 2.1), bf16 autocast on a GPU
+(the transform itself in float32), optional gradient checkpointing, and data parallelism over ``torchrun`` ranks
+(each rank its share of the windows, gate and basis gradients averaged). ``measure`` applies the hard masks
+(``tau``) and reports the realised rates.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import math
 
 import torch
 
-from harness.engine.posttrain import gate_parameters, objective
+from harness.engine.posttrain import BASIS_CHOICES, build_optimizer, gate_parameters, learning_bases, objective
 from harness.engine.transform import TransformLog, accumulate_states, transformed
 from methods.lowrank import Moments
 
@@ -63,24 +65,33 @@ def eta_for_rate(rates: dict, target: float) -> float:
     return min(rates, key=lambda eta: abs(rates[eta] - target))
 
 
-def fresh_transforms(bases: dict, tau: float = 0.1, device=None) -> dict:
-    """DynaKV transforms on ``bases`` with fresh gates (keeping every dimension), float32 on ``device``."""
+def fresh_transforms(bases: dict, tau: float = 0.1, device=None, reconstruction: str = "inverse") -> dict:
+    """DynaKV transforms on ``bases`` with fresh gates (keeping every dimension), float32 on ``device``,
+    reconstructing with ``reconstruction`` (``inverse``: ``U^-1``; ``transpose``: ``U^T``)."""
     from methods.lowrank import transforms_on
-    return transforms_on(bases, "dynakv", lambda layer: device, tau=tau)
+    return transforms_on(bases, "dynakv", lambda layer: device, tau=tau, reconstruction=reconstruction)
 
 
 def train(model, transforms: dict, windows: torch.Tensor, alpha: float, steps: int, batch_size: int = 8,
-          lr: float = 1e-3, checkpointing: bool = False, seed: int = 0, on_step=None) -> list[dict]:
+          lr: float = 1e-3, checkpointing: bool = False, seed: int = 0, on_step=None, basis: str = "frozen",
+          basis_lr: float | None = None) -> list[dict]:
     """Train the gates of ``transforms`` on ``windows`` ``[N, T]`` for ``steps`` AdamW steps (``batch_size``
-    windows per step per rank, drawn in a seeded order; lr constant after a 5 % linear warm-up; no weight
-    decay). The model and bases stay frozen. Under ``torchrun`` each rank draws from its own share and the
-    gate gradients are averaged. ``on_step(record)`` sees each step's ``step``, ``ce``, ``rate``, ``loss``,
-    ``lr``. Returns the records. ``ValueError`` for ``alpha < 0`` or no gates."""
-    params = gate_parameters(transforms)
-    if not params:
+    windows per step per rank, drawn in a seeded order; each group's lr constant after a 5 % linear warm-up; no
+    weight decay). The model stays frozen. ``basis``: ``"frozen"`` keeps every ``U`` at its PCA values
+    (bit-identical); ``"train"`` trains every layer's K and V ``U`` with the gates at ``basis_lr`` (None: ``lr``),
+    from the current basis, as each transform's ``reconstruction`` says (``inverse``: a free ``U`` and
+    ``torch.linalg.inv(U)`` each step; ``transpose``: an orthogonal ``U``, ``U^-1 = U^T``), and leaves the trained
+    ``U`` as each transform's ``basis.vectors`` (float32; eigenvalues and mean kept). Under ``torchrun`` each
+    rank draws from its own share and the gate and basis gradients are averaged. ``on_step(record)`` sees each
+    step's ``step``, ``ce``, ``rate``, ``loss``, ``lr`` (and ``basis_lr`` when the basis trains). Returns the
+    records. ``ValueError`` for ``alpha < 0``, no gates, a rate not > 0 or ``basis`` not in ``BASIS_CHOICES``."""
+    gates = gate_parameters(transforms)
+    if not gates:
         raise ValueError("train needs DynaKV transforms with gates")
     if alpha < 0:
         raise ValueError(f"alpha={alpha} must be >= 0")
+    if basis not in BASIS_CHOICES:
+        raise ValueError(f"basis={basis!r} is not one of {BASIS_CHOICES}")
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     device = next(model.parameters()).device
@@ -92,28 +103,31 @@ def train(model, transforms: dict, windows: torch.Tensor, alpha: float, steps: i
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     history = []
     try:
-        for step in range(steps):
-            for group in optimizer.param_groups:
-                group["lr"] = lr * min(1.0, (step + 1) / warmup)
-            picks = [(step * batch_size + i) % mine.shape[0] for i in range(batch_size)]
-            batch = mine[picks].to(device)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast:
-                loss, parts = objective(model, transforms, batch, alpha, backward=True)
-            if world > 1:
-                for p in params:
-                    torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
-            optimizer.step()
-            record = {"step": step, **parts, "lr": optimizer.param_groups[0]["lr"]}
-            history.append(record)
-            if on_step is not None:
-                on_step(record)
+        with learning_bases(transforms, basis) as basis_params:
+            adamw = build_optimizer(gates, basis_params, lr, basis_lr)
+            for step in range(steps):
+                for group in adamw.param_groups:
+                    group["lr"] = group["base_lr"] * min(1.0, (step + 1) / warmup)
+                picks = [(step * batch_size + i) % mine.shape[0] for i in range(batch_size)]
+                batch = mine[picks].to(device)
+                adamw.zero_grad(set_to_none=True)
+                with autocast:
+                    loss, parts = objective(model, transforms, batch, alpha, backward=True)
+                if world > 1:
+                    for p in gates + basis_params:
+                        torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+                adamw.step()
+                record = {"step": step, **parts, "lr": adamw.param_groups[0]["lr"]}
+                if basis_params:
+                    record["basis_lr"] = adamw.param_groups[1]["lr"]
+                history.append(record)
+                if on_step is not None:
+                    on_step(record)
     finally:
         if checkpointing:
             model.gradient_checkpointing_disable()
