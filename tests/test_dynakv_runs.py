@@ -321,6 +321,8 @@ def test_kvh_dynakv_refuses_bad_input_in_one_line_before_the_model_loads(tmp_pat
           "--alpha", "-1", "--out", "x.safetensors"], "--alpha -1.0 must be >= 0"),
         (["train", "--model", "tiny_llama", "--init", str(trained / "pca.safetensors"), "--text", text,
           "--alpha", "1", "--lr", "0", "--out", "x.safetensors"], "--lr 0.0 must be > 0"),
+        (["train", "--model", "tiny_llama", "--init", str(trained / "pca.safetensors"), "--text", text,
+          "--alpha", "1", "--fsdp", "--out", "x.safetensors"], "--fsdp shards the backbone over torchrun ranks"),
         (["train", "--model", "tiny_llama", "--init", "auto", "--text", text, "--alpha", "1",
           "--out", "x.safetensors"], "--init=auto: no DynaKV checkpoint is shipped for model tiny_llama"),
         (["train", "--model", "tiny_llama", "--init", str(checkpoint.shipped("smollm2_135m")), "--text", text,

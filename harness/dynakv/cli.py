@@ -115,6 +115,9 @@ def cmd_train(args) -> None:
     _check_init_basis(init, init_manifest, args.reconstruction)
     checkpoint.check_model(init, init_manifest, _model_cfg(args))     # before the weights load
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if args.fsdp and not distributed:
+        raise ConfigError("--fsdp shards the backbone over torchrun ranks, and this is one process; fix: torchrun "
+                          "--nproc-per-node N -m harness dynakv train ... --fsdp, or leave --fsdp out")
     if distributed:
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
@@ -123,6 +126,9 @@ def cmd_train(args) -> None:
     rank = torch.distributed.get_rank() if distributed else 0
     model_cfg, lm = _load(args)
     device = next(lm.model.parameters()).device
+    if args.fsdp:
+        log.info("FSDP: %d decoder layers sharded over %d ranks", train.shard_backbone(lm.model),
+                 torch.distributed.get_world_size())
     windows, record = data.token_windows(lm.tokenizer, args.text, args.tokens, args.seq_len)
     transforms = train.fresh_transforms(bases, args.tau, device, args.reconstruction)
     run = _wandb(args, model_cfg) if rank == 0 and args.wandb else None
@@ -136,7 +142,16 @@ def cmd_train(args) -> None:
 
     history = train.train(lm.model, transforms, windows, args.alpha, args.steps, args.batch_size, args.lr,
                           args.checkpointing, args.seed, on_step, args.basis, basis_lr)
-    if rank != 0:
+    if rank != 0 and not args.fsdp:
+        torch.distributed.destroy_process_group()
+        return
+    if rank != 0:      # a sharded model's forward needs every rank: measure with rank 0 on the saved file
+        if args.eval_text:
+            torch.distributed.barrier()
+            saved = checkpoint.transforms_for({"transform": "dynakv", "transform_tau": args.tau}, lm.model,
+                                              Path(args.out))
+            eval_windows, _ = data.token_windows(lm.tokenizer, [args.eval_text], args.eval_tokens, args.seq_len)
+            train.measure(lm.model, saved, eval_windows, args.batch_size)
         torch.distributed.destroy_process_group()
         return
     gates = {layer: {kind: t.gate for kind, t in pair.items()} for layer, pair in transforms.items()}
@@ -148,6 +163,7 @@ def cmd_train(args) -> None:
                 "training": {**record, "alpha": args.alpha, "steps": args.steps, "batch_size": args.batch_size,
                              "world_size": torch.distributed.get_world_size() if distributed else 1, "lr": args.lr,
                              "optimizer": "AdamW (weight_decay 0, 5% linear warm-up)", "backbone": "frozen",
+                             "fsdp": bool(args.fsdp),
                              "basis": "trained (PCA init)" if args.basis == "train" else "frozen (PCA)",
                              "basis_lr": basis_lr if args.basis == "train" else None,
                              "reconstruction": args.reconstruction, "checkpointing": args.checkpointing,
@@ -156,6 +172,8 @@ def cmd_train(args) -> None:
                 "tau": args.tau, "basis": "trained" if trained_basis else "pca", "reconstruction": args.reconstruction}
     path = checkpoint.save(args.out, final_bases, manifest, gates, dtype=DTYPES[args.dtype])
     if args.eval_text:   # measured with the file as saved (its dtype), as every later run reads it
+        if args.fsdp:
+            torch.distributed.barrier()      # the other ranks read the file now
         knobs = {"transform": "dynakv", "transform_tau": args.tau}
         saved = checkpoint.transforms_for(knobs, lm.model, path)
         eval_windows, eval_record = data.token_windows(lm.tokenizer, [args.eval_text], args.eval_tokens, args.seq_len)
@@ -261,6 +279,8 @@ def parser() -> argparse.ArgumentParser:
                    "torch.linalg.inv(U) in float32 each step) or transpose (U kept orthogonal, U^-1 = U^T)")
     t.add_argument("--tau", type=float, default=0.1, help="inference mask threshold (recorded, used for --eval-text)")
     t.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    t.add_argument("--fsdp", action="store_true", help="shard the frozen backbone over the torchrun ranks (FSDP2): "
+                   "each GPU holds 1/N of the weights (an 8B model on smaller GPUs); needs torchrun")
     t.add_argument("--seed", type=int, default=0, help="seed of the window order")
     t.add_argument("--eval-text", help="text to measure the saved checkpoint's retain rate and perplexity on")
     t.add_argument("--eval-tokens", type=int, default=65536)

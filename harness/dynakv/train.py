@@ -6,8 +6,9 @@ rate a checkpoint realises on text (reference-dynakv.md sections 2.1, 3 and 4).
 (our default; the paper does not say, section 11) and the bases either frozen at PCA (``basis="frozen"``, the
 default) or trained with the gates from PCA (``basis="train"``, the paper, section 2.1), bf16 autocast on a GPU
 (the transform itself in float32), optional gradient checkpointing, and data parallelism over ``torchrun`` ranks
-(each rank its share of the windows, gate and basis gradients averaged). ``measure`` applies the hard masks
-(``tau``) and reports the realised rates.
+(each rank its share of the windows, gate and basis gradients averaged), with the frozen backbone optionally
+sharded over the ranks by FSDP (``shard_backbone``: an 8B model's weights split across GPUs instead of copied on
+each; reference-dynakv.md section 10). ``measure`` applies the hard masks (``tau``) and reports the realised rates.
 """
 
 from __future__ import annotations
@@ -63,6 +64,29 @@ def energy_rates(model, bases: dict, windows: torch.Tensor, etas=ETA_GRID, batch
 def eta_for_rate(rates: dict, target: float) -> float:
     """The eta of ``rates`` (``energy_rates``) whose rate is closest to ``target``."""
     return min(rates, key=lambda eta: abs(rates[eta] - target))
+
+
+def shard_backbone(model) -> int:
+    """Shard ``model`` over the ranks of the initialised process group with FSDP (``torch.distributed.fsdp.
+    fully_shard``, FSDP2): each decoder layer (the parent of each attention module) is its own unit, gathered
+    for its forward (and its recomputation under gradient checkpointing) and freed after, then the rest
+    (embeddings, final norm, output head, tied or not) at the root. Each rank then holds ``1/world`` of the
+    weights; outputs are the unsharded model's (the weights are gathered exactly). The K/V transform hooks on
+    ``k_proj``/``k_norm``/``v_proj`` still fire (the modules stay where they were). The gates and bases are not
+    part of the model: their gradients are averaged by ``train`` as without FSDP. Returns the number of decoder
+    layers sharded. RuntimeError without an initialised process group."""
+    from torch.distributed.fsdp import fully_shard
+
+    from harness.engine.hook import all_attention_modules
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise RuntimeError("shard_backbone needs an initialised process group (run under torchrun)")
+    names = {id(module): name for name, module in model.named_modules()}
+    layers = [model.get_submodule(names[id(attention)].rpartition(".")[0])
+              for attention in all_attention_modules(model).values()]
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return len(layers)
 
 
 def fresh_transforms(bases: dict, tau: float = 0.1, device=None, reconstruction: str = "inverse") -> dict:
