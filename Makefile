@@ -21,7 +21,7 @@ WANDB ?= true
 # refreshed on purpose with `make lock`, never by an install
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: reliability setup lint test test-compat test-oldest test-latest lock demo needle passkey longbench ruler ruler-demo dynakv-demo dynakv-ranks dynakv-table table bench kvpress-site clean
+.PHONY: reliability setup lint test test-compat test-oldest test-latest lock demo needle passkey longbench ruler ruler-demo dynakv-demo dynakv-ranks dynakv-repro dynakv-table table bench kvpress-site clean
 
 setup:
 	@# torch first, pinned to the CPU build on local disk here (a bare `torch` can pull a CUDA build)
@@ -146,6 +146,17 @@ dynakv-demo:
 dynakv-ranks:
 	$(PYTHON) -m harness dynakv ranks --model $(MODEL) --checkpoint auto --text "$(TEXT)" --tokens 1024 --bos \
 	    --out docs/figures/dynakv_ranks_$(MODEL).png
+
+# docs/DYNAKV.md's rows of the shipped checkpoint and of every training-free method, without training (a GPU:
+# scripts/gpu_dynakv.sh repro): calibration on Gutenberg, then perplexity (WikiText-2, C4), the needle and LongBench
+# multi_news (DYNAKV_LIMIT samples), then the table. DYNAKV_DATA: made from ../shared/data when missing; GGUF: the
+# model's .gguf file, or - for the model config's own weights.
+GGUF ?= -
+DYNAKV_DATA ?= $(RESULTS)/dynakv_data
+DYNAKV_LIMIT ?= 20
+dynakv-repro:
+	@test -d "$(DYNAKV_DATA)" || bash scripts/gpu_dynakv.sh data ../shared/data "$(DYNAKV_DATA)"
+	bash scripts/gpu_dynakv.sh repro $(MODEL) $(GGUF) "$(DYNAKV_DATA)" "$(RESULTS)/dynakv_repro" $(DYNAKV_LIMIT)
 
 # DynaKV's table from results folders (FOLDERS=...), e.g. those of scripts/gpu_dynakv.sh
 dynakv-table:

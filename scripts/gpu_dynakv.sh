@@ -4,8 +4,14 @@
 # models and SnapKV + DynaKV on perplexity (WikiText-2, C4), needle and LongBench multi_news (stage "eval"),
 # one process per method in parallel; then the table (kvh dynakv table). Every run resumes.
 #
+#   bash scripts/gpu_dynakv.sh data  SHARED_DATA DATA      # DATA: links to ../shared/data's files, as below
 #   bash scripts/gpu_dynakv.sh train MODEL_CONFIG GGUF DATA OUT "ALPHAS" [STEPS] [BATCH]
 #   bash scripts/gpu_dynakv.sh eval  MODEL_CONFIG GGUF DATA OUT [LONGBENCH_LIMIT (0: none)] [NEEDLE_LENGTHS]
+#   bash scripts/gpu_dynakv.sh repro MODEL_CONFIG GGUF DATA OUT [LONGBENCH_LIMIT] [NEEDLE_LENGTHS]
+#
+# "repro" evaluates the checkpoint shipped for the model (results/reference/dynakv/<model>.safetensors, as
+# dynakv_a<its alpha>) after calibrating the PCA bases of the baselines: docs/DYNAKV.md's rows of that checkpoint
+# and of every training-free method, without training. GGUF "-": the model config's own weights (no override).
 #
 # DATA holds gutenberg/ (training and calibration text), wiki.test.raw (WikiText-2 test, reconstructed),
 # c4_validation_2k.jsonl.gz, essays/ (the needle haystack) and longbench/ (multi_news.jsonl, config/).
@@ -15,18 +21,40 @@
 # evaluation: TASKS (default "ppl needle longbench"), SKIP (an extended regex: method lines that match it are left
 # out; the lines are printed first).
 set -uo pipefail
+if [ "${1:-}" = data ]; then      # DATA as the stages read it, from ../shared/data's layout (symbolic links)
+  shared=$(cd "$2" && pwd) || exit 2; mkdir -p "$3"
+  for pair in "text/gutenberg:gutenberg" "text/wikitext-2-raw-reconstructed/wiki.test.raw:wiki.test.raw" \
+      "text/c4-validation-2k/c4_validation_2k.jsonl.gz:c4_validation_2k.jsonl.gz" \
+      "haystack/PaulGrahamEssays:essays" "longbench:longbench"; do
+    [ -e "$shared/${pair%%:*}" ] || { echo "error: $shared/${pair%%:*} is missing; fix: the path of ../shared/data" >&2; exit 2; }
+    ln -sfn "$shared/${pair%%:*}" "$3/${pair##*:}"
+  done
+  ls -l "$3"; exit 0
+fi
 stage=$1; model=$2; gguf=$3; data=$4; out=$5
+case "$stage" in train|eval|repro) ;; *) echo "error: stage $stage is not one of data, train, eval, repro" >&2; exit 2;; esac
 export PPL_TOKENS=${PPL_TOKENS:-262144} PYTHONUNBUFFERED=1 KV_HARNESS_CACHE=${KV_HARNESS_CACHE:-/tmp/kv-harness}
 ckpt=$out/$model/ckpt; res=$out/$model/results; logs=$out/$model/logs
 mkdir -p "$ckpt" "$res" "$logs"
-m=(--model "$model" --set model.source=gguf --set "++model.path=$gguf")
+if [ "$gguf" = - ]; then m=(--model "$model"); source_args=(); else
+  m=(--model "$model" --set model.source=gguf --set "++model.path=$gguf"); source_args=(model.source=gguf "++model.path=$gguf"); fi
 T=${TIMEOUT:+timeout $TIMEOUT}
 
-if [ "$stage" = train ]; then
-  alphas=$6; steps=${7:-400}; batch=${8:-16}
+if [ "$stage" = train ] || [ "$stage" = repro ]; then
   [ -f "$ckpt/pca.safetensors" ] || python3 -m harness dynakv calibrate "${m[@]}" --text "$data/gutenberg" \
       --tokens ${CALIB_TOKENS:-1048576} --seq-len 1024 --out "$ckpt/pca.safetensors" > "$logs/calibrate.json" 2> "$logs/calibrate.log" \
       || { tail -20 "$logs/calibrate.log"; exit 1; }
+fi
+if [ "$stage" = repro ]; then
+  shipped=results/reference/dynakv/$model
+  [ -f "$shipped.safetensors" ] || { echo "error: no checkpoint is shipped for $model ($shipped.safetensors)" >&2; exit 2; }
+  alpha=$(python3 -c "import json,sys; print(f\"{json.load(open(sys.argv[1]))['training']['alpha']:g}\")" "$shipped.json")
+  cp "$shipped.safetensors" "$ckpt/dynakv_a$alpha.safetensors"; cp "$shipped.json" "$ckpt/dynakv_a$alpha.json"
+  stage=eval
+fi
+
+if [ "$stage" = train ]; then
+  alphas=$6; steps=${7:-400}; batch=${8:-16}
   pids=()
   for a in $alphas; do
     $T python3 -m harness dynakv train "${m[@]}" --init "$ckpt/pca.safetensors" --text "$data/gutenberg" \
@@ -65,7 +93,7 @@ EOF
 TASKS=${TASKS:-ppl needle longbench}
 if [ -n "${SKIP:-}" ]; then mapfile -t picks < <(printf '%s\n' "${picks[@]}" | grep -vE "$SKIP"); fi
 printf 'method: %s\n' "${picks[@]}"
-common=(model="$model" model.source=gguf ++model.path="$gguf" wandb=false progress=never)
+common=(model="$model" "${source_args[@]}" wandb=false progress=never)
 run_tasks() {   # $1: a label, $2: the method's name; the rest: method overrides
   local label=$1 name=$2; shift 2
   {
