@@ -233,6 +233,7 @@ class TrainableBasis(torch.nn.Module):
             return self.vectors
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U, U^-1)``: float32 ``[d, d]`` each, autocast off (``U^T`` when orthogonal, else ``torch.linalg.inv``)."""
         vectors = self.matrix()
         with torch.autocast(device_type=vectors.device.type, enabled=False):
             return vectors, vectors.T if self.orthogonal else torch.linalg.inv(vectors)
@@ -275,17 +276,17 @@ class LowRankTransform:
         nothing is cached. Otherwise the inverse is computed once, without a graph, and cached against the
         tensor itself (held, so that a freed tensor's id reused by a new one cannot match) and its ``_version``
         (bumped by any in-place change, an optimizer step included): a replaced or updated ``U`` is never
-        answered with an old inverse, and no cached tensor carries an autograd graph across calls."""
+        answered with an old inverse, and no cached tensor carries an autograd graph across calls. An inference
+        tensor has no version to compare, so its inverse is computed on every call, never cached."""
         vectors = self.basis_vectors()
         if self.reconstruction == "transpose":
             return vectors.T
-        if vectors.requires_grad and torch.is_grad_enabled():
+        if (vectors.requires_grad and torch.is_grad_enabled()) or vectors.is_inference():
             return torch.linalg.inv(vectors)
-        version = None if vectors.is_inference() else vectors._version
         cached = getattr(self, "_inverse_cache", None)
-        if cached is None or cached[0] is not vectors or cached[1] != version:
+        if cached is None or cached[0] is not vectors or cached[1] != vectors._version:
             with torch.inference_mode(False), torch.no_grad():   # a plain tensor, usable in and out of inference
-                self._inverse_cache = (vectors, version, torch.linalg.inv(vectors))
+                self._inverse_cache = (vectors, vectors._version, torch.linalg.inv(vectors))
         return self._inverse_cache[2]
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:

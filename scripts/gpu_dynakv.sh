@@ -46,7 +46,7 @@ if [ "$stage" = train ] || [ "$stage" = repro ]; then
       || { tail -20 "$logs/calibrate.log"; exit 1; }
 fi
 if [ "$stage" = repro ]; then
-  shipped=results/reference/dynakv/$model
+  shipped=$(cd "$(dirname "$0")/.." && pwd)/results/reference/dynakv/$model
   [ -f "$shipped.safetensors" ] || { echo "error: no checkpoint is shipped for $model ($shipped.safetensors)" >&2; exit 2; }
   alpha=$(python3 -c "import json,sys; print(f\"{json.load(open(sys.argv[1]))['training']['alpha']:g}\")" "$shipped.json")
   cp "$shipped.safetensors" "$ckpt/dynakv_a$alpha.safetensors"; cp "$shipped.json" "$ckpt/dynakv_a$alpha.json"
@@ -91,26 +91,38 @@ print("snapkv")
 EOF
 )
 TASKS=${TASKS:-ppl needle longbench}
-if [ -n "${SKIP:-}" ]; then mapfile -t picks < <(printf '%s\n' "${picks[@]}" | grep -vE "$SKIP"); fi
+for task in $TASKS; do
+  case "$task" in ppl|needle|longbench) ;; *) echo "error: TASKS word $task is not one of ppl, needle, longbench (space-separated)" >&2; exit 2;; esac
+done
+if [ -n "${SKIP:-}" ]; then
+  grep -qE "$SKIP" < /dev/null; [ $? -ne 2 ] || { echo "error: SKIP=$SKIP is not an extended regular expression" >&2; exit 2; }
+  mapfile -t picks < <(printf '%s\n' "${picks[@]}" | grep -vE "$SKIP")
+fi
+[ ${#picks[@]} -gt 0 ] || { echo "error: no method left to evaluate (SKIP=${SKIP:-})" >&2; exit 2; }
 printf 'method: %s\n' "${picks[@]}"
 common=(model="$model" "${source_args[@]}" wandb=false progress=never)
-run_tasks() {   # $1: a label, $2: the method's name; the rest: method overrides
-  local label=$1 name=$2; shift 2
+run_tasks() {   # $1: a label, $2: the method's name; the rest: method overrides. Fails if any of its runs failed.
+  local label=$1 name=$2 rc=0; shift 2
   {
     if [ "${name%%+*}" != snapkv ] && [[ " $TASKS " == *" ppl "* ]]; then   # eviction changes no logit of one forward
       for text in "wiki.test.raw:wikitext2" "c4_validation_2k.jsonl.gz:c4"; do
         python3 -m harness run "${common[@]}" results_dir="$res/ppl_${text##*:}" task=perplexity \
             task.text_path="$data/${text%%:*}" task.label="${text##*:}" task.context_length=1024 task.stride=1024 \
-            task.max_tokens=$PPL_TOKENS "$@" hydra.run.dir="$logs/hydra/$label/ppl_${text##*:}"
+            task.max_tokens=$PPL_TOKENS "$@" hydra.run.dir="$logs/hydra/$label/ppl_${text##*:}" || rc=1
       done
     fi
-    [[ " $TASKS " != *" needle "* ]] || python3 -m harness run "${common[@]}" results_dir="$res/needle" task=needle task.haystack=essays \
-        task.haystack_dir="$data/essays" "task.context_lengths=[$needle_lengths]" "task.depths=[0,25,50,75,100]" \
-        "$@" hydra.run.dir="$logs/hydra/$label/needle"
-    [ "$longbench_limit" = 0 ] || [[ " $TASKS " != *" longbench "* ]] || python3 -m harness run "${common[@]}" results_dir="$res/longbench" task=longbench task.data_dir="$data/longbench" \
-        task.config_dir="$data/longbench/config" "task.datasets=[multi_news]" task.limit="$longbench_limit" "$@" \
-        hydra.run.dir="$logs/hydra/$label/longbench"
+    if [[ " $TASKS " == *" needle "* ]]; then
+      python3 -m harness run "${common[@]}" results_dir="$res/needle" task=needle task.haystack=essays \
+          task.haystack_dir="$data/essays" "task.context_lengths=[$needle_lengths]" "task.depths=[0,25,50,75,100]" \
+          "$@" hydra.run.dir="$logs/hydra/$label/needle" || rc=1
+    fi
+    if [ "$longbench_limit" != 0 ] && [[ " $TASKS " == *" longbench "* ]]; then
+      python3 -m harness run "${common[@]}" results_dir="$res/longbench" task=longbench task.data_dir="$data/longbench" \
+          task.config_dir="$data/longbench/config" "task.datasets=[multi_news]" task.limit="$longbench_limit" "$@" \
+          hydra.run.dir="$logs/hydra/$label/longbench" || rc=1
+    fi
   } > "$logs/eval_$label.jsonl" 2> "$logs/eval_$label.log"
+  return $rc
 }
 pids=(); i=0
 for line in "${picks[@]}"; do

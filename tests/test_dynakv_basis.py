@@ -145,7 +145,7 @@ def test_kvh_dynakv_train_basis_train_records_and_saves_the_trained_basis(calibr
     bases, gates, manifest = checkpoint.load(folder / "trained.safetensors")
     pca, _, _ = checkpoint.load(folder / "pca.safetensors")
     assert manifest["basis"] == "trained" and manifest["reconstruction"] == "transpose"
-    assert manifest["training"]["basis"] == "trained (PCA init)" and manifest["training"]["basis_lr"] == 0.002
+    assert manifest["training"]["basis"] == "trained (from --init's)" and manifest["training"]["basis_lr"] == 0.002
     assert printed["last"]["basis_lr"] == 0.002 and 0 < manifest["measured"]["retain_rate"] <= 1
     for layer in pca:
         for kind in ("k", "v"):

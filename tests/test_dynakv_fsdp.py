@@ -43,3 +43,41 @@ def test_a_sharded_backbone_trains_the_same_gates_as_a_copied_one(tmp_path):
         assert torch.equal(runs["fsdp0"]["gates"][key], runs["fsdp1"]["gates"][key])   # ranks agree
         assert not torch.equal(gate, torch.zeros_like(gate))                            # the gates learnt
 
+
+
+def test_kvh_dynakv_train_fsdp_under_torchrun_saves_and_measures_with_every_rank(tmp_path):
+    """The command as a user runs it: torchrun with 2 CPU ranks, --fsdp and --eval-text (every rank takes part in
+    the measuring forwards of the sharded model, rank 0 writes): the checkpoint records FSDP, 2 ranks and the
+    measured rate, and its gates equal those of the same command without --fsdp (the data-parallel path)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from harness.dynakv import checkpoint
+    from harness.dynakv import cli as dynakv_cli
+    text = tmp_path / "text.txt"
+    text.write_text(("The quick brown fox jumps over the lazy dog. " * 8 + "Pack my box with five dozen jugs.\n") * 40)
+    dynakv_cli.main(["calibrate", "--model", "tiny_llama", "--text", str(text), "--tokens", "2048", "--seq-len", "128",
+                     "--out", str(tmp_path / "pca.safetensors")])
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    gates = {}
+    for port, fsdp in ((29300 + os.getpid() % 500, True), (29900 + os.getpid() % 500, False)):
+        out = tmp_path / f"g{int(fsdp)}.safetensors"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               "-m", "harness", "dynakv", "train", "--model", "tiny_llama", "--init", str(tmp_path / "pca.safetensors"),
+               "--text", str(text), "--tokens", "2048", "--seq-len", "128", "--alpha", "5", "--steps", "3",
+               "--batch-size", "2", "--lr", "0.05", "--eval-text", str(text), "--eval-tokens", "512", "--no-wandb",
+               "--out", str(out), *(["--fsdp"] if fsdp else [])]
+        done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        manifest = json.loads(out.with_suffix(".json").read_text())
+        assert manifest["training"]["fsdp"] is fsdp and manifest["training"]["world_size"] == 2
+        assert 0 < manifest["measured"]["retain_rate"] <= 1 and manifest["measured"]["tokens"] == 512
+        gates[fsdp] = checkpoint.load(out)[1]
+    for layer, pair in gates[False].items():
+        for kind, gate in pair.items():
+            for name, tensor in gate.state_dict().items():
+                torch.testing.assert_close(gates[True][layer][kind].state_dict()[name], tensor, rtol=1e-4, atol=1e-5)

@@ -140,3 +140,44 @@ def test_a_few_training_steps_lower_the_objective_and_move_the_rate_towards_its_
     with transformed(lm.model, transforms) as log:   # inference: tau ranks follow the trained gates
         lm.model(batches[0])
     assert log.retain_rate() < 1.0
+
+
+def step_in_place(param):
+    with torch.no_grad():       # as an optimizer step updates it
+        param.add_(1.0)
+
+
+def test_the_decoders_key_changes_with_what_a_captured_step_reads_and_attachments_do_not_nest(lm):
+    """A captured step bakes in the transforms' scalars (tau) and tensor addresses: their key (the log's identity)
+    changes when tau changes or a gate is updated in place, and stays for the same transforms; and a second
+    attachment inside the first is refused (the decoder keys its graphs by the one set attached)."""
+    transforms = fitted(lm, "dynakv", tau=0.1)
+    identities = []
+    for change in (lambda: None, lambda: None, lambda: setattr(transforms[0]["k"], "tau", 0.2),
+                   lambda: step_in_place(transforms[1]["v"].gate.bias)):
+        change()
+        with transformed(lm.model, transforms) as log:
+            identities.append(log.identity)
+    assert identities[0] == identities[1] and len(set(identities[1:])) == 3
+    with transformed(lm.model, transforms):
+        with pytest.raises(RuntimeError, match="does not nest"):
+            with transformed(lm.model, transforms):
+                pass
+    assert hooks(lm.model) == 0
+
+
+def test_a_decode_step_that_bypassed_the_transform_is_refused_not_read_from_the_last_prompt(lm, monkeypatch):
+    """The decoder's rank buffers are reused by the next prompt of the same shapes: entries its steps did not
+    write are -1, so a hook that did not record fails the row instead of showing the previous prompt's ranks."""
+    from harness.engine import batched
+    transforms = fitted(lm, "energy", eta=0.8)
+    with transformed(lm.model, transforms) as log:
+        generate(lm.model, lm.tokenizer, random_ids(60, seed=5), methods.build("fullkv"), 8)
+    assert log.generated[0][(0, "k")].numel() == 7 and int(log.generated[0][(0, "k")].min()) >= 1
+    write = batched.RankRecorder.write
+    monkeypatch.setattr(batched.RankRecorder, "write",
+                        lambda self, key, ranks: None if key == (0, "k") else write(self, key, ranks))
+    with transformed(lm.model, transforms) as log:     # the same shapes: the pooled decoder and its buffers
+        generate(lm.model, lm.tokenizer, random_ids(60, seed=6), methods.build("fullkv"), 8)
+    with pytest.raises(RuntimeError, match="layer 0 .k. recorded no kept rank .* bypassed the K/V transform"):
+        log.generated

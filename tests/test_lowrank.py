@@ -195,3 +195,13 @@ def test_bad_knobs_name_the_value_and_the_fix():
     with pytest.raises(ConfigError, match="choose from"):
         build_transform("palu")
     assert isinstance(TokenGate(4)(torch.zeros(2, 4)), torch.Tensor)
+
+
+def test_the_inverse_of_an_inference_basis_follows_in_place_changes():
+    """An inference tensor has no version to compare: its inverse is recomputed, never a stale cached one."""
+    with torch.inference_mode():
+        states = torch.randn(200, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        t = build_transform("pca_uniform", rate=1.0).fit(states)
+        first = t._inverse().clone()
+        t.basis.vectors.mul_(2)
+        torch.testing.assert_close(t._inverse(), first / 2)

@@ -164,7 +164,8 @@ def cmd_train(args) -> None:
                              "world_size": torch.distributed.get_world_size() if distributed else 1, "lr": args.lr,
                              "optimizer": "AdamW (weight_decay 0, 5% linear warm-up)", "backbone": "frozen",
                              "fsdp": bool(args.fsdp),
-                             "basis": "trained (PCA init)" if args.basis == "train" else "frozen (PCA)",
+                             "basis": "trained (from --init's)" if args.basis == "train" else
+                             "frozen (--init's, trained)" if init_manifest.get("basis") == "trained" else "frozen (PCA)",
                              "basis_lr": basis_lr if args.basis == "train" else None,
                              "reconstruction": args.reconstruction, "checkpointing": args.checkpointing,
                              "seed": args.seed, "first": history[0], "last": history[-1],

@@ -18,6 +18,7 @@ raises. ``record_states`` uses the same points to collect calibration states.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -53,29 +54,40 @@ class TransformLog:
     calls: dict = field(default_factory=lambda: defaultdict(list))
     dims: dict = field(default_factory=dict)
     soft_rates: list = field(default_factory=list)   # training (mode="soft"): each hooked call's mean soft mask
-    generated: dict = field(default_factory=dict)    # row -> {(layer, kind): int64 [tokens]}
     recorder: object = None                          # batched decoding: RankRecorder of the decoder
     row: int | None = None                           # plain decoding: the row whose token this is
-    transforms: dict = field(default_factory=dict, repr=False)
+    transforms: tuple = field(default=(), repr=False)   # the attached transform objects (kept alive)
     identity: tuple = ()
+    _generated: dict = field(default_factory=dict, repr=False)   # row -> {(layer, kind): [tensors on the device]}
 
     def add(self, layer: int, kind: str, ranks: torch.Tensor, d: int) -> None:
         """Record the kept ``ranks`` (int ``[...]``, one per token) of ``layer``'s ``kind`` (``k``/``v``)."""
         self.dims[layer] = d
         if self.recorder is not None:
             self.recorder.write((layer, kind), ranks)
-        elif self.row is not None:
-            row = self.generated.setdefault(self.row, {})
-            key = (layer, kind)
-            row[key] = torch.cat([row[key], ranks.detach().reshape(-1).cpu()]) if key in row \
-                else ranks.detach().reshape(-1).cpu()
+        elif self.row is not None:     # kept on the device: plain decoding never synchronises for the log
+            self._generated.setdefault(self.row, {}).setdefault((layer, kind), []).append(ranks.detach().reshape(-1))
         else:
             self.calls[(layer, kind)].append(ranks.detach())
 
     def set_generated(self, row: int, ranks: dict) -> None:
-        """Row ``row``'s generated tokens' kept ranks, ``(layer, kind) -> int64 [tokens]`` (from a decoder's
-        recorder)."""
-        self.generated[row] = {key: r.reshape(-1).to("cpu", torch.int64) for key, r in ranks.items()}
+        """Row ``row``'s generated tokens' kept ranks, ``(layer, kind) -> int [tokens]`` (from a decoder's
+        recorder; a negative entry marks a step the hook did not record, which ``generated`` refuses)."""
+        self._generated[row] = {key: [r.reshape(-1).clone()] for key, r in ranks.items()}   # the buffers are reused
+
+    @property
+    def generated(self) -> dict:
+        """``row -> {(layer, kind): int64 [tokens]}`` on the CPU. RuntimeError where a recorded step holds no rank
+        (a decode step that did not pass the transform)."""
+        out = {}
+        for row, keys in self._generated.items():
+            out[row] = {key: torch.cat(parts).to("cpu", torch.int64) for key, parts in keys.items()}
+            for key, ranks in out[row].items():
+                if ranks.numel() and int(ranks.min()) < 0:
+                    raise RuntimeError(f"row {row}: layer {key[0]} ({key[1]}) recorded no kept rank for generated tokens "
+                                       f"{torch.nonzero(ranks < 0).reshape(-1)[:8].tolist()}: a decode step bypassed the "
+                                       "K/V transform")
+        return out
 
     def _flat(self, key) -> torch.Tensor:
         return torch.cat([r.reshape(-1).cpu() for r in self.calls[key]])
@@ -105,6 +117,33 @@ class TransformLog:
         keys = [k for k in self.calls if (kind is None or k[1] == kind) and (layer is None or k[0] == layer)]
         total = sum(r.numel() * self.dims[k[0]] for k in keys for r in self.calls[k])
         return sum(int(self._flat(k).sum()) for k in keys) / total if total else float("nan")
+
+
+def fingerprint(layer: int, kind: str, transform) -> tuple:
+    """What a captured decode step reads of ``transform``: its object, its scalar settings (``tau``, ``eta``,
+    ``rate``, ``reconstruction``, ...) and, for every tensor it holds (basis, mean, gate parameters, SVD
+    factors), the storage address and version: a graph is reused only while all of these are unchanged (a new
+    ``tau``, a replaced or updated basis or gate gives another key, so another graph)."""
+    tensors = []
+
+    def visit(value):
+        if isinstance(value, torch.Tensor):
+            tensors.append((value.data_ptr(), None if value.is_inference() else value._version, tuple(value.shape)))
+        elif isinstance(value, torch.nn.Module):
+            for param in value.parameters():
+                visit(param)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            for f in dataclasses.fields(value):
+                visit(getattr(value, f.name))
+
+    scalars = []
+    for f in dataclasses.fields(transform):
+        value = getattr(transform, f.name)
+        if isinstance(value, (bool, int, float, str)) or value is None:
+            scalars.append((f.name, value))
+        else:
+            visit(value)
+    return (layer, kind, id(transform), type(transform).__name__, tuple(scalars), tuple(tensors))
 
 
 def _key_module(attention, model_type: str):
@@ -161,6 +200,9 @@ def transformed(model, transforms: dict, log: TransformLog | None = None, mode: 
                  if t is not None and getattr(t, "gate", None) is None]
         if plain:
             raise ValueError(f"mode='soft' needs DynaKV transforms with gates; {plain} have none")
+    if getattr(model, TRANSFORMS_ATTACHED, None) is not None:
+        raise RuntimeError("K/V transforms are already attached to this model; transformed() does not nest (the "
+                           "decoder keys its graphs by the one set attached): leave the outer block first")
     log = log if log is not None else TransformLog()
     handles = []
     known = set()
@@ -194,9 +236,9 @@ def transformed(model, transforms: dict, log: TransformLog | None = None, mode: 
         missing = sorted(set(transforms) - known)
         if missing:
             raise IntegrationError(f"transforms for layers {missing}, which {type(model).__name__} does not have")
-        log.transforms = transforms
-        log.identity = tuple(sorted((layer, kind, id(t)) for layer, pair in transforms.items()
-                                    for kind, t in pair.items() if t is not None))
+        log.transforms = tuple(t for pair in transforms.values() for t in pair.values() if t is not None)
+        log.identity = (mode, *sorted(fingerprint(layer, kind, t) for layer, pair in transforms.items()
+                                      for kind, t in pair.items() if t is not None))
         setattr(model, TRANSFORMS_ATTACHED, log)     # the decoders record generated tokens' ranks through it
         yield log
     finally:
