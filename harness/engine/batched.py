@@ -30,6 +30,9 @@ floor is about 6 ms). Here the rows are decoded together:
   ignored. ``min_new_tokens`` is a bias added to the logits inside the step (-inf at the stop ids
   while it applies), updated in place between steps, so a captured graph needs no re-capture.
 
+``harness.engine.continuous`` reuses these buffers and this step for the rows of many prompts at once, refilling
+a finished row's slot in place (``load_row``) with the next waiting row (continuous batching).
+
 Greedy results equal the plain path (``harness.engine.generate.decode_loop``) token for token on the CPU
 (tests/test_batched.py); on a GPU in bf16 the reductions differ in order, so rare near-ties can flip
 (``kvh bench --divergence`` reports the rate).
@@ -83,23 +86,34 @@ class RankRecorder:
     """Kept ranks of the generated tokens while K/V transforms are attached, written in place so that a
     captured CUDA graph records them on every replay: per ``(layer, kind)`` a ``[steps, B]`` int32 buffer
     (made at the first write), row ``step`` written by every hooked call of a decode step; ``step`` (``[1]``
-    int64) advances after each step's forward. ``steps`` bounds the decode steps (a slot buffer's capacity)."""
+    int64) advances after each step's forward. ``steps`` bounds the decode steps (a slot buffer's capacity).
+    Entries nothing wrote hold -1 (``clear`` at every new decode), so a step that bypassed a hook is seen as
+    such (``TransformLog.generated`` refuses it) instead of showing an earlier prompt's ranks."""
 
     def __init__(self, steps: int, batch: int, device):
         self.steps, self.batch, self.device = steps, batch, device
         self.step = torch.zeros(1, dtype=torch.long, device=device)
         self.buffers: dict[tuple, torch.Tensor] = {}
 
+    def buffer(self, key: tuple) -> torch.Tensor:
+        """The ``[steps, B]`` int32 buffer of ``key``, made (all -1) at its first use."""
+        if key not in self.buffers:
+            self.buffers[key] = torch.full((self.steps, self.batch), -1, dtype=torch.int32, device=self.device)
+        return self.buffers[key]
+
     def write(self, key: tuple, ranks: torch.Tensor) -> None:
         """One decode step's ranks of ``key``, one per row (``[B, 1]`` or ``[B]``)."""
-        buffer = self.buffers.get(key)
-        if buffer is None:
-            buffer = self.buffers[key] = torch.zeros(self.steps, self.batch, dtype=torch.int32, device=self.device)
-        buffer.index_copy_(0, self.step, ranks.reshape(1, self.batch).to(torch.int32))
+        self.buffer(key).index_copy_(0, self.step, ranks.reshape(1, self.batch).to(torch.int32))
+
+    def clear(self, column: int | None = None) -> None:
+        """Every buffer entry (or those of row ``column``) back to -1, in place; ``step`` is the caller's."""
+        for buffer in self.buffers.values():
+            (buffer if column is None else buffer[:, column]).fill_(-1)
 
     def rows(self, b: int, steps: int) -> dict:
-        """Row ``b``'s ranks of its first ``steps`` steps: ``(layer, kind) -> [steps]``."""
-        return {key: buffer[:steps, b] for key, buffer in self.buffers.items()}
+        """Row ``b``'s ranks of its first ``steps`` steps: ``(layer, kind) -> [steps]``, copies (the buffers serve
+        the next decode)."""
+        return {key: buffer[:steps, b].clone() for key, buffer in self.buffers.items()}
 
 SLOT_ATTENTION = "kvharness_slots"
 LONG_BUFFER = 4096   # slots from which a segment's attention uses two matmuls instead of SDPA (see Segment.attend)
@@ -377,17 +391,33 @@ def load(cache: SlotCache, rows: list[list[RowLayer]], seen: int) -> None:
     the layers' routing counters restart at 0 and ``cache.seen`` becomes ``seen`` (tokens). Slots past
     a row's tokens are left as they are (masked).
     """
-    for i, layer in enumerate(cache.layers):
-        for seg in layer.segments:
-            heads = seg.keys.shape[1]
-            for b in range(seg.start, seg.stop):
-                src = rows[b][i]
-                n, groups = src.keys.shape[2], heads // src.keys.shape[1]
-                seg.keys[b - seg.start, :, :n].copy_(repeat_heads(src.keys, groups)[0])
-                seg.values[b - seg.start, :, :n].copy_(repeat_heads(src.values, groups)[0])
-                seg.fill[b - seg.start] = n
+    for b, row in enumerate(rows):
+        load_row(cache, b, row)
+    for layer in cache.layers:
         layer.writes = layer.attention_calls = 0
     cache.seen = seen
+
+
+def load_row(cache: SlotCache, b: int, row: list[RowLayer]) -> None:
+    """Copy one row's stored tokens (its ``RowLayer``s, one per model layer) to the front of batch row ``b``'s
+    slots in every layer, in place, and set that row's ``fill`` to its token count per layer (continuous
+    batching refills one slot this way between replays of a captured step; ``load`` does every row).
+
+    KV heads are repeated to the segment's head count. Slots past the row's tokens keep what they held
+    (masked). Raises ``ValueError`` when ``b`` is outside the batch or the row's tokens do not fit."""
+    for i, layer in enumerate(cache.layers):
+        seg = next((s for s in layer.segments if s.start <= b < s.stop), None)
+        if seg is None:
+            raise ValueError(f"load_row: row {b} is outside the batch of {cache.fills.shape[1]} rows")
+        src = row[i]
+        heads, n = seg.keys.shape[1], src.keys.shape[2]
+        if n > seg.keys.shape[2] or heads % src.keys.shape[1]:
+            raise ValueError(f"load_row: layer {i} of the row ({src.keys.shape[1]} heads, {n} tokens) does not fit "
+                             f"its segment ({heads} heads, {seg.keys.shape[2]} slots)")
+        groups = heads // src.keys.shape[1]
+        seg.keys[b - seg.start, :, :n].copy_(repeat_heads(src.keys, groups)[0])
+        seg.values[b - seg.start, :, :n].copy_(repeat_heads(src.values, groups)[0])
+        seg.fill[b - seg.start] = n
 
 
 def group_rows(costs: list[tuple[int, ...]], max_batch: int, waste: float = 2.0) -> list[list[list[int]]]:
@@ -471,6 +501,7 @@ class Decoder:
         self.positions.copy_(positions.view(-1, 1))
         if self.recorder is not None:
             self.recorder.step.zero_()
+            self.recorder.clear()
 
     def suppress(self, ids: list[int]) -> None:
         """The ids the next steps may not choose (in place: a captured graph reads the same buffer)."""
