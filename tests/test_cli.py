@@ -150,7 +150,7 @@ def test_unknown_name_in_methods_list(tmp_path):
 def test_unknown_decode_mode_fails_before_the_model_loads(tmp_path):
     out = cli("model=tiny_llama", "decode=fast", f"results_dir={tmp_path}")
     assert out.returncode == 2
-    assert "decode='fast' is not one of [batched, plain]" in out.stderr
+    assert "decode='fast' is not one of [batched, plain, continuous]" in out.stderr
     assert not (tmp_path / "passkey").exists()
 
 

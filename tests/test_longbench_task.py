@@ -8,6 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+import harness.run.rows as run_rows
 import harness.run.runner as runner
 from harness.engine.models import byte_tokenizer
 from harness.tasks import longbench
@@ -127,8 +128,8 @@ def test_run_writes_dataset_files_scores_and_resumes(tmp_path, monkeypatch):
 def run_recording(monkeypatch, cfg):
     """Run ``cfg``; returns (dataset, chat) per encoded sample and (stop ids, min_new_tokens) per generation."""
     seen, stops = [], []
-    real_encode = runner.encode_parts
-    monkeypatch.setattr(runner, "encode_parts", lambda sample, tok, chat, device, special="text", scope="prompt":
+    real_encode = run_rows.encode_parts
+    monkeypatch.setattr(run_rows, "encode_parts", lambda sample, tok, chat, device, special="text", scope="prompt":
                         seen.append((sample.group, chat)) or real_encode(sample, tok, chat, device, special, scope))
     real_generate = runner.generate
     monkeypatch.setattr(runner, "generate", lambda *a, **k: stops.append((a[5], a[7])) or real_generate(*a, **k))

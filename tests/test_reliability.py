@@ -228,7 +228,7 @@ def test_longbench_settings_fail_before_the_model_loads(tmp_path, no_model, over
     ("model.source=gguf", "needs model.path"),
     ("model.dtype=float64", "model.dtype='float64' is not one of"),
     ("cuda_graphs=maybe", "cuda_graphs='maybe' must be true or false"),
-    ("decode=fast", r"decode='fast' is not one of \[batched, plain\]"),
+    ("decode=fast", r"decode='fast' is not one of \[batched, plain, continuous\]"),
     ("method.pooling=meanpool", r"method.pooling='meanpool' is not one of \[maxpool, avgpool\]"),
     ("distributed_timeout_s=0", "distributed_timeout_s=0 must be a positive number"),
     ("task.name=other", r"task.name='other' is not one of \['longbench', 'needle', 'passkey', 'perplexity', 'ruler'\]"),

@@ -35,7 +35,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import methods
-from harness.engine.generate import DECODE_MODES
+from harness.engine.generate import RUN_DECODE_MODES
 from harness.engine.models import AttentionBackend, Dtype, ModelConfig, ModelSource
 from harness.protocol.prompting import CHAT_MODES, COMPRESSION_SCOPES, SPECIAL_TOKEN_MODES, TRUNCATION_MODES
 from harness.ruler.essays import SPLITTERS as SENTENCE_SPLITTERS
@@ -69,7 +69,7 @@ CompressionScope = closed_set("CompressionScope", COMPRESSION_SCOPES)
 RulerVersion = closed_set("RulerVersion", RULER_VERSIONS)
 SentenceSplitter = closed_set("SentenceSplitter", SENTENCE_SPLITTERS)
 
-Decode = closed_set("Decode", DECODE_MODES)
+Decode = closed_set("Decode", RUN_DECODE_MODES)
 Resume = closed_set("Resume", ("auto", "new"))   # resume=: harness.run.identity.resolve_folder
 Progress = closed_set("Progress", PROGRESS_MODES)
 Haystack = closed_set("Haystack", HAYSTACK_KINDS)
@@ -122,6 +122,7 @@ class RunConfig:
     decode: Decode = Decode.batched                # type: ignore[valid-type]
     cuda_graphs: bool = True
     decode_batch: int = 16
+    decode_prompts: int = 64                       # decode=continuous: samples per window
     decode_compile: bool = False
     threads: Optional[int] = None
     resume: Resume = Resume.auto                   # type: ignore[valid-type]

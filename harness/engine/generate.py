@@ -124,14 +124,20 @@ def decode_loop(model, first_token: torch.Tensor, cache, prompt_length: int, max
 
 
 DECODE_MODES = ("batched", "plain")
+#: a run's ``decode`` setting: the engine's modes, and ``continuous`` (the rows of many samples decoded together by
+#: ``harness.engine.continuous.decode_rows``; a mode of the runner, not of ``generate``/``generate_many``)
+RUN_DECODE_MODES = (*DECODE_MODES, "continuous")
 
 
-def check_decode(decode: str, decode_batch=16) -> None:
-    """Check the decode settings. Raises ``ConfigError`` when ``decode`` is not in ``DECODE_MODES`` or
-    ``decode_batch`` is not a positive integer (a bool is rejected)."""
-    if decode not in DECODE_MODES:
-        raise ConfigError(f"decode={decode!r} is not one of {DECODE_MODES}: 'batched' (fixed-shape slots, CUDA graphs "
-                         "on a GPU; the default) or 'plain' (one model call per token on the growing cache)")
+def check_decode(decode: str, decode_batch=16, modes: tuple = DECODE_MODES) -> None:
+    """Check the decode settings. Raises ``ConfigError`` when ``decode`` is not in ``modes`` (``DECODE_MODES``;
+    a run's setting: ``RUN_DECODE_MODES``) or ``decode_batch`` is not a positive integer (a bool is rejected)."""
+    if decode not in modes:
+        continuous = " or 'continuous' (the rows of many samples together, refilled as they finish)" if (
+            "continuous" in modes) else ""
+        raise ConfigError(f"decode={decode!r} is not one of {modes}: 'batched' (fixed-shape slots, CUDA graphs "
+                          "on a GPU; the default), 'plain' (one model call per token on the growing cache)"
+                          f"{continuous}")
     if isinstance(decode_batch, bool) or not isinstance(decode_batch, int) or decode_batch < 1:
         raise ConfigError(f"decode_batch={decode_batch!r} must be a positive integer (the most variants decoded "
                           "together, e.g. 16)")

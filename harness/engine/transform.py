@@ -79,14 +79,17 @@ class TransformLog:
     def generated(self) -> dict:
         """``row -> {(layer, kind): int64 [tokens]}`` on the CPU. RuntimeError where a recorded step holds no rank
         (a decode step that did not pass the transform)."""
-        out = {}
-        for row, keys in self._generated.items():
-            out[row] = {key: torch.cat(parts).to("cpu", torch.int64) for key, parts in keys.items()}
-            for key, ranks in out[row].items():
-                if ranks.numel() and int(ranks.min()) < 0:
-                    raise RuntimeError(f"row {row}: layer {key[0]} ({key[1]}) recorded no kept rank for generated tokens "
-                                       f"{torch.nonzero(ranks < 0).reshape(-1)[:8].tolist()}: a decode step bypassed the "
-                                       "K/V transform")
+        return {row: self.generated_row(row) for row in self._generated}
+
+    def generated_row(self, row: int) -> dict:
+        """Row ``row``'s entry of ``generated`` alone (``{}`` for a row without generated ranks), with the same
+        check: a runner handing out rows as they finish reads one row without converting every other."""
+        out = {key: torch.cat(parts).to("cpu", torch.int64) for key, parts in self._generated.get(row, {}).items()}
+        for key, ranks in out.items():
+            if ranks.numel() and int(ranks.min()) < 0:
+                raise RuntimeError(f"row {row}: layer {key[0]} ({key[1]}) recorded no kept rank for generated tokens "
+                                   f"{torch.nonzero(ranks < 0).reshape(-1)[:8].tolist()}: a decode step bypassed the "
+                                   "K/V transform")
         return out
 
     def _flat(self, key) -> torch.Tensor:

@@ -198,6 +198,43 @@ def quarantine(path: Path) -> int:
     return len(bad)
 
 
+def in_sample_order(folder: Path, order: dict[tuple, int]) -> int:
+    """Put the rows of each predictions file of ``folder`` in the task's sample order (``order``: (group, id) ->
+    position), where they are not: ``decode=continuous`` appends rows as they finish. Only the lines of samples
+    in ``order`` move, among the places they hold (other lines, e.g. rows of an earlier, larger grid, stay
+    where they are); the lines themselves are kept byte for byte, the file rewritten aside and renamed over
+    it. Returns how many files were rewritten."""
+    rewritten = 0
+    for path in sorted(Path(folder).glob("*.jsonl")):
+        group = file_group(path)
+        lines = jsonl_lines(path.read_bytes())
+        keys = []
+        for line in lines:
+            try:
+                row = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                row = None
+            keys.append(order.get((group, row["id"])) if valid_row(row) else None)
+        places = [k for k, key in enumerate(keys) if key is not None]
+        ranked = sorted(places, key=lambda k: keys[k])
+        if ranked == places:
+            continue
+        out = list(lines)
+        for place, source in zip(places, ranked):
+            out[place] = lines[source]
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with tmp.open("wb") as f:
+                f.write(b"".join(line + b"\n" for line in out))
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        rewritten += 1
+    return rewritten
+
+
 class PredictionWriter:
     def __init__(self, folder: Path, group: str | None = None, suffix: str = ""):
         self.path = Path(str(predictions_file(folder, group)) + suffix)

@@ -7,9 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import hashlib
 import logging
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 import methods
 from harness import config
 from harness.config import schema  # noqa: F401  (registers the typed configs with Hydra)
-from harness.engine.generate import check_decode, generate
+from harness.engine.generate import RUN_DECODE_MODES, check_decode, generate
 from harness.engine.models import (
     check_hub_access,
     check_model_config,
@@ -33,8 +31,21 @@ from harness.engine.models import (
 )
 from harness.engine.shared import generate_many
 from harness.protocol import generation_rules
-from harness.protocol.prompting import check_protocol, encode, encode_parts, special_text, use_chat_template
+from harness.protocol.prompting import check_protocol, encode, encode_parts, use_chat_template
 from harness.run import distributed, identity, progress, results
+from harness.run.rows import (  # kept_file: also runner.kept_file, where a run's kept positions are
+    append_row,
+    check_transformed,
+    compression_fields,
+    kept_file,  # noqa: F401
+    prompt_input,
+    result_row,
+    save_positions,
+    transform_fields,
+    transform_groups,
+    transform_key,
+    transformed_for,
+)
 from harness.tasks import Sample, get_task
 
 log = logging.getLogger(__name__)
@@ -198,56 +209,6 @@ def task_samples(task, task_cfg, lm, chat: bool, truncation: str = "middle",
                               max_input_tokens=lm.max_input_tokens, truncation=truncation)
 
 
-def _row(task, sample: Sample, out, seconds: float, compressor: methods.KVCompressor) -> dict:
-    scores = task.scores(out.text, sample)
-    row = {"id": sample.id, "pred": out.text, "answers": sample.answers, **scores,
-           "prompt_tokens": out.prompt_length, "new_tokens": len(out.token_ids), "stopped_by": out.stopped_by,
-           "seconds": round(seconds, 3), **sample.meta}
-    if out.report is None and not compressor.is_noop:   # generate verifies this; a row must never claim otherwise
-        raise RuntimeError(f"{compressor.name}: sample {sample.id} has no compression report")
-    if out.report is not None:
-        row["kept"] = [layer["kept"] for layer in out.report["layers"]]
-        row["kept_distinct_per_head"] = [layer.get("distinct_per_head") for layer in out.report["layers"]]
-        row["kept_layers"] = [layer.get("model_layer", layer["layer"]) for layer in out.report["layers"]]
-        if out.report["notes"]:
-            row["notes"] = out.report["notes"]
-    return row
-
-
-def compression_fields(compressor: methods.KVCompressor, compressed: int, scope: str) -> dict:
-    """What a row records of its compression: the tokens prefilled and compressed (``compressed_tokens``;
-    the rest of the prompt was appended uncompressed under ``compression_scope``), and, for a method
-    that compresses, the token budget it ran with (``budget``: resolved from ``compression_ratio`` for
-    this prompt where a ratio is set, so tables can group by either)."""
-    fields = {"compressed_tokens": compressed, "compression_scope": scope}
-    if not compressor.is_noop:
-        fields["budget"] = compressor.budget_for(compressed)
-        if compressor.compression_ratio is not None:
-            fields["compression_ratio"] = compressor.compression_ratio
-    return fields
-
-
-def kept_file(folder: Path, sample_id: str) -> Path:
-    """``kept/<sample id>.pt``; an id that cannot be a file name is written with its unsafe characters
-    replaced and a digest of the id appended (``ab_c-1f2e3d4c.pt``), never outside ``kept/``."""
-    name = sample_id
-    if not identity.SAFE_NAME.fullmatch(name) or ".." in name:
-        name = re.sub(r"[^A-Za-z0-9_+=-]", "_", name)[:80] + "-" + hashlib.sha256(sample_id.encode()).hexdigest()[:8]
-    return identity.inside(Path(folder) / "kept" / f"{name}.pt", folder)
-
-
-def save_positions(folder: Path, sample_id: str, report: dict) -> None:
-    """``kept/<sample id>.pt``: {model layer: [B, H, k] int32 original positions, None = whole prompt}."""
-    (folder / "kept").mkdir(exist_ok=True)
-    positions = {layer.get("model_layer", layer["layer"]):
-                 None if layer["positions"] is None else layer["positions"].to(torch.int32)
-                 for layer in report["layers"]}
-    path = kept_file(folder, sample_id)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(positions, tmp)
-    tmp.replace(path)
-
-
 @dataclass
 class Plan:
     """What a run will do, decided and checked before the model loads."""
@@ -267,7 +228,11 @@ def check_settings(cfg: DictConfig) -> None:
     ``harness.config.schema.RunConfig``); each a ConfigError naming the value and the fix."""
     from harness.tasks import checks
     checks.positive_int("limit", cfg.limit, allow_none=True)
-    check_decode(cfg.decode, cfg.decode_batch)
+    check_decode(cfg.decode, cfg.decode_batch, RUN_DECODE_MODES)
+    value = cfg.decode_prompts
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise methods.ConfigError(f"decode_prompts={value!r} must be a positive integer (the samples decode=continuous "
+                                  "prefills and decodes together); fix: e.g. decode_prompts=64")
     if cfg.threads is not None:
         checks.positive_int("threads", cfg.threads)
     timeout = cfg.distributed_timeout_s
@@ -328,15 +293,6 @@ def plan(cfg: DictConfig) -> Plan:
         raise methods.ConfigError(f"methods/budgets give the same run {repeated} twice (one results folder); fix: "
                                   "name each method and budget once")
     return Plan(task, compressors, folders, identities, stored, model_ident, cfg, files)
-
-
-def transform_key(compressor: methods.KVCompressor) -> tuple | None:
-    """What identifies a compressor's K/V transform (None without one): methods with the same key share it
-    (and, in one sample, a prefill)."""
-    from methods.base import TRANSFORM_FIELDS
-    if compressor.transform is None:
-        return None
-    return tuple(getattr(compressor, f) for f in TRANSFORM_FIELDS)
 
 
 def transform_files(cfg: DictConfig, compressors: list) -> dict:
@@ -535,7 +491,9 @@ def generate_rows(cfg: DictConfig, job: Plan, lm, chat: bool, samples: list[Samp
                   done: dict) -> None:
     """Generate and append one row per (sample, method) not yet done: one prompt encoding and, for
     several methods, one shared prefill per sample (``generate_many``); rows flushed as they come. A
-    progress bar counts (sample, method) generations of this rank, starting at those already done."""
+    progress bar counts (sample, method) generations of this rank, starting at those already done.
+    ``decode=continuous``: the rows of ``decode_prompts`` samples at a time decoded together
+    (``harness.run.windows``), except for tasks scored without generating and models over several devices."""
     rank, world = distributed.world()
     writers: dict[tuple, results.PredictionWriter] = {}
     total = len(samples) * len(job.compressors)
@@ -543,6 +501,11 @@ def generate_rows(cfg: DictConfig, job: Plan, lm, chat: bool, samples: list[Samp
     bar = progress.progress_bar(total, initial, cfg.progress, rank, world, desc=f"{cfg.task.name} {cfg.model.name}")
     warned = [False]   # the special-token warning, once per run
     with bar, progress.redirected(bar):
+        if cfg.decode == "continuous" and job.task.evaluate is None:
+            from harness.run import windows
+            if windows.usable(lm):
+                windows.generate_windows(cfg, job, lm, chat, samples, digests, done, writers, warned, bar)
+                return
         for sample in samples:
             todo = [c for c in job.compressors if (sample.group, sample.id) not in done[id(c)]]
             if todo:
@@ -559,26 +522,14 @@ def generate_sample(cfg: DictConfig, job: Plan, lm, chat: bool, sample: Sample, 
     if job.task.evaluate is not None:     # scored without generating (perplexity)
         evaluated(cfg, job, lm, sample, todo, digest, writers)
         return
-    special_tokens = cfg.protocol.prompt_special_tokens
-    device = next(lm.model.parameters()).device
-    fast = {"decode": cfg.decode, "cuda_graphs": bool(cfg.cuda_graphs), "compile": bool(cfg.decode_compile)}
-    stop_strings = list(cfg.task.get("stop_strings") or [])   # a task setting (needle) only some tasks have
-    sample_chat = chat and sample.dataset not in set(cfg.protocol.chat_template_skip or [])
+    # decode=continuous comes here for a model over several devices only (windows.usable): batched, which decodes
+    # such a model on the plain path
+    fast = {"decode": "batched" if cfg.decode == "continuous" else cfg.decode, "cuda_graphs": bool(cfg.cuda_graphs),
+            "compile": bool(cfg.decode_compile)}
+    prompt = prompt_input(cfg, lm, chat, sample, warned)
+    input_ids, compressed, stops, min_new, stop_strings = (prompt.input_ids, prompt.compressed, prompt.stops,
+                                                           prompt.min_new_tokens, prompt.stop_strings)
     scope = cfg.protocol.compression_scope
-    try:
-        input_ids, compressed = encode_parts(sample, lm.tokenizer, sample_chat, device, special_tokens, scope)
-    except ValueError as error:   # a task without a context/question split, a template that rewrites it
-        raise methods.ConfigError(str(error)) from None
-    written_specials = special_text(sample.prompt, lm.tokenizer)
-    if written_specials:
-        sample.meta["special_text_in_prompt"] = written_specials
-        if special_tokens == "parse" and not warned[0]:
-            warned[0] = True
-            log.warning("sample %s: the prompt contains special-token text %s, which "
-                        "protocol.prompt_special_tokens=parse turns into control tokens, as the reference "
-                        "scripts do (recorded per sample as special_text_in_prompt)", sample.id, written_specials)
-    stops = generation_rules.stop_ids(cfg.protocol, sample.dataset, lm)
-    min_new = generation_rules.min_new_tokens(cfg.protocol, sample.dataset)
     log.debug("%s: %d prompt tokens, up to %d new, %d method(s)", sample.id, input_ids.shape[1],
               sample.max_new_tokens, len(todo))
     start = time.perf_counter()
@@ -607,7 +558,7 @@ def generate_sample(cfg: DictConfig, job: Plan, lm, chat: bool, sample: Sample, 
     scores = []
     for c in todo:
         out, extra = results_by[id(c)]
-        row = _row(job.task, sample, out, elapsed / len(todo), c) | {"sample_sha256": digest,
+        row = result_row(job.task, sample, out, elapsed / len(todo), c) | {"sample_sha256": digest,
                                                                       **compression_fields(c, compressed, scope),
                                                                       **extra}
         if cfg.save_kept_positions and out.report is not None:
@@ -617,60 +568,6 @@ def generate_sample(cfg: DictConfig, job: Plan, lm, chat: bool, sample: Sample, 
         log.debug("%s %s: %r", job.folders[id(c)].name, sample.id, out.text[:80])
     name = f"{sample.group}/{sample.id}" if sample.group else sample.id
     log.info("%s (%d tokens, %.1f s): %s", name, input_ids.shape[1], elapsed, ", ".join(scores))
-
-
-def transform_groups(todo: list) -> list[tuple]:
-    """``todo`` split by K/V transform (``transform_key``), in first-seen order: ``[(key, [compressors])]``.
-    Methods without a transform share one prefill, and so do methods with the same transform."""
-    groups: dict = {}
-    for c in todo:
-        groups.setdefault(transform_key(c), []).append(c)
-    return list(groups.items())
-
-
-@contextlib.contextmanager
-def transformed_for(job: Plan, lm, key):
-    """The K/V transform ``key`` attached for the block (``harness.engine.transform.transformed``), yielding its
-    log; nothing attached and None for ``key`` None."""
-    if key is None:
-        yield None
-        return
-    from harness.engine.transform import transformed
-    with transformed(lm.model, job.transforms[key]) as tlog:
-        yield tlog
-
-
-def transform_fields(lm, tlog, report, compressed: int, prompt_length: int, row: int, generated_tokens: int,
-                     transforms: dict, transform: str) -> dict:
-    """The record of row ``row`` of the decode (``harness.dynakv.accounting.row_fields``; ``generated_tokens`` fed
-    back to the model) at the size of an element of the cache (the K projection's output dtype). RuntimeError
-    when a layer of ``transforms`` saw no token, or not every generated token."""
-    from harness.dynakv.accounting import row_fields, sliding_windows
-    check_transformed(tlog, transforms)
-    element = torch.empty((), dtype=lm.model.get_input_embeddings().weight.dtype).element_size()
-    return row_fields(tlog, report, compressed, prompt_length, element, row, generated_tokens,
-                      sliding_windows(lm.model), per_token_ranks=transform not in ("pca_uniform", "svd_weights"))
-
-
-def check_transformed(tlog, transforms: dict) -> None:
-    """Every (layer, K/V) of ``transforms`` went through its hook (RuntimeError naming the missing ones): a
-    transform attached but not applied must never pass for one that was."""
-    expected = {(layer, kind) for layer, pair in transforms.items() for kind, t in pair.items() if t is not None}
-    missing = sorted(expected - {key for key, calls in tlog.calls.items() if calls})
-    if missing:
-        raise RuntimeError(f"the K/V transform was attached but layers {missing[:6]} saw no token; the model does "
-                           "not route its keys/values through the hooked modules")
-
-
-def append_row(job: Plan, compressor, sample: Sample, row: dict, writers: dict) -> None:
-    """Append ``row`` to the compressor's predictions file for the sample's group (this rank's part file in
-    a data-parallel run), opening it once per (method, group) in ``writers``."""
-    rank, world = distributed.world()
-    key = (id(compressor), sample.group)
-    if key not in writers:
-        suffix = distributed.PART.format(rank=rank) if world > 1 else ""
-        writers[key] = results.PredictionWriter(job.folders[id(compressor)], sample.group, suffix)
-    writers[key].append(row)
 
 
 def evaluated(cfg: DictConfig, job: Plan, lm, sample: Sample, todo: list, digest: str, writers: dict) -> None:
@@ -698,7 +595,10 @@ def finish(cfg: DictConfig, job: Plan, sample_keys: list[tuple]) -> list[dict]:
     summaries = []
     for c in job.compressors:
         folder = job.folders[id(c)]
-        distributed.merge(folder, {key: k for k, key in enumerate(sample_keys)})
+        order = {key: k for k, key in enumerate(sample_keys)}
+        distributed.merge(folder, order)
+        if cfg.decode == "continuous":   # rows were appended as they finished: put them back in sample order
+            results.in_sample_order(folder, order)
         summary = summarize(folder, c.method_name, job.task.finalize)   # LongBench: datasets, averages
         if cfg.wandb and summary["samples"]:
             log_to_wandb(cfg, folder, c, summary)

@@ -1,0 +1,168 @@
+"""``decode=continuous``: the (sample, method) rows of many samples decoded together
+(``harness.engine.continuous.decode_rows``), written as they finish.
+
+* **Windows.** The samples with work left (a resumed run queues only the (sample, method) pairs not done) are
+  taken ``decode_prompts`` at a time, in task order. A window's prefilled caches are held until its last row
+  finishes: ``decode_prompts`` bounds that memory (FullKV's rows hold the whole prompt).
+* **Order.** Within a window the prompts are prefilled, and their rows queued, longest work first: most new
+  tokens allowed (``max_new_tokens``), then longest prompt, then task order. ``decode_rows`` admits waiting
+  rows in that order, so the long rows start first and the short ones fill the slots that free up near the
+  end (longest-processing-time-first: the batch stays full until the window's last steps).
+* **K/V transforms.** Rows decoded together share the attached transforms, so a window runs once per
+  transform group (``harness.run.rows.transform_groups``: methods without one, then each transform), with that
+  group's transform attached to its prefills and to its decode, as ``harness.run.runner.generate_sample`` does
+  per sample. Each prefill gets a log of its own (the prompt's kept ranks), the decode one for all rows (each
+  row's generated tokens' ranks under its index). Under a split ``compression_scope`` a transform group's
+  methods are prefilled one at a time, as there (each method's appended question is in its own log).
+* **Rows.** Each row is written the moment it finishes (``on_done``), with the fields ``generate_sample``
+  writes (``harness.run.rows``); an interrupted run keeps every finished row. Rows are therefore appended in
+  the order they finish; the run puts each file back in sample order at its end (``results.in_sample_order``,
+  called by ``harness.run.runner.finish``). Readers do not depend on the order (``results.finished`` is keyed
+  by sample, summaries and scorers aggregate), but sums then add up in the same order as the other paths.
+* **seconds.** Under continuous decoding a row has no wall time of its own (its prefill and steps are shared
+  with the window's other rows): a row's ``seconds`` is the wall time since the previous row of its window
+  (and transform group) finished, the first row's since the window started (its prefills included). A
+  window's rows' ``seconds`` add up to its wall time, and their mean is the wall time per row.
+* **Not here.** A model spread over several devices (``usable``) runs today's path (``generate_sample`` per
+  sample, batched, which decodes it plain), as do tasks scored without generating (``Task.evaluate``).
+  ``decode_batch`` and ``decode_compile`` apply to ``decode=batched`` only; the slots follow the free memory
+  (``harness.engine.continuous``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from harness.engine.continuous import ContinuousStats, decode_rows, prompt_rows
+from harness.engine.generate import Generation
+from harness.run.rows import (
+    append_row,
+    compression_fields,
+    prompt_input,
+    result_row,
+    save_positions,
+    transform_fields,
+    transform_groups,
+    transform_key,
+    transformed_for,
+)
+
+log = logging.getLogger(__name__)
+
+
+def usable(lm) -> bool:
+    """Whether continuous decoding can decode this model: its weights on one device (the slot buffers and
+    graphs assume one; a ``device_map`` model runs the per-sample path, logged once)."""
+    devices = {p.device for p in lm.model.parameters()}
+    if len(devices) > 1:
+        log.warning("decode=continuous: the model lies on %d devices (%s); its samples run one at a time on the "
+                    "plain path instead (the same tokens)", len(devices), ", ".join(sorted(map(str, devices))))
+        return False
+    return True
+
+
+@dataclass
+class _Pending:
+    """One queued row: its sample (position in the window), method, compression report and prefill log."""
+    k: int
+    compressor: object
+    report: dict | None
+    prefill_log: object
+
+
+def generate_windows(cfg, job, lm, chat: bool, samples: list, digests: dict, done: dict, writers: dict,
+                     warned: list, bar) -> None:
+    """Every (sample, method) of ``samples`` not in ``done``, ``decode_prompts`` samples at a time (the module
+    docstring); rows appended through ``harness.run.rows.append_row`` as they finish, ``bar`` advanced per row."""
+    if cfg.decode_compile:
+        log.warning("decode_compile=true applies to decode=batched; decode=continuous decodes without it")
+    pending = []
+    for sample in samples:
+        todo = [c for c in job.compressors if (sample.group, sample.id) not in done[id(c)]]
+        if todo:
+            pending.append((sample, todo))
+    size = int(cfg.decode_prompts)
+    for start in range(0, len(pending), size):
+        window = pending[start:start + size]
+        bar.set_postfix_str(f"window {start // size + 1}/{-(-len(pending) // size)}")
+        decode_window(cfg, job, lm, chat, window, digests, writers, warned, bar)
+
+
+def decode_window(cfg, job, lm, chat: bool, window: list, digests: dict, writers: dict, warned: list, bar) -> None:
+    """One window: ``[(sample, methods to do)]``, once per transform group."""
+    prompts = [prompt_input(cfg, lm, chat, sample, warned) for sample, _ in window]
+    order = sorted(range(len(window)), key=lambda k: (-window[k][0].max_new_tokens, -prompts[k].length, k))
+    keys = [key for key, _ in transform_groups([c for _, todo in window for c in todo])]
+    for key in keys:
+        start = time.perf_counter()
+        rows, queued = [], []
+        for k in order:
+            sample, todo = window[k]
+            group = [c for c in todo if transform_key(c) == key]
+            prompt = prompts[k]
+            # under a split scope each method's appended question is transformed on its own cache (generate_sample)
+            one_by_one = key is not None and prompt.compressed < prompt.length
+            for batch in ([[c] for c in group] if one_by_one else [group] if group else []):
+                with transformed_for(job, lm, key) as prefill_log:
+                    built, reports = prompt_rows(lm.model, lm.tokenizer, prompt.input_ids, batch,
+                                                 sample.max_new_tokens, prompt.stops, prompt.stop_strings,
+                                                 prompt.min_new_tokens, compressed_tokens=prompt.compressed)
+                rows += built
+                queued += [_Pending(k, c, report, prefill_log) for c, report in zip(batch, reports)]
+        writer = _RowWriter(cfg, job, lm, window, prompts, queued, digests, writers, bar, key, start)
+        stats = ContinuousStats()
+        with transformed_for(job, lm, key) as decode_log:
+            writer.decode_log = decode_log
+            decode_rows(lm.model, rows, cuda_graphs=bool(cfg.cuda_graphs), stats=stats, on_done=writer)
+        log.info("window of %d samples%s: %d rows in %.1f s (%d steps, occupancy %.0f %%, %d allocation(s), "
+                 "mean score %s)", len({p.k for p in queued}), "" if key is None else " (K/V transform)", len(rows),
+                 time.perf_counter() - start, stats.steps, 100 * stats.occupancy, stats.allocations,
+                 writer.mean_score())
+
+
+class _RowWriter:
+    """``on_done`` of ``decode_rows``: row ``i`` finished -> its results row, appended at once."""
+
+    def __init__(self, cfg, job, lm, window, prompts, queued, digests, writers, bar, key, start: float):
+        self.cfg, self.job, self.lm, self.window, self.prompts, self.queued = cfg, job, lm, window, prompts, queued
+        self.digests, self.writers, self.bar, self.key = digests, writers, bar, key
+        self.last = start
+        self.decode_log = None
+        self.scores: list[float] = []
+
+    def __call__(self, i: int, tokens: list[int], stopped_by: str) -> None:
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        entry = self.queued[i]
+        sample, _ = self.window[entry.k]
+        prompt = self.prompts[entry.k]
+        c = entry.compressor
+        out = Generation(tokens, self.lm.tokenizer.decode(tokens, skip_special_tokens=True), prompt.length,
+                         stopped_by, entry.report)
+        extra = {}
+        if self.decode_log is not None:
+            extra = transform_fields(self.lm, self.row_log(i, entry.prefill_log), out.report, prompt.compressed,
+                                            prompt.length, i, len(tokens) - 1, self.job.transforms[self.key],
+                                            c.transform)
+        scope = self.cfg.protocol.compression_scope
+        row = result_row(self.job.task, sample, out, seconds, c) | {
+            "sample_sha256": self.digests[(sample.group, sample.id)],
+            **compression_fields(c, prompt.compressed, scope), **extra}
+        if self.cfg.save_kept_positions and out.report is not None:
+            save_positions(self.job.folders[id(c)], sample.id, out.report)
+        append_row(self.job, c, sample, row, self.writers)
+        self.scores.append(row["score"])
+        self.bar.update(1)
+        log.debug("%s %s: %r", self.job.folders[id(c)].name, sample.id, out.text[:80])
+
+    def row_log(self, i: int, prefill_log):
+        """A log of row ``i`` alone: its prompt's prefill calls and, as row ``i``, its generated tokens' ranks."""
+        from harness.engine.transform import TransformLog
+        merged = TransformLog(calls=prefill_log.calls, dims={**prefill_log.dims, **self.decode_log.dims})
+        merged.set_generated(i, self.decode_log.generated_row(i))
+        return merged
+
+    def mean_score(self) -> str:
+        return f"{100 * sum(self.scores) / len(self.scores):.1f}" if self.scores else "-"
