@@ -692,7 +692,7 @@ def decode_caches(model, first_token: torch.Tensor, caches: list, prompt_length:
         stats.segments.append(len(segments))
         tokens = [[] for _ in group]
         done: list[str | None] = [None] * batch
-        with slot_routing(model, decoder.cache), _recording(log, decoder):
+        with slot_routing(model, decoder.cache), recording(log, decoder):
             if use_graphs and decoder.graph is None and decoder.graph_error is None:
                 if decoder.capture(model):      # the captured step ran eagerly: its routing is the graph's
                     decoder.cache.verify_routing()
@@ -732,8 +732,9 @@ def _decoder(shape: tuple, dtype, device, batch: int, vocab: int, compile: bool,
 
 
 @contextlib.contextmanager
-def _recording(log, decoder: Decoder):
-    """The transforms' hooks write into ``decoder``'s recorder for the block (nothing without ``log``)."""
+def recording(log, decoder: Decoder):
+    """The transforms' hooks (``log``: their ``TransformLog``) write into ``decoder``'s recorder for the block
+    (nothing without ``log``)."""
     if log is None:
         yield
         return

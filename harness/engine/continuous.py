@@ -67,6 +67,7 @@ from harness.engine.batched import (
     SlotCache,
     allocate,
     load_row,
+    recording,
     row_layers,
     slot_routing,
     spans_devices,
@@ -340,19 +341,6 @@ class RowDecoder(Decoder):
 
 # ---- decoding ------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _recording(log, decoder: RowDecoder):
-    """The transforms' hooks write into ``decoder``'s recorder for the block (nothing without ``log``)."""
-    if log is None:
-        yield
-        return
-    log.recorder = decoder.recorder
-    try:
-        yield
-    finally:
-        log.recorder = None
-
-
 def default_max_bytes(device: torch.device) -> int:
     """Slot-buffer budget: ``FREE_MEMORY_FRACTION`` of the free memory of a CUDA ``device``, else
     ``CPU_MAX_BYTES``."""
@@ -515,7 +503,7 @@ class _Allocation:
         for layer in self.cache.layers:
             layer.writes = layer.attention_calls = 0
         use_graphs = cuda_graphs and self.device.type == "cuda"
-        with slot_routing(self.model, self.cache), _recording(self.log, self.decoder):
+        with slot_routing(self.model, self.cache), recording(self.log, self.decoder):
             if use_graphs:
                 if self.decoder.capture(self.model):     # the captured step ran eagerly: its routing is the graph's
                     self.cache.verify_routing()
