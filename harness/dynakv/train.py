@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from harness.engine.posttrain import BASIS_CHOICES, build_optimizer, gate_parameters, learning_bases, objective
+from harness.engine.posttrain import build_optimizer, checked_gates, frozen_backbone, learning_bases, objective
 from harness.engine.transform import TransformLog, accumulate_states, transformed
 from methods.lowrank import Moments
 
@@ -109,20 +109,12 @@ def train(model, transforms: dict, windows: torch.Tensor, alpha: float, steps: i
     rank draws from its own share and the gate and basis gradients are averaged. ``on_step(record)`` sees each
     step's ``step``, ``ce``, ``rate``, ``loss``, ``lr`` (and ``basis_lr`` when the basis trains). Returns the
     records. ``ValueError`` for ``alpha < 0``, no gates, a rate not > 0 or ``basis`` not in ``BASIS_CHOICES``."""
-    gates = gate_parameters(transforms)
-    if not gates:
-        raise ValueError("train needs DynaKV transforms with gates")
-    if alpha < 0:
-        raise ValueError(f"alpha={alpha} must be >= 0")
-    if basis not in BASIS_CHOICES:
-        raise ValueError(f"basis={basis!r} is not one of {BASIS_CHOICES}")
+    gates = checked_gates(transforms, alpha, basis)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     device = next(model.parameters()).device
     order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))
     mine = windows[order[rank::world]]
-    frozen = {name: p.requires_grad for name, p in model.named_parameters()}
-    model.requires_grad_(False)
     was_training = model.training
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -132,7 +124,7 @@ def train(model, transforms: dict, windows: torch.Tensor, alpha: float, steps: i
                 else contextlib.nullcontext())
     history = []
     try:
-        with learning_bases(transforms, basis) as basis_params:
+        with frozen_backbone(model), learning_bases(transforms, basis) as basis_params:
             adamw = build_optimizer(gates, basis_params, lr, basis_lr)
             for step in range(steps):
                 for group in adamw.param_groups:
@@ -156,8 +148,6 @@ def train(model, transforms: dict, windows: torch.Tensor, alpha: float, steps: i
         if checkpointing:
             model.gradient_checkpointing_disable()
         model.train(was_training)
-        for name, p in model.named_parameters():
-            p.requires_grad_(frozen[name])
     return history
 
 

@@ -53,13 +53,12 @@ write results as they come (resumable).
 
 from __future__ import annotations
 
-import contextlib
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
-from harness.engine import compat, hook
+from harness.engine import compat
 from harness.engine.batched import (
     Decoder,
     RankRecorder,
@@ -74,8 +73,7 @@ from harness.engine.batched import (
     transform_log,
     vocab_size,
 )
-from harness.engine.generate import check_request, check_split, extend
-from harness.engine.shared import compressed_cache, prefill_once
+from harness.engine.shared import appended, compressed_cache, prefill_variants
 from harness.engine.stopping import Stopping
 from methods.base import KVCompressor
 
@@ -145,34 +143,18 @@ def prompt_rows(model, tokenizer, input_ids: torch.Tensor, compressors: list[KVC
     ``compressed_tokens`` (the first ``c`` tokens compressed, the rest appended uncompressed per variant) and
     the compressors' ``compression_ratio`` resolve as there. Raises what ``generate_many`` raises for these
     arguments."""
-    check_request(input_ids, max_new_tokens)
+    compressors, stopping, shared, c = prefill_variants(model, tokenizer, input_ids, compressors, max_new_tokens,
+                                                        stop_token_ids, stop_strings, min_new_tokens, compressed_tokens)
     n = input_ids.shape[1]
-    c = check_split(n, compressed_tokens)
-    compressors = [compressor.resolved(c) for compressor in compressors]
-    for compressor in compressors:
-        hook.require_full_attention(model, compressor)
-    stopping = Stopping(tokenizer, stop_token_ids, min_new_tokens, stop_strings, input_ids[0].tolist())
-    shared = prefill_once(model, input_ids[:, :c], compressors, stopping.suppressed(0))
     rows, reports = [], []
     for compressor in compressors:
         cache, report = compressed_cache(shared, compressor)
         first = shared.first_token
         if c < n:
-            first = _appended(model, compressor, cache, input_ids[:, c:], c, stopping.suppressed(0))
+            first = appended(model, compressor, cache, input_ids[:, c:], c, stopping)
         rows.append(Row(cache, int(first), n, max_new_tokens, stopping))
         reports.append(report)
     return rows, reports
-
-
-def _appended(model, compressor: KVCompressor, cache, suffix_ids: torch.Tensor, start: int, suppress) -> int:
-    """``extend`` one variant's cache with the uncompressed rest of the prompt ``[1, q]``; its first token. A
-    query-head cache needs the attention wrapper, so the compressor is attached (bound to this cache,
-    compressing nothing); as ``harness.engine.shared.generate_many`` does."""
-    attach = contextlib.nullcontext() if compressor.is_noop else hook.attach(model, compressor)
-    with attach as controller:
-        if controller is not None:
-            controller.bind(cache, fresh=False)
-        return int(extend(model, suffix_ids, cache, start, suppress))
 
 
 # ---- planning: layout classes and slots ------------------------------------------------------------

@@ -94,6 +94,32 @@ def objective(model, transforms: dict, input_ids: torch.Tensor, alpha: float,
     return loss, {"ce": float(ce.detach()), "rate": float(rate.detach()), "loss": float(loss.detach())}
 
 
+def checked_gates(transforms: dict, alpha: float, basis: str) -> list[torch.nn.Parameter]:
+    """The gate parameters of ``transforms`` (``gate_parameters``), after checking the training settings:
+    ``ValueError`` for no DynaKV gate, ``alpha < 0`` or ``basis`` not in ``BASIS_CHOICES``."""
+    gates = gate_parameters(transforms)
+    if not gates:
+        raise ValueError("training needs DynaKV transforms with gates; fit them first")
+    if alpha < 0:
+        raise ValueError(f"alpha={alpha} must be >= 0")
+    if basis not in BASIS_CHOICES:
+        raise ValueError(f"basis={basis!r} is not one of {BASIS_CHOICES}")
+    return gates
+
+
+@contextlib.contextmanager
+def frozen_backbone(model):
+    """For the block, no parameter of ``model`` requires grad (the backbone stays frozen); each one's flag is
+    restored on exit, also when the block raises."""
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+
+
 def post_train(model, transforms: dict, batches: list[torch.Tensor], alpha: float, steps: int,
                lr: float = 1e-3, basis: str = "frozen", basis_lr: float | None = None) -> list[dict]:
     """Train the gates of ``transforms`` (and with ``basis="train"`` their bases ``U``, at ``basis_lr``, None:
@@ -101,25 +127,13 @@ def post_train(model, transforms: dict, batches: list[torch.Tensor], alpha: floa
     the model frozen (its ``requires_grad`` flags restored afterwards). Returns one record per step: ``step``,
     ``ce``, ``rate`` (mean soft retain rate, 0-1) and ``loss``. Raises ``ValueError`` when ``transforms`` holds
     no DynaKV gate, ``alpha < 0``, a rate is not > 0 or ``basis`` is not one of ``BASIS_CHOICES``."""
-    gates = gate_parameters(transforms)
-    if not gates:
-        raise ValueError("post_train needs DynaKV transforms (with gates); fit them first")
-    if alpha < 0:
-        raise ValueError(f"alpha={alpha} must be >= 0")
-    if basis not in BASIS_CHOICES:
-        raise ValueError(f"basis={basis!r} is not one of {BASIS_CHOICES}")
-    frozen = {name: p.requires_grad for name, p in model.named_parameters()}
-    model.requires_grad_(False)
+    gates = checked_gates(transforms, alpha, basis)
     history = []
-    try:
-        with learning_bases(transforms, basis) as basis_params:
-            adamw = build_optimizer(gates, basis_params, lr, basis_lr)
-            for step in range(steps):
-                adamw.zero_grad()
-                loss, parts = objective(model, transforms, batches[step % len(batches)], alpha, backward=True)
-                adamw.step()
-                history.append({"step": step, **parts})
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(frozen[name])
+    with frozen_backbone(model), learning_bases(transforms, basis) as basis_params:
+        adamw = build_optimizer(gates, basis_params, lr, basis_lr)
+        for step in range(steps):
+            adamw.zero_grad()
+            loss, parts = objective(model, transforms, batches[step % len(batches)], alpha, backward=True)
+            adamw.step()
+            history.append({"step": step, **parts})
     return history

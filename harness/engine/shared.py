@@ -104,6 +104,22 @@ def compressed_cache(shared: SharedPrefill, compressor: KVCompressor):
     return cache, report
 
 
+def prefill_variants(model, tokenizer, input_ids: torch.Tensor, compressors: list[KVCompressor], max_new_tokens: int,
+                     stop_token_ids=(), stop_strings=(), min_new_tokens: int = 0,
+                     compressed_tokens: int | None = None) -> tuple[list[KVCompressor], Stopping, SharedPrefill, int]:
+    """The shared prefill of one prompt ``input_ids [1, n]`` for ``compressors``: ``(compressors resolved to the
+    budget of the compressed part, the prompt's Stopping, the SharedPrefill of its first c tokens, c)``. Raises
+    ``ValueError`` for more than one prompt, ``max_new_tokens < 1`` or a bad ``compressed_tokens``, and what
+    ``require_full_attention`` and ``prefill_once`` raise."""
+    check_request(input_ids, max_new_tokens)
+    c = check_split(input_ids.shape[1], compressed_tokens)
+    compressors = [compressor.resolved(c) for compressor in compressors]
+    for compressor in compressors:
+        hook.require_full_attention(model, compressor)
+    stopping = Stopping(tokenizer, stop_token_ids, min_new_tokens, stop_strings, input_ids[0].tolist())
+    return compressors, stopping, prefill_once(model, input_ids[:, :c], compressors, stopping.suppressed(0)), c
+
+
 @torch.no_grad()
 def generate_many(model, tokenizer, input_ids: torch.Tensor, compressors: list[KVCompressor], max_new_tokens: int,
                   stop_token_ids=(), stop_strings=(), min_new_tokens: int = 0, decode: str = "batched",
@@ -128,21 +144,16 @@ def generate_many(model, tokenizer, input_ids: torch.Tensor, compressors: list[K
     ``max_new_tokens < 1``.
     """
     check_decode(decode, max_batch)
-    check_request(input_ids, max_new_tokens)
+    compressors, stopping, shared, c = prefill_variants(model, tokenizer, input_ids, compressors, max_new_tokens,
+                                                        stop_token_ids, stop_strings, min_new_tokens, compressed_tokens)
     n = input_ids.shape[1]
-    c = check_split(n, compressed_tokens)
-    compressors = [compressor.resolved(c) for compressor in compressors]
-    for compressor in compressors:
-        hook.require_full_attention(model, compressor)
-    stopping = Stopping(tokenizer, stop_token_ids, min_new_tokens, stop_strings, input_ids[0].tolist())
-    shared = prefill_once(model, input_ids[:, :c], compressors, stopping.suppressed(0))
     if decode == "batched" and spans_devices(shared.cache):
         decode = "plain"     # a model split over devices (device_map): one variant at a time, same tokens
     if decode == "batched":
         built = [compressed_cache(shared, compressor) for compressor in compressors]
         firsts = shared.first_token
         if c < n:
-            firsts = torch.cat([_appended(model, compressor, cache, input_ids[:, c:], c, stopping)
+            firsts = torch.cat([appended(model, compressor, cache, input_ids[:, c:], c, stopping)
                                 for compressor, (cache, _) in zip(compressors, built)])
         decoded = decode_caches(model, firsts, [cache for cache, _ in built], n, max_new_tokens, stopping,
                                 cuda_graphs=cuda_graphs, max_batch=max_batch, stats=stats, compile=compile)
@@ -153,7 +164,7 @@ def generate_many(model, tokenizer, input_ids: torch.Tensor, compressors: list[K
         cache, report = compressed_cache(shared, compressor)
         first = shared.first_token
         if c < n:
-            first = _appended(model, compressor, cache, input_ids[:, c:], c, stopping)
+            first = appended(model, compressor, cache, input_ids[:, c:], c, stopping)
         attach = contextlib.nullcontext() if compressor.is_noop else hook.attach(model, compressor)
         with attach as controller:  # decoding a query-head cache needs the attention wrapper
             if controller is not None:
@@ -164,8 +175,8 @@ def generate_many(model, tokenizer, input_ids: torch.Tensor, compressors: list[K
     return out
 
 
-def _appended(model, compressor: KVCompressor, cache, suffix_ids: torch.Tensor, start: int,
-              stopping: Stopping) -> torch.Tensor:
+def appended(model, compressor: KVCompressor, cache, suffix_ids: torch.Tensor, start: int,
+             stopping: Stopping) -> torch.Tensor:
     """``extend`` one variant's cache with the uncompressed rest of the prompt ``[1, q]``; its first
     token ``[1, 1]``. A query-head cache needs the attention wrapper, so the compressor is attached
     (bound to this cache, compressing nothing)."""
