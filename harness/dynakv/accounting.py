@@ -106,7 +106,7 @@ def row_fields(log, report: dict | None, compressed: int, prompt_length: int, el
     for kind in ("k", "v"):
         values, counts = torch.unique(torch.cat([ranks[(layer, kind)] for layer in layers]), return_counts=True)
         histogram[kind] = {int(v): int(c) for v, c in zip(values, counts)}
-    generated = log.generated.get(row, {})
+    generated = log.generated_row(row)
     if generated_tokens is not None:
         wrong = sorted(key for key in ranks if generated_tokens and generated.get(key, torch.empty(0)).numel()
                        != generated_tokens)

@@ -515,7 +515,7 @@ class _Allocation:
             if reason or len(tokens) == self.rows[i].max_new_tokens:
                 if self.log is not None:       # the tokens fed back: all but the last; copies (the slot is reused)
                     ranks = self.decoder.recorder.rows(b, len(tokens) - 1)
-                    self.log.set_generated(i, {key: r.clone() for key, r in ranks.items()})
+                    self.log.set_generated(i, ranks)
                 finish(i, tokens, reason or "max_new_tokens")
                 self.admit(b)
             else:

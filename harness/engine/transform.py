@@ -71,9 +71,10 @@ class TransformLog:
             self.calls[(layer, kind)].append(ranks.detach())
 
     def set_generated(self, row: int, ranks: dict) -> None:
-        """Row ``row``'s generated tokens' kept ranks, ``(layer, kind) -> int [tokens]`` (from a decoder's
-        recorder; a negative entry marks a step the hook did not record, which ``generated`` refuses)."""
-        self._generated[row] = {key: [r.reshape(-1).clone()] for key, r in ranks.items()}   # the buffers are reused
+        """Row ``row``'s generated tokens' kept ranks, ``(layer, kind) -> int [tokens]`` (from a decoder's recorder:
+        ``RankRecorder.rows`` copies them out of its reused buffers). A negative entry marks a step the hook did not
+        record, which ``generated`` refuses."""
+        self._generated[row] = {key: [r.reshape(-1)] for key, r in ranks.items()}
 
     @property
     def generated(self) -> dict:
