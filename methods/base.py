@@ -80,6 +80,23 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
 
 
+def gather_grouped(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``gather_tokens(repeat_heads(x, H // Hkv), index)`` without the repeated copy of ``x``.
+
+    ``x``: ``[B, Hkv, n, d]``; ``index``: int64 ``[B, H, k]`` with ``H`` a multiple of ``Hkv`` (head ``h``
+    reads KV head ``h // (H // Hkv)``, the ``repeat_kv`` layout). Returns ``[B, H, k, d]`` in ``x``'s dtype:
+    the same values (a gather copies, it computes nothing), read from a stride-0 view of ``x``.
+    """
+    b, hkv, n, d = x.shape
+    h, k = index.shape[1], index.shape[2]
+    if h == hkv:
+        return gather_tokens(x, index)
+    groups = h // hkv
+    view = x[:, :, None].expand(b, hkv, groups, n, d)                       # no copy
+    picked = view.gather(3, index.view(b, hkv, groups, k, 1).expand(b, hkv, groups, k, d))
+    return picked.view(b, h, k, d)
+
+
 class ConfigError(ValueError):
     """A compressor setting that cannot work; the message names the value, the rule and the fix."""
 
@@ -342,17 +359,18 @@ class KVCompressor:
         ``groups``) when Hq is not a multiple of Hkv at ``query_head`` granularity.
         """
         w = self.window_size
-        n = keys.shape[2]
+        b, hkv, n, _ = keys.shape
         groups = self.groups(keys, queries) if self.granularity == "query_head" else 1
-        k, v = repeat_heads(keys, groups), repeat_heads(values, groups)
-        b, h = k.shape[:2]
+        h = hkv * groups
         if selected is not None and self.granularity == "layer" and selected.shape[1] == 1:
             selected = selected.expand(b, h, selected.shape[-1])   # one token set for the layer, in every head
-        window_positions = torch.arange(n - w, n, device=k.device).expand(b, h, w)
+        window_positions = torch.arange(n - w, n, device=keys.device).expand(b, h, w)
+        window_k, window_v = repeat_heads(keys[:, :, -w:], groups), repeat_heads(values[:, :, -w:], groups)
         if selected is None or selected.shape[-1] == 0:
-            return Kept(k[:, :, -w:], v[:, :, -w:], window_positions.contiguous())
-        kept_k = torch.cat([gather_tokens(k[:, :, : n - w], selected), k[:, :, -w:]], dim=2)
-        kept_v = torch.cat([gather_tokens(v[:, :, : n - w], selected), v[:, :, -w:]], dim=2)
+            return Kept(window_k, window_v, window_positions.contiguous())
+        # the selected tokens straight from the KV heads (no repeated copy of the whole prompt first)
+        kept_k = torch.cat([gather_grouped(keys[:, :, : n - w], selected), window_k], dim=2)
+        kept_v = torch.cat([gather_grouped(values[:, :, : n - w], selected), window_v], dim=2)
         return Kept(kept_k, kept_v, torch.cat([selected, window_positions], dim=2))
 
 
