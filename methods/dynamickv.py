@@ -190,7 +190,7 @@ class DynamicKVSession(CompressionSession):
     # ----------------------------------------------------------------- re-allocation
     def _layer_counts(self, final: bool) -> torch.Tensor:
         """Per-layer counts of the global top ``base * H * k`` pooled scores, floor-divided by k,
-        with the reference's final-layer top-up."""
+        with the reference's final-layer top-up: int64 ``[k]`` on the CPU."""
         c = self.compressor
         device = self.scores[0].device                          # layers may sit on different GPUs
         stacked = torch.stack([scores.to(device) for scores in self.scores])   # [k, B, H, n - w]
@@ -200,7 +200,9 @@ class DynamicKVSession(CompressionSession):
         per_layer = flat.numel() // k                           # B * H * (n - w)
         take = min(c.base * heads * k, flat.numel())
         top = flat.topk(take).indices
-        counts = torch.bincount(top // per_layer, minlength=k) // k
+        # to the host once: the share arithmetic below is a few dozen scalar steps (one synchronisation here
+        # instead of one per scalar; float32 division and products round the same on the CPU and the GPU)
+        counts = (torch.bincount(top // per_layer, minlength=k) // k).cpu()
         if final and int(counts.sum()) != per_layer:
             counts[-1] += (c.base * heads * k) // self.num_layers - counts.sum()
         return counts
@@ -237,7 +239,10 @@ class DynamicKVSession(CompressionSession):
 
 def _reference_slice(kept: Kept, length: int, window: int) -> Kept:
     """``cat(x[:, :, :length], x[:, :, -window:])`` exactly as the reference slices (Python slice
-    semantics included: a length beyond the selection runs into the stored window)."""
+    semantics included: a length beyond the selection runs into the stored window). A cut that keeps
+    everything in place (``length + window`` is the stored count) returns ``kept`` itself, uncopied."""
+    if window > 0 and length >= 0 and length + window == kept.count:   # (x[:, :, -0:] would be all of x)
+        return kept
     def cut(x):
         return torch.cat([x[:, :, :length], x[:, :, -window:]], dim=2)
     return Kept(cut(kept.keys), cut(kept.values), cut(kept.positions))
@@ -247,6 +252,8 @@ def _truncate(kept: Kept, length: int, window: int) -> Kept:
     """Keep the first ``length`` selected entries (top by score) and the window, nothing twice."""
     selected = kept.count - window
     length = max(0, min(length, selected))
+    if length == selected:      # nothing cut: the same tensors, uncopied
+        return kept
     def cut(x):
         return torch.cat([x[:, :, :length], x[:, :, selected:]], dim=2)
     return Kept(cut(kept.keys), cut(kept.values), cut(kept.positions))
