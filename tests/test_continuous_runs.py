@@ -64,6 +64,27 @@ def test_continuous_rows_equal_the_plain_and_batched_rows(tmp_path, reference, s
     assert all(r["seconds"] >= 0 for s in summaries for r in results.read_predictions(Path(s["folder"])))
 
 
+def test_a_window_closes_early_at_the_memory_limit(tmp_path, reference, small_slots, monkeypatch):
+    """The GPU's memory bound, simulated: every prefilled prompt 'allocates' 10 units (plus 1) and a window may add
+    20, so each window of decode_prompts=4 stops after 2 prompts (the limit is checked before each prompt but the
+    first) and hands the rest on; every row is still written once, equal to the plain path's."""
+    prefills = []
+    prompt_rows = windows.prompt_rows
+    monkeypatch.setattr(windows, "prompt_rows", lambda *a, **k: prefills.append(1) or prompt_rows(*a, **k))
+    base = [0]
+
+    def limit(device, fraction):
+        assert fraction == 0.25
+        base[0] = len(prefills)
+        return 10 * base[0] + 20
+    monkeypatch.setattr(windows, "memory_limit", limit)
+    monkeypatch.setattr(windows, "allocated_bytes", lambda device: 10 * len(prefills) + 1)
+    summaries = runner.run(compose_run(tmp_path, *COMMON, "decode=continuous", "decode_prompts=4",
+                                       "decode_window_memory=0.25"))
+    assert rows_of(summaries) == reference["plain"]
+    assert len(small_slots) == 3 and len(prefills) == 6           # windows of 2, 2 and 2 prompts (six samples)
+
+
 def test_an_interrupted_continuous_run_resumes_without_writing_a_row_twice(tmp_path, reference, small_slots,
                                                                          monkeypatch):
     cfg = [*COMMON, "decode=continuous", "decode_prompts=4"]
@@ -127,6 +148,8 @@ def test_a_model_over_several_devices_runs_the_per_sample_path(tmp_path, referen
     ("decode=fast", "decode"),
     ("decode_prompts=0", "decode_prompts=0 must be a positive integer"),
     ("decode_prompts=-3", "decode_prompts=-3 must be a positive integer"),
+    ("decode_window_memory=1.5", "decode_window_memory=1.5 must be a number between 0 and 1"),
+    ("decode_window_memory=0", "decode_window_memory=0.0 must be a number between 0 and 1"),
     ("decode_prompts=many", "decode_prompts"),
 ])
 def test_bad_continuous_settings_are_refused_before_the_model_loads(tmp_path, monkeypatch, setting, message):

@@ -12,11 +12,15 @@ weight values, and every measured decode runs a fixed number of tokens) it measu
                 achieved memory bandwidth of the fast step;
 ``batches``     fast-path decode throughput with the kept cache repeated to each of ``--batches``
                 rows, up to the largest batch that fits (stops at the first out-of-memory);
-``sweep``       a LongBench-shaped workload (prompt and answer lengths of LongBench's English and code
-                datasets, truncated to the model's input limit like LongBench's ``pred.py``): one
-                FullKV run against the six-method sweep at one budget with one shared prefill per
-                sample and every variant decoded together (``--sweep-plain`` also times the six
-                methods one at a time on the plain path);
+``sweep``       the six-method LongBench-16 sweep at ``--budget`` through the code path of ``make longbench``
+                (``harness.run.runner.run``, task=longbench, on the model already loaded) on synthetic
+                data: ``--sweep-samples`` samples (random text of LongBench's prompt lengths, its max new
+                tokens, truncated to ``--sweep-max-input``) apportioned over the 16 datasets as LongBench's
+                3,750 are, written to ``<out>/sweep``; per ``--sweep-decode`` path a 2-sample warm-up run,
+                then the timed run into ``<out>/sweep/run_<decode>``, its rows checked, and the projected
+                time of the full sweep (measured x 3750 / samples) against the 30-minute target;
+                ``--sweep-plain`` also projects the reference scripts' way (one sample and one method at a
+                time, plain decode) from timed runs of K and 2K new tokens per dataset (``plain_projection``);
 ``kvpress``     kvpress (the closest peer) on the same model, contexts and SnapKV setting, in a
                 subprocess with its own transformers (``--kvpress-site``; see
                 ``harness/bench/kvpress.py``): prefill + compression, peak memory and end-to-end
@@ -36,7 +40,9 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
+import string
 import subprocess
 import sys
 import time
@@ -68,6 +74,14 @@ LONGBENCH_SHAPE = {
     "passage_count": (32, 11141), "passage_retrieval_en": (32, 9289), "lcc": (64, 1235), "repobench-p": (64, 4206),
 }
 TOKENS_PER_WORD = 1.3   # an approximation for English with Llama-3's tokenizer (whitespace words -> tokens)
+# LongBench-16's test samples per dataset (THUDM/LongBench task.md, the line counts of data.zip's jsonl files;
+# harness.longbench.metrics.DATASET_SIZES agrees): 3,750 in all, what a full sweep runs per method.
+LONGBENCH16_SIZES = {name: 200 for name in LONGBENCH_SHAPE} | {"multifieldqa_en": 150, "lcc": 500, "repobench-p": 500}
+LONGBENCH16_TOTAL = sum(LONGBENCH16_SIZES.values())
+SWEEP_TEMPLATE = "{context}\n\nQuestion: {input}\nAnswer:"   # ours, for the synthetic data (not LongBench's prompts)
+SWEEP_PROTOCOL = "dynamickv_paper"   # make longbench's default PROTOCOL
+SWEEP_DECODES = ("continuous", "batched", "plain")
+TARGET_MINUTES = 30                  # the goal for a full six-method LongBench-16 sweep
 
 
 class Timer:
@@ -253,53 +267,232 @@ def batch_rows(lm, context: int, budget: int, window: int, names, batches, token
     return out
 
 
-# ---- sweep: six methods with one shared prefill against one FullKV run ---------------------------
+# ---- sweep: a six-method LongBench-16 sweep through the runner, projected to the full 3,750 samples ----
+
+def draw_length(name: str, rng: random.Random) -> int:
+    """A prompt length in tokens for LongBench dataset ``name``: its average (words x ``TOKENS_PER_WORD``)
+    times uniform(0.6, 1.4)."""
+    return int(LONGBENCH_SHAPE[name][1] * TOKENS_PER_WORD * rng.uniform(0.6, 1.4))
+
 
 def longbench_workload(samples: int, max_input: int, seed: int = 0) -> list[tuple[str, int, int]]:
     """``(dataset, prompt tokens, max new tokens)``: datasets in turn, prompt lengths drawn around each
-    dataset's average (words x ``TOKENS_PER_WORD``, times 0.6-1.4) and truncated to ``max_input``
-    as LongBench's ``pred.py`` truncates in the middle."""
+    dataset's average (``draw_length``) and truncated to ``max_input`` as LongBench's ``pred.py``
+    truncates in the middle."""
     rng = random.Random(seed)
     names = list(LONGBENCH_SHAPE)
     out = []
     for i in range(samples):
         name = names[(i * 5) % len(names)]          # a stride that mixes short and long answers
-        new, words = LONGBENCH_SHAPE[name]
-        length = int(words * TOKENS_PER_WORD * rng.uniform(0.6, 1.4))
-        out.append((name, min(length, max_input), new))
+        out.append((name, min(draw_length(name, rng), max_input), LONGBENCH_SHAPE[name][0]))
     return out
 
 
-def sweep(lm, samples: int, budget: int, window: int, max_input: int, plain: bool) -> dict:
+def stratified_counts(samples: int, sizes: dict[str, int] = LONGBENCH16_SIZES) -> dict[str, int]:
+    """``samples`` apportioned over the datasets of ``sizes`` in proportion to their sizes: the largest
+    remainder method (exact integer arithmetic; ties in table order), then every dataset given at least
+    one sample, taken from the dataset most over its quota. ``samples = sum(sizes)`` gives ``sizes``
+    itself. ValueError when ``samples`` is not an integer of at least ``len(sizes)``."""
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < len(sizes):
+        raise ValueError(f"sweep samples={samples!r}: must be an integer of at least {len(sizes)} (one sample "
+                         f"per dataset of {len(sizes)}); LongBench-16 has {sum(sizes.values())}")
+    total = sum(sizes.values())
+    counts = {d: samples * n // total for d, n in sizes.items()}
+    remainder = {d: samples * n % total for d, n in sizes.items()}
+    names = list(sizes)
+    for d in sorted(names, key=lambda d: -remainder[d])[: samples - sum(counts.values())]:   # stable: table order
+        counts[d] += 1
+    for d in names:
+        if counts[d] == 0:   # most over its quota (count x total - samples x size), among those with two or more
+            donor = max((e for e in names if counts[e] > 1), key=lambda e: counts[e] * total - samples * sizes[e])
+            counts[donor] -= 1
+            counts[d] = 1
+    return counts
+
+
+def sweep_data(folder: Path, counts: dict[str, int], seed: int = 0) -> list[dict]:
+    """Synthetic LongBench-16 data for ``task=longbench``: ``<folder>/data/<dataset>.jsonl`` with
+    ``counts[dataset]`` rows each (``_id``, ``context``, ``input``, ``answers`` in the form the dataset's
+    scorer parses, ``all_classes``) and ``<folder>/config/dataset2prompt.json`` (``SWEEP_TEMPLATE`` for
+    every dataset: our own, not the official prompts) and ``dataset2maxlen.json`` (LongBench's max new
+    tokens, ``LONGBENCH_SHAPE``).
+    Contexts are random printable ASCII (no ``<``, so no special-token text) of ``draw_length``
+    characters: that many tokens under the random models' byte tokenizer (``tokenizer: bytes``); the
+    task truncates the prompt to ``model.max_input_tokens``. Returns one record per sample:
+    ``{"dataset", "id", "prompt"}`` (the formatted, untruncated prompt)."""
+    rng = random.Random(seed)
+    answers = {"passage_retrieval_en": "Paragraph 1", "passage_count": "1"}   # the forms their scorers parse
+    alphabet = "".join(c for c in string.printable if c not in "<\t\n\r\x0b\x0c")
+    data, tables = folder / "data", folder / "config"
+    data.mkdir(parents=True, exist_ok=True)
+    tables.mkdir(parents=True, exist_ok=True)
+    (tables / "dataset2prompt.json").write_text(json.dumps({d: SWEEP_TEMPLATE for d in counts}, indent=1))
+    (tables / "dataset2maxlen.json").write_text(json.dumps({d: LONGBENCH_SHAPE[d][0] for d in counts}, indent=1))
+    out = []
+    for dataset, count in counts.items():
+        lines = []
+        for i in range(count):
+            row = {"_id": f"{dataset}-{i}", "context": "".join(rng.choices(alphabet, k=draw_length(dataset, rng))),
+                   "input": "".join(rng.choices(alphabet, k=24)), "answers": [answers.get(dataset, "a")],
+                   "all_classes": ["a", "b"]}
+            lines.append(json.dumps(row))
+            out.append({"dataset": dataset, "id": row["_id"], "prompt": SWEEP_TEMPLATE.format(**row)})
+        (data / f"{dataset}.jsonl").write_text("\n".join(lines) + "\n")
+    return out
+
+
+def sweep_overrides(model: str, folder: Path, results_dir: Path, decode: str, max_input: int, dtype: str,
+                    budget: int, window: int, sets=(), run_sets=(), limit: int | None = None) -> list[str]:
+    """The run's overrides (``harness.config.compose``): ``make longbench``'s run (task=longbench, protocol
+    ``SWEEP_PROTOCOL``, the six methods at ``budget``) on the synthetic data in ``folder``, with every
+    method's window ``window``, the model in ``dtype`` truncated to ``max_input``, stop tokens off (every row
+    decodes its dataset's full max new tokens), no W&B, no progress bar. ``sets``: the bench's model
+    overrides (``--set``); ``run_sets``: more overrides of the run, last (``--sweep-set``, e.g. decode_prompts=32)."""
+    return ["task=longbench", f"task.data_dir='{folder / 'data'}'", f"task.config_dir='{folder / 'config'}'",
+            f"model={model}", f"model.max_input_tokens={max_input}", f"model.dtype={dtype}",
+            *[f"model.{kv}" for kv in sets], f"protocol={SWEEP_PROTOCOL}", f"protocol.dtype={dtype}",
+            *[f"protocol.window_size.{name}={window}" for name in SIX if name != "fullkv"],
+            "protocol.stop_tokens={default: [], samsum: []}", f"methods=[{','.join(SIX)}]", f"budgets=[{budget}]",
+            f"decode={decode}", "wandb=false", "progress=never", f"results_dir='{results_dir}'",
+            *run_sets, *([f"limit={limit}"] if limit else [])]
+
+
+def check_rows(summaries: list[dict], records: list[dict]) -> dict:
+    """Every (sample, method) row of a sweep run, read back from its folders: one per sample of ``records``
+    in each of the six folders, each with its dataset's max new tokens (``new_tokens``). RuntimeError naming
+    what is missing or short. Returns ``{"rows", "prompt_tokens": [min, mean, max], "new_tokens"}``."""
+    from harness.run import results as run_results
+    if len(summaries) != len(SIX):
+        raise RuntimeError(f"sweep: the run returned {len(summaries)} method summaries, not {len(SIX)}")
+    want = {(r["dataset"], r["id"]) for r in records}
+    prompts, new, count = [], 0, 0
+    for summary in summaries:
+        rows = run_results.finished(Path(summary["folder"]))
+        if set(rows) != want:
+            missing = sorted(want - set(rows))
+            raise RuntimeError(f"sweep: {summary['folder']} has {len(rows)} rows, not the {len(want)} samples' "
+                               f"(missing {missing[:5]}{' ...' if len(missing) > 5 else ''})")
+        for (dataset, sample), row in rows.items():
+            if row.get("new_tokens") is not None and row["new_tokens"] != LONGBENCH_SHAPE[dataset][0]:
+                raise RuntimeError(f"sweep: {summary['folder']}: {sample} generated {row['new_tokens']} tokens, not "
+                                   f"{dataset}'s {LONGBENCH_SHAPE[dataset][0]} (stopped by {row.get('stopped_by')})")
+            prompts.append(row["prompt_tokens"])
+            new += row.get("new_tokens") or 0
+            count += 1
+    return {"rows": count, "prompt_tokens": [min(prompts), statistics.mean(prompts), max(prompts)], "new_tokens": new}
+
+
+def timed_run(lm, overrides: list[str], results_dir: Path) -> tuple[float, list[dict]]:
+    """``harness.run.runner.run`` on ``lm`` into a fresh ``results_dir`` (a previous one deleted): seconds
+    (wall clock, synchronised on CUDA) and the method summaries. The synthetic files carry the official
+    names, so the task's check of the official files' known sha256 (``longbench.KNOWN_SHA256``) is off
+    during the run."""
+    from unittest import mock
+
+    from harness.run import runner
+    from harness.tasks import longbench
+    shutil.rmtree(results_dir, ignore_errors=True)
+    cfg = config.compose(overrides)
+    with mock.patch.dict(longbench.KNOWN_SHA256, clear=True):
+        ms, summaries = wall_ms(next(lm.model.parameters()).device, lambda: runner.run(cfg, lm=lm))
+    return ms / 1000, summaries
+
+
+def plain_projection(lm, records: list[dict], compressors: list, max_input: int, tokens: int,
+                     per_dataset: int) -> dict:
+    """The reference scripts' way, one sample and one method at a time on the plain path (a model call per
+    token on a growing cache), projected to LongBench-16 from short runs: for the first ``per_dataset``
+    samples of each dataset (prompt ids drawn at random, of the sample's prompt length in tokens, truncated
+    to ``max_input``) and each method, ``generate(..., decode="plain")`` of K = ``tokens`` and of 2K new tokens
+    is timed (seconds, wall clock; after an untimed 2K-token run of each method on the first sample): per
+    token = (t_2K - t_K) / K, fixed (prefill, compression) = t_K - K x per token, a sample's time = fixed +
+    maxlen(dataset) x per token. The projection is the sum over datasets of LONGBENCH16_SIZES[dataset] x the
+    mean over its measured samples of the six methods' times added up. Returns the measurements (seconds)
+    and the projection (seconds and minutes)."""
     model, tok = lm.model, lm.tokenizer
     device = next(model.parameters()).device
-    work = longbench_workload(samples, max_input)
-    compressors = [build(name, budget, window) for name in SIX]
-    fullkv = compressors[0]
-    ids_of = [torch.randint(2, min(model.config.vocab_size, 30000), (1, n), device=device,
-                            generator=torch.Generator(device).manual_seed(i)) for i, (_, n, _) in enumerate(work)]
-    with torch.no_grad():   # warm-up: kernels, allocator, the compressed rows' graphs
-        generate_many(model, tok, ids_of[0][:, :1024], compressors, 4, [])
-        generate(model, tok, ids_of[0][:, :1024], fullkv, 4, [])
-    result = {"samples": [{"dataset": d, "prompt_tokens": n, "new_tokens": m} for d, n, m in work],
-              "budget": budget, "methods": SIX}
-    modes = [("fullkv_run_s", lambda ids, m: [generate(model, tok, ids, fullkv, m, [])]),
-             ("six_method_sweep_s", lambda ids, m: generate_many(model, tok, ids, compressors, m, []))]
-    if plain:
-        modes.append(("six_methods_one_at_a_time_plain_s",
-                      lambda ids, m: [generate(model, tok, ids, c, m, [], decode="plain") for c in compressors]))
-    for key, fn in modes:
-        total = 0.0
-        for ids, (_, _, new) in zip(ids_of, work):
-            ms, outs = wall_ms(device, lambda: fn(ids, new))
-            assert all(len(o.token_ids) == new for o in outs)
-            total += ms / 1000
-        result[key] = total
-        print(key, round(total, 2), flush=True)
+    maxlen = {d: v[0] for d, v in LONGBENCH_SHAPE.items()}
+    chosen = [r for d in LONGBENCH16_SIZES for r in [x for x in records if x["dataset"] == d][:per_dataset]]
+    high = min(model.config.vocab_size, 30000)
+    measured, by_dataset = [], {}
+    for k, record in enumerate(chosen):
+        n = min(len(tok(record["prompt"]).input_ids), max_input)
+        ids = torch.randint(2, high, (1, n), device=device, generator=torch.Generator(device).manual_seed(k))
+        if k == 0:   # warm-up: kernels, allocator, each method's one-off setup for the cache lengths ahead
+            for c in compressors:
+                generate(model, tok, ids, c, 2 * tokens, [], decode="plain")
+        sample_s = 0.0
+        for c in compressors:
+            times = []
+            for count in (tokens, 2 * tokens):
+                ms, out = wall_ms(device, lambda: generate(model, tok, ids, c, count, [], decode="plain"))
+                if len(out.token_ids) != count:
+                    raise RuntimeError(f"sweep plain: {c.method_name} generated {len(out.token_ids)} tokens, not {count}")
+                times.append(ms / 1000)
+            per_token = (times[1] - times[0]) / tokens
+            fixed = times[0] - tokens * per_token
+            projected = fixed + maxlen[record["dataset"]] * per_token
+            measured.append({"dataset": record["dataset"], "id": record["id"], "prompt_tokens": n,
+                             "method": c.method_name, "t_k_s": times[0], "t_2k_s": times[1],
+                             "per_token_s": per_token, "fixed_s": fixed, "projected_s": projected})
+            sample_s += projected
+        by_dataset.setdefault(record["dataset"], []).append(sample_s)
         _free(device)
-    result["sweep_over_fullkv"] = result["six_method_sweep_s"] / result["fullkv_run_s"]
+    per_sample = {d: statistics.mean(v) for d, v in by_dataset.items()}
+    total = sum(LONGBENCH16_SIZES[d] * per_sample[d] for d in LONGBENCH16_SIZES)
+    return {"tokens": tokens, "samples_per_dataset": per_dataset, "measurements": measured,
+            "measured_s": sum(m["t_k_s"] + m["t_2k_s"] for m in measured),
+            "projected_sample_s": per_sample, "projected_longbench16_s": total,
+            "projected_longbench16_min": total / 60}
+
+
+def sweep(lm, model: str, out: Path, samples: int, budget: int, window: int, max_input: int,
+          decodes=("continuous",), plain: bool = False, plain_samples: int = 1, plain_tokens: int = 16,
+          sets=(), run_sets=()) -> dict:
+    """The six-method sweep at ``budget`` as ``make longbench`` runs it (``harness.run.runner.run``, on the
+    already loaded ``lm``), on ``samples`` synthetic LongBench-16 samples in LongBench's mix
+    (``stratified_counts``, ``sweep_data`` into ``<out>/sweep``), once per decode path in ``decodes``, each
+    after a 2-sample warm-up run (timed apart) and into a fresh ``<out>/sweep/run_<decode>``; the rows are
+    read back and checked (``check_rows``). Projection: measured seconds x 3750 / ``samples``. ``plain``:
+    also the one-at-a-time plain path's projection (``plain_projection``)."""
+    from harness.run import runner
+    folder = Path(out) / "sweep"
+    device = next(lm.model.parameters()).device
+    counts = stratified_counts(samples)
+    records = sweep_data(folder, counts)
+    dtype = lm.info["dtype"]
+    common = {"model": model, "folder": folder, "max_input": max_input, "dtype": dtype, "budget": budget,
+              "window": window, "sets": sets, "run_sets": run_sets}
+    result = {"samples": samples, "counts": counts, "budget": budget, "window_size": window, "methods": SIX,
+              "window_setting": "protocol.window_size.<method> (the method configs read their window there)",
+              "protocol": SWEEP_PROTOCOL, "max_input_tokens": max_input, "dtype": dtype, "stop_tokens": "off",
+              "run_overrides": list(run_sets),
+              "longbench16_samples": LONGBENCH16_TOTAL, "target_minutes": TARGET_MINUTES, "runs": {}}
+    for decode in decodes:
+        warm_dir = folder / f"warmup_{decode}"
+        warm_s, _ = timed_run(lm, sweep_overrides(results_dir=warm_dir, decode=decode, limit=2, **common), warm_dir)
+        shutil.rmtree(warm_dir, ignore_errors=True)
+        _free(device)
+        results_dir = folder / f"run_{decode}"
+        seconds, summaries = timed_run(lm, sweep_overrides(results_dir=results_dir, decode=decode, **common),
+                                       results_dir)
+        checked = check_rows(summaries, records)
+        projected = seconds * LONGBENCH16_TOTAL / samples
+        result["runs"][decode] = {"seconds": seconds, "warmup_seconds": warm_s, "samples": samples, **checked,
+                                  "results_dir": str(results_dir), "projected_longbench16_s": projected,
+                                  "projected_longbench16_min": projected / 60}
+        print(f"sweep decode={decode}: {seconds:.1f} s for {samples} samples x 6 methods (warm-up {warm_s:.1f} s) -> "
+              f"projected LongBench-16 sweep {projected / 60:.1f} min", flush=True)
+        _free(device)
     if plain:
-        result["plain_over_sweep"] = result["six_methods_one_at_a_time_plain_s"] / result["six_method_sweep_s"]
+        cfg = runner.checked_config(config.compose(sweep_overrides(results_dir=folder / "plain", decode="plain",
+                                                                   **common)))
+        result["plain"] = plain_projection(lm, records, runner.build_compressors(cfg), max_input, plain_tokens,
+                                           plain_samples)
+        minutes = result["plain"]["projected_longbench16_min"]
+        print(f"sweep one at a time, plain: projected LongBench-16 sweep {minutes:.1f} min", flush=True)
+        for run in result["runs"].values():
+            run["plain_over"] = result["plain"]["projected_longbench16_s"] / run["projected_longbench16_s"]
     return result
 
 
@@ -317,7 +510,11 @@ def kvpress_compare(lm, contexts, budget: int, window: int, kernel: int, repeats
     if site:
         env["PYTHONPATH"] = site     # kvpress and the transformers it supports, alone on the path
     result_file = out / "kvpress.json"
-    command = [sys.executable, str(KVPRESS_SCRIPT), "--config", str(config_file),
+    # run as a copy under another name: Python puts the script's folder first on sys.path, and next to
+    # harness/bench/kvpress.py an `import kvpress` would find that file instead of the package
+    script = out / "kvpress_bench.py"
+    shutil.copyfile(KVPRESS_SCRIPT, script)
+    command = [sys.executable, str(script), "--config", str(config_file),
                "--contexts", *map(str, contexts), "--budget", str(budget), "--window", str(window),
                "--kernel", str(kernel), "--repeats", str(repeats), "--new-tokens", str(new_tokens),
                "--out", str(result_file)]
@@ -454,16 +651,32 @@ def markdown(data: dict) -> str:
                              f"{b['tokens_per_s']:.0f} | {ratio} |")
     s = data.get("sweep")
     if s:
-        lens = [x["prompt_tokens"] for x in s["samples"]]
-        lines += ["", f"Sweep: {len(lens)} LongBench-shaped samples (prompts {min(lens)}-{max(lens)} tokens, "
-                  f"{sum(x['new_tokens'] for x in s['samples'])} new tokens in all), budget {s['budget']}", "",
-                  "| run | seconds | x FullKV run |", "|---|---|---|",
-                  f"| FullKV alone | {s['fullkv_run_s']:.1f} | 1.00 |",
-                  f"| six methods, shared prefill + batched decode | {s['six_method_sweep_s']:.1f} | "
-                  f"{s['sweep_over_fullkv']:.2f} |"]
-        if "six_methods_one_at_a_time_plain_s" in s:
-            lines.append(f"| six methods one at a time, plain decode | {s['six_methods_one_at_a_time_plain_s']:.1f} | "
-                         f"{s['six_methods_one_at_a_time_plain_s'] / s['fullkv_run_s']:.2f} |")
+        lines += ["", f"Sweep: the six-method LongBench-16 sweep as `make longbench` runs it (harness.run.runner, "
+                  f"protocol {s['protocol']}, budget {s['budget']}, window {s['window_size']}, prompts truncated to "
+                  f"{s['max_input_tokens']} tokens, stop tokens off so every row decodes its dataset's max new tokens"
+                  f"{''.join(', ' + o for o in s.get('run_overrides') or [])}), "
+                  f"timed on {s['samples']} synthetic samples in LongBench's mix and projected to the full "
+                  f"{s['longbench16_samples']} (x {s['longbench16_samples']} / {s['samples']})", "",
+                  "| path | measured s | warm-up s | rows | prompt tokens (min / mean / max) | "
+                  "projected LongBench-16 sweep, min |", "|---|---|---|---|---|---|"]
+        for decode, r in s["runs"].items():
+            low, mean, high = r["prompt_tokens"]
+            lines.append(f"| runner, decode={decode} | {r['seconds']:.1f} | {r['warmup_seconds']:.1f} | {r['rows']} | "
+                         f"{low} / {mean:.0f} / {high} | {r['projected_longbench16_min']:.1f} |")
+        p = s.get("plain")
+        if p:
+            lines.append(f"| one sample and one method at a time, plain decode (projected) | {p['measured_s']:.1f} | "
+                         f"- | {len(p['measurements'])} | - | {p['projected_longbench16_min']:.1f} |")
+            lines += ["", f"Plain projection: per sample and method, t_K and t_2K (K = {p['tokens']} new tokens) on "
+                      f"{p['samples_per_dataset']} sample(s) per dataset; per token = (t_2K - t_K) / K, fixed = t_K - K x "
+                      "per token, a sample = fixed + maxlen(dataset) x per token; the sweep = sum over datasets of its "
+                      "size x the mean sample's six methods."]
+            lines += [f"plain / runner decode={decode}: {r['plain_over']:.1f}x" for decode, r in s["runs"].items()
+                      if r.get("plain_over")]
+        for decode, r in s["runs"].items():
+            met = "met" if r["projected_longbench16_min"] <= s["target_minutes"] else "not met"
+            lines.append(f"Target: a full six-method LongBench-16 sweep in {s['target_minutes']} min; decode={decode} "
+                         f"projects {r['projected_longbench16_min']:.1f} min ({met})")
     k = data.get("kvpress")
     if k and "error" not in k:
         theirs = {r["context"]: r for r in k["kvpress"]["rows"]}
@@ -545,9 +758,21 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128, 256, 512])
     parser.add_argument("--batch-methods", nargs="+", default=["fullkv", "snapkv"], choices=SIX)
     parser.add_argument("--batch-context", type=int, default=32768)
-    parser.add_argument("--sweep-samples", type=int, default=16)
-    parser.add_argument("--sweep-max-input", type=int, default=7950, help="LongBench's limit for Llama-3-8B-Instruct")
-    parser.add_argument("--sweep-plain", action="store_true", help="also time the six methods one at a time, plain")
+    parser.add_argument("--sweep-samples", type=int, default=128,
+                        help="synthetic LongBench-16 samples, apportioned over the 16 datasets in proportion to "
+                             f"their sizes (at least 16); the projection scales the run by {LONGBENCH16_TOTAL} / this")
+    parser.add_argument("--sweep-max-input", type=int, default=7950,
+                        help="model.max_input_tokens of the sweep (the task truncates to it): LongBench's limit for "
+                             "Llama-3-8B-Instruct")
+    parser.add_argument("--sweep-decode", nargs="+", default=["continuous"], choices=SWEEP_DECODES,
+                        help="the runner's decode path(s) to time, each a run of its own")
+    parser.add_argument("--sweep-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="more overrides of the sweep's run config (kvh run's settings), e.g. decode_prompts=32")
+    parser.add_argument("--sweep-plain", action="store_true",
+                        help="also project the six methods one at a time on the plain path, from short timed runs")
+    parser.add_argument("--sweep-plain-samples", type=int, default=1, help="samples per dataset the plain projection times")
+    parser.add_argument("--sweep-plain-tokens", type=int, default=16,
+                        help="K: the plain projection times K and 2K new tokens per sample and method")
     parser.add_argument("--kvpress-site", default=None,
                         help="a directory with kvpress and a transformers it supports (<5.3), put alone on "
                              "PYTHONPATH for the kvpress subprocess; default: this Python's own packages")
@@ -562,6 +787,14 @@ def main(argv=None) -> None:
                         help="overrides of the model config, e.g. source=gguf path=/tmp/smollm2.gguf")
     parser.add_argument("--out", default="results/bench")
     args = parser.parse_args(argv)
+    if "sweep" in args.sections:
+        try:
+            stratified_counts(args.sweep_samples)
+        except ValueError as error:
+            parser.error(f"--sweep-samples {args.sweep_samples}: {error}")
+        for name in ("sweep_max_input", "sweep_plain_samples", "sweep_plain_tokens"):
+            if getattr(args, name) < 1:
+                parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if "fullkv" not in args.methods:
         args.methods = ["fullkv", *args.methods]
     args.methods = ["fullkv"] + [m for m in args.methods if m != "fullkv"]
@@ -595,8 +828,9 @@ def main(argv=None) -> None:
                                          args.batches, max(4, args.decode_tokens // 2))
             save()
         if "sweep" in args.sections:
-            data["sweep"] = sweep(lm, args.sweep_samples, args.budget, args.window, args.sweep_max_input,
-                                  args.sweep_plain)
+            data["sweep"] = sweep(lm, args.model, out, args.sweep_samples, args.budget, args.window,
+                                  args.sweep_max_input, args.sweep_decode, args.sweep_plain, args.sweep_plain_samples,
+                                  args.sweep_plain_tokens, args.set, args.sweep_set)
             save()
         if "kvpress" in args.sections:
             data["kvpress"] = kvpress_compare(lm, args.contexts, args.budget, args.window, args.kernel, args.repeats,

@@ -123,6 +123,7 @@ class RunConfig:
     cuda_graphs: bool = True
     decode_batch: int = 16
     decode_prompts: int = 64                       # decode=continuous: samples per window
+    decode_window_memory: float = 0.5              # decode=continuous, GPU: share of available memory a window's caches may hold
     decode_compile: bool = False
     threads: Optional[int] = None
     resume: Resume = Resume.auto                   # type: ignore[valid-type]

@@ -11,7 +11,7 @@ stored identity with the one the new config gives:
   sibling folder ``<name>.2``, ``.3``, ...; or delete the folder);
 * a folder with finished rows but no manifest (or one from before run identity): refused the same way.
 
-Settings that cannot change a number do not block: ``limit``, ``wandb``, ``decode_batch``, ``decode_prompts``,
+Settings that cannot change a number do not block: ``limit``, ``wandb``, ``decode_batch``, ``decode_prompts``, ``decode_window_memory``,
 ``threads``, ``save_kept_positions``, the folders data are read from (their content is checksummed
 instead), and the sample grid (context lengths, depths, LongBench's dataset list): a grid that grows
 adds samples. Because one sample id can then stand for another prompt (passkey's keys are drawn in
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 RESUME_MODES = tuple(schema.Resume.__members__)   # auto | new
 #: top-level settings that cannot change a number
 NOT_IDENTITY = ("results_dir", "limit", "progress", "wandb", "wandb_project", "wandb_group", "wandb_dir", "wandb_tags",
-                "decode_batch", "decode_prompts", "threads", "save_kept_positions", "methods", "budgets", "compression_ratios", "method_overrides", "method",
+                "decode_batch", "decode_prompts", "decode_window_memory", "threads", "save_kept_positions", "methods", "budgets", "compression_ratios", "method_overrides", "method",
                 "resume", "debug", "distributed_timeout_s", "hydra")
 #: model settings that cannot change a number (where the weights come from is in ``weights``)
 MODEL_NOT_IDENTITY = ("name", "device_map", "dense_cache", "path", "package", "file", "hub_id", "name_or_path",

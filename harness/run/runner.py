@@ -233,6 +233,11 @@ def check_settings(cfg: DictConfig) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise methods.ConfigError(f"decode_prompts={value!r} must be a positive integer (the samples decode=continuous "
                                   "prefills and decodes together); fix: e.g. decode_prompts=64")
+    share = cfg.decode_window_memory
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
+        raise methods.ConfigError(f"decode_window_memory={share!r} must be a number between 0 and 1 (the share of the "
+                                  "available GPU memory one decode=continuous window's caches may hold); fix: e.g. "
+                                  "decode_window_memory=0.5")
     if cfg.threads is not None:
         checks.positive_int("threads", cfg.threads)
     timeout = cfg.distributed_timeout_s
@@ -337,28 +342,35 @@ def lock_folder(folder: Path, stack: contextlib.ExitStack) -> None:
                                   "it to finish, or resume=new for a sibling folder") from None
 
 
-def run(cfg: DictConfig) -> list[dict]:
-    """Run (or resume) the configured job; returns one summary per method (also in scores.json)."""
+def run(cfg: DictConfig, lm=None) -> list[dict]:
+    """Run (or resume) the configured job; returns one summary per method (also in scores.json).
+    ``lm``: an already loaded model (``load_model``'s ``LoadedModel``, e.g. the benchmark's) to run on
+    instead of loading ``cfg.model``; it must be what ``cfg.model`` describes, and the run checks its
+    dtype and commit against the config's as for a model it loads itself."""
     job = plan(cfg)
     cfg = job.cfg
     with contextlib.ExitStack() as locks:
         if distributed.world()[0] == 0:
             for folder in job.folders.values():
                 lock_folder(folder, locks)
-        return _run(cfg, job, locks)
+        return _run(cfg, job, locks, lm)
 
 
-def _run(cfg: DictConfig, job: Plan, locks: contextlib.ExitStack) -> list[dict]:
-    """The run after ``plan``: samples (checked before the weights load), the model, the folders'
-    manifests, one generation per (sample, method) not yet done, then the scores (rank 0)."""
+def _run(cfg: DictConfig, job: Plan, locks: contextlib.ExitStack, lm=None) -> list[dict]:
+    """The run after ``plan``: samples (checked before the weights load), the model (``lm``, where given,
+    instead), the folders' manifests, one generation per (sample, method) not yet done, then the scores
+    (rank 0)."""
     distributed.init(cfg.distributed_timeout_s)
     rank, world = distributed.world()
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     built: dict = {}
-    log.info("loading model %s (source %s)", cfg.model.name, cfg.model.source)   # every check above ran first
-    lm = _cached_model(OmegaConf.to_yaml(cfg.model, resolve=True),
-                       lambda tokenizer: built.update(build_samples(cfg, job, locks, tokenizer)))
+    if lm is None:
+        log.info("loading model %s (source %s)", cfg.model.name, cfg.model.source)   # every check above ran first
+        lm = _cached_model(OmegaConf.to_yaml(cfg.model, resolve=True),
+                           lambda tokenizer: built.update(build_samples(cfg, job, locks, tokenizer)))
+    else:   # a model loaded by the caller: the same checks on its tokenizer and dtype
+        built.update(build_samples(cfg, job, locks, lm.tokenizer))
     if lm.info["dtype"] != job.model_identity["dtype"]:
         raise RuntimeError(f"model {cfg.model.name} loaded in {lm.info['dtype']}, not the {job.model_identity['dtype']} "
                            "its config resolves to; the run identity would be wrong")

@@ -3,7 +3,11 @@
 
 * **Windows.** The samples with work left (a resumed run queues only the (sample, method) pairs not done) are
   taken ``decode_prompts`` at a time, in task order. A window's prefilled caches are held until its last row
-  finishes: ``decode_prompts`` bounds that memory (FullKV's rows hold the whole prompt).
+  finishes (FullKV's rows hold the whole prompt), so on a GPU a window also closes early, after the prompt whose
+  caches bring the allocated memory past ``decode_window_memory`` of what was available when the window started
+  (``memory_limit``; the rest is left to the slot buffers): its samples not yet prefilled open the next window.
+  Measured on an H200 (Llama-3-8B shape, ~6K-token prompts, six methods, query-head caches): 64 prompts hold
+  ~150 GB and ran out of memory, which this bound prevents.
 * **Order.** Within a window the prompts are prefilled, and their rows queued, longest work first: most new
   tokens allowed (``max_new_tokens``), then longest prompt, then task order. ``decode_rows`` admits waiting
   rows in that order, so the long rows start first and the short ones fill the slots that free up near the
@@ -33,7 +37,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
+
+import torch
 
 from harness.engine.continuous import ContinuousStats, decode_rows, prompt_rows
 from harness.engine.generate import Generation
@@ -72,33 +79,64 @@ class _Pending:
     prefill_log: object
 
 
+def memory_limit(device, fraction: float) -> int | None:
+    """The allocated bytes a window's prefilled caches may bring ``device`` to: what is allocated now plus
+    ``fraction`` of what is available (free, plus reserved by PyTorch's allocator but unused). None on a CPU
+    (no limit: the host's memory is not measured)."""
+    if getattr(device, "type", "cpu") != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    return int(allocated + fraction * (free + torch.cuda.memory_reserved(device) - allocated))
+
+
+def allocated_bytes(device) -> int:
+    """Bytes allocated on ``device`` by PyTorch (0 on a CPU)."""
+    return torch.cuda.memory_allocated(device) if getattr(device, "type", "cpu") == "cuda" else 0
+
+
 def generate_windows(cfg, job, lm, chat: bool, samples: list, digests: dict, done: dict, writers: dict,
                      warned: list, bar) -> None:
-    """Every (sample, method) of ``samples`` not in ``done``, ``decode_prompts`` samples at a time (the module
-    docstring); rows appended through ``harness.run.rows.append_row`` as they finish, ``bar`` advanced per row."""
+    """Every (sample, method) of ``samples`` not in ``done``, at most ``decode_prompts`` samples at a time and,
+    on a GPU, as many as ``decode_window_memory`` lets a window hold (the module docstring); rows appended
+    through ``harness.run.rows.append_row`` as they finish, ``bar`` advanced per row."""
     if cfg.decode_compile:
         log.warning("decode_compile=true applies to decode=batched; decode=continuous decodes without it")
-    pending = []
+    pending = deque()
     for sample in samples:
         todo = [c for c in job.compressors if (sample.group, sample.id) not in done[id(c)]]
         if todo:
             pending.append((sample, todo))
-    size = int(cfg.decode_prompts)
-    for start in range(0, len(pending), size):
-        window = pending[start:start + size]
-        bar.set_postfix_str(f"window {start // size + 1}/{-(-len(pending) // size)}")
-        decode_window(cfg, job, lm, chat, window, digests, writers, warned, bar)
+    size, count = int(cfg.decode_prompts), 0
+    while pending:
+        window = [pending.popleft() for _ in range(min(size, len(pending)))]
+        count += 1
+        bar.set_postfix_str(f"window {count} ({len(pending)} samples wait)")
+        left = decode_window(cfg, job, lm, chat, window, digests, writers, warned, bar)
+        pending.extendleft(reversed(left))        # the next window starts with them, in task order
 
 
-def decode_window(cfg, job, lm, chat: bool, window: list, digests: dict, writers: dict, warned: list, bar) -> None:
-    """One window: ``[(sample, methods to do)]``, once per transform group."""
+def decode_window(cfg, job, lm, chat: bool, window: list, digests: dict, writers: dict, warned: list, bar) -> list:
+    """One window: ``[(sample, methods to do)]``, once per transform group. Returns the entries of ``window`` left
+    for the next one (in the order given): those not prefilled when the first group's caches reached the memory
+    limit (``memory_limit``; never the first prompt, so every window makes progress)."""
     prompts = [prompt_input(cfg, lm, chat, sample, warned) for sample, _ in window]
     order = sorted(range(len(window)), key=lambda k: (-window[k][0].max_new_tokens, -prompts[k].length, k))
     keys = [key for key, _ in transform_groups([c for _, todo in window for c in todo])]
-    for key in keys:
+    device = next(lm.model.parameters()).device
+    limit = memory_limit(device, float(cfg.decode_window_memory))
+    left: list[int] = []
+    for g, key in enumerate(keys):
         start = time.perf_counter()
         rows, queued = [], []
-        for k in order:
+        for position, k in enumerate(order):
+            if g == 0 and limit is not None and position > 0 and allocated_bytes(device) > limit:
+                left = sorted(order[position:])
+                order = order[:position]
+                log.info("window: %d of %d samples prefilled, their caches at the memory limit "
+                         "(decode_window_memory=%s of %.1f GiB); the other %d go to the next window", position,
+                         len(window), cfg.decode_window_memory, limit / 2**30, len(left))
+                break
             sample, todo = window[k]
             group = [c for c in todo if transform_key(c) == key]
             prompt = prompts[k]
@@ -111,15 +149,17 @@ def decode_window(cfg, job, lm, chat: bool, window: list, digests: dict, writers
                                                  prompt.min_new_tokens, compressed_tokens=prompt.compressed)
                 rows += built
                 queued += [_Pending(k, c, report, prefill_log) for c, report in zip(batch, reports)]
+        prefilled = time.perf_counter()
         writer = _RowWriter(cfg, job, lm, window, prompts, queued, digests, writers, bar, key, start)
         stats = ContinuousStats()
         with transformed_for(job, lm, key) as decode_log:
             writer.decode_log = decode_log
             decode_rows(lm.model, rows, cuda_graphs=bool(cfg.cuda_graphs), stats=stats, on_done=writer)
-        log.info("window of %d samples%s: %d rows in %.1f s (%d steps, occupancy %.0f %%, %d allocation(s), "
-                 "mean score %s)", len({p.k for p in queued}), "" if key is None else " (K/V transform)", len(rows),
-                 time.perf_counter() - start, stats.steps, 100 * stats.occupancy, stats.allocations,
-                 writer.mean_score())
+        log.info("window of %d samples%s: %d rows in %.1f s (prefill %.1f s; %d steps, occupancy %.0f %%, "
+                 "%d allocation(s), mean score %s)", len({p.k for p in queued}), "" if key is None else " (K/V transform)",
+                 len(rows), time.perf_counter() - start, prefilled - start, stats.steps, 100 * stats.occupancy,
+                 stats.allocations, writer.mean_score())
+    return [window[k] for k in left]
 
 
 class _RowWriter:
