@@ -480,21 +480,49 @@ class CompressionSession:
 
         Returns ``{"prompt_length": n, "layers": [...], "notes": [...]}`` with one dict per compressed
         layer (``layer``, ``kept``, ``whole``, ``positions`` and, when compressed,
-        ``distinct_per_head``, counted on batch row 0 only). Copies every layer's positions to the CPU
-        (a host synchronisation).
+        ``distinct_per_head``, counted on batch row 0 only). Copies the layers' positions to the CPU in one
+        copy per device (one host synchronisation; a copy per layer cost an 8B model's six-method prefill
+        ~30 ms per method on an H200), and counts the distinct tokens per head by sorting (no Python sets).
         """
         n = self.prompt_length or 0
+        on_host = host_positions(self.kept_positions)
         layers = []
         for layer in range(self.num_layers):
-            positions = self.kept_positions.get(layer)
-            positions = None if positions is None else positions.cpu()
+            positions = on_host.get(layer)
             if positions is None:
                 layers.append({"layer": layer, "kept": n, "whole": True, "positions": None})
             else:
-                per_head = [len(set(p.tolist())) for p in positions[0]]
                 layers.append({"layer": layer, "kept": int(positions.shape[-1]),
-                               "distinct_per_head": per_head, "whole": False, "positions": positions})
+                               "distinct_per_head": distinct_per_head(positions[0]), "whole": False,
+                               "positions": positions})
         return {"prompt_length": n, "layers": layers, "notes": list(self.notes)}
+
+
+def host_positions(kept: dict) -> dict:
+    """``{layer: positions [B, H, k] or None}`` -> the same on the CPU, copied as one flat tensor per device
+    (a GPU's layers in one device-to-host copy). The values, dtypes and shapes are unchanged."""
+    out = {layer: None for layer, p in kept.items() if p is None}
+    by_device: dict = {}
+    for layer, positions in kept.items():
+        if positions is not None:
+            by_device.setdefault((positions.device, positions.dtype), []).append((layer, positions))
+    for items in by_device.values():
+        flat = torch.cat([p.reshape(-1) for _, p in items]).cpu()
+        offset = 0
+        for layer, positions in items:
+            out[layer] = flat[offset:offset + positions.numel()].view(positions.shape)
+            offset += positions.numel()
+    return out
+
+
+def distinct_per_head(positions: torch.Tensor) -> list[int]:
+    """Distinct values per row of ``positions [H, k]`` (integers): ``[len(set(row)) for row in positions]``,
+    computed by sorting each row and counting where the value changes."""
+    heads, k = positions.shape
+    if k == 0:
+        return [0] * heads
+    ordered = positions.sort(dim=-1).values
+    return (1 + (ordered[:, 1:] != ordered[:, :-1]).sum(dim=-1)).tolist()
 
 
 # ---------------------------------------------------------------------- registry

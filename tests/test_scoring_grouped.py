@@ -101,3 +101,37 @@ def test_methods_keep_what_they_keep_on_repeated_keys(name, knobs, granularity):
         for h in range(heads):
             kv = h // (heads // 2)
             assert torch.equal(k1[0, h], k[0, kv, p1[0, h]]) and torch.equal(v1[0, h], v[0, kv, p1[0, h]])
+
+
+def test_the_report_counts_distinct_tokens_as_sets_do_and_copies_once():
+    """``distinct_per_head`` against Python sets (duplicates, as DynamicKV's reference variant stores them, and an
+    empty selection), and ``host_positions`` keeps every layer's values and shape in its one copy."""
+    from methods.base import distinct_per_head, host_positions
+    g = torch.Generator().manual_seed(3)
+    for k in (0, 1, 5, 40):
+        positions = torch.randint(0, 30, (6, k), generator=g)
+        assert distinct_per_head(positions) == [len(set(row.tolist())) for row in positions]
+    kept = {0: torch.randint(0, 99, (1, 4, 7), generator=g), 1: None, 2: torch.randint(0, 99, (1, 4, 3), generator=g)}
+    copied = host_positions(kept)
+    assert copied[1] is None and set(copied) == {0, 1, 2}
+    assert all(torch.equal(copied[i], kept[i]) for i in (0, 2))
+
+
+def test_a_session_report_is_unchanged_by_the_batched_copy():
+    """A DynamicKV session's report (different kept counts per layer, duplicates in the reference variant) against
+    the per-layer set-based count it replaced."""
+    keys = [torch.randn(1, 2, 120, 16, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    queries = [torch.randn(1, 8, 120, 16, generator=torch.Generator().manual_seed(10 + i)) for i in range(8)]
+    c = methods.build("dynamickv", budget=24, window_size=4)
+    session = c.new_session(8)
+    for layer in range(8):
+        session.add_layer(layer, keys[layer], keys[layer], queries[layer])
+    session.finish()
+    report = session.report()
+    counts = set()
+    for entry in report["layers"]:
+        positions = session.kept_positions[entry["layer"]]
+        assert torch.equal(entry["positions"], positions.cpu())
+        assert entry["distinct_per_head"] == [len(set(p.tolist())) for p in positions[0]]
+        counts.add(entry["kept"])
+    assert len(counts) > 1                                  # the layers kept different counts

@@ -146,15 +146,16 @@ def prompt_rows(model, tokenizer, input_ids: torch.Tensor, compressors: list[KVC
     compressors, stopping, shared, c = prefill_variants(model, tokenizer, input_ids, compressors, max_new_tokens,
                                                         stop_token_ids, stop_strings, min_new_tokens, compressed_tokens)
     n = input_ids.shape[1]
-    rows, reports = [], []
+    built, reports = [], []
     for compressor in compressors:
         cache, report = compressed_cache(shared, compressor)
         first = shared.first_token
         if c < n:
             first = appended(model, compressor, cache, input_ids[:, c:], c, stopping)
-        rows.append(Row(cache, int(first), n, max_new_tokens, stopping))
+        built.append((cache, first.reshape(-1)[:1]))
         reports.append(report)
-    return rows, reports
+    firsts = torch.cat([first for _, first in built]).tolist()     # one host copy for every variant's first token
+    return [Row(cache, first, n, max_new_tokens, stopping) for (cache, _), first in zip(built, firsts)], reports
 
 
 # ---- planning: layout classes and slots ------------------------------------------------------------
