@@ -190,7 +190,7 @@ class DynamicKVSession(CompressionSession):
     # ----------------------------------------------------------------- re-allocation
     def _layer_counts(self, final: bool) -> torch.Tensor:
         """Per-layer counts of the global top ``base * H * k`` pooled scores, floor-divided by k,
-        with the reference's final-layer top-up: int64 ``[k]`` on the CPU."""
+        with the reference's final-layer top-up: int64 ``[k]`` on the scores' device."""
         c = self.compressor
         device = self.scores[0].device                          # layers may sit on different GPUs
         stacked = torch.stack([scores.to(device) for scores in self.scores])   # [k, B, H, n - w]
@@ -200,9 +200,10 @@ class DynamicKVSession(CompressionSession):
         per_layer = flat.numel() // k                           # B * H * (n - w)
         take = min(c.base * heads * k, flat.numel())
         top = flat.topk(take).indices
-        # to the host once: the share arithmetic below is a few dozen scalar steps (one synchronisation here
-        # instead of one per scalar; float32 division and products round the same on the CPU and the GPU)
-        counts = (torch.bincount(top // per_layer, minlength=k) // k).cpu()
+        # left on the scores' device: the reference divides these counts on its GPU, where a tensor divided by a
+        # number is a product with its reciprocal (not the CPU's true division), so moving the share arithmetic
+        # to the host changes a share in rare cases
+        counts = torch.bincount(top // per_layer, minlength=k) // k
         if final and int(counts.sum()) != per_layer:
             counts[-1] += (c.base * heads * k) // self.num_layers - counts.sum()
         return counts

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from methods.base import ConfigError, UniformCompressor, register
+from methods.base import ConfigError, UniformCompressor, register, repeat_heads
 from methods.scoring import attention_probs, group_mean, layer_mean, window_attention_mass
 
 VARIANTS = ("causal", "reference_2024", "window")
@@ -35,9 +35,8 @@ def accumulated_attention(queries: torch.Tensor, keys: torch.Tensor, window: int
                           query_chunk: int) -> torch.Tensor:
     """Summed attention of all ``n`` prompt queries on the prefix keys ``[0, n - window)``.
 
-    queries: ``[B, Hq, n, d]``; keys: ``[B, Hk, n, d]``, repeated to the query heads or grouped-query
-    (``Hk`` dividing ``Hq``, read once per KV head: ``methods.scoring.attention_logits``). Returns
-    ``[B, Hq, n - window]`` in the model dtype.
+    queries, keys: ``[B, H, n, d]`` (keys repeated to the query heads). Returns ``[B, H, n - window]``
+    in the model dtype.
 
     ``variant``: ``causal`` or ``reference_2024`` (module docstring; not checked here, ``H2O.validate``
     guards it). The queries run ``query_chunk`` rows at a time: each chunk's float32 probabilities are
@@ -46,7 +45,7 @@ def accumulated_attention(queries: torch.Tensor, keys: torch.Tensor, window: int
     """
     n = keys.shape[2]
     prefix = n - window
-    total = torch.zeros(*queries.shape[:2], prefix, dtype=torch.float32, device=keys.device)
+    total = torch.zeros(*keys.shape[:2], prefix, dtype=torch.float32, device=keys.device)
     for start in range(0, n, query_chunk):
         stop = min(start + query_chunk, n)
         # causal: keys after the chunk's last query are masked for every row, so they are left out
@@ -110,14 +109,15 @@ class H2O(UniformCompressor):
         (``[B, Hq, >=window_size, d]`` for ``window``). Raises ``ValueError`` when ``causal`` or
         ``reference_2024`` gets fewer or more than ``n`` queries.
         """
-        self.groups(keys, queries)          # ValueError unless Hq is a multiple of Hkv
-        if self.variant == "window":     # grouped-query products: the keys are never repeated (scoring.attention_logits)
-            mass = window_attention_mass(queries, keys, self.window_size)
+        groups = queries.shape[1] // keys.shape[1]
+        repeated = repeat_heads(keys, groups)
+        if self.variant == "window":
+            mass = window_attention_mass(queries, repeated, self.window_size)
         else:
             if queries.shape[2] != keys.shape[2]:
                 raise ValueError(f"h2o variant {self.variant!r} needs all {keys.shape[2]} prompt queries, "
                                  f"got {queries.shape[2]}")
-            mass = accumulated_attention(queries, keys, self.window_size, self.variant, self.query_chunk)
+            mass = accumulated_attention(queries, repeated, self.window_size, self.variant, self.query_chunk)
         if self.granularity == "layer":
             return layer_mean(mass)
         return group_mean(mass, keys.shape[1]) if self.granularity == "kv_head" else mass

@@ -35,28 +35,17 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from methods.base import repeat_heads
+
 
 def attention_logits(queries: torch.Tensor, keys: torch.Tensor, scaling: float | None = None) -> torch.Tensor:
-    """``queries [B, Hq, m, d] @ keys [B, Hk, n, d]^T`` scaled like the reference: ``[B, Hq, m, n]``.
+    """``queries [B, H, m, d] @ keys [B, H, n, d]^T`` scaled like the reference: ``[B, H, m, n]``.
 
     The product is formed in the inputs' dtype *before* scaling (the reference order; see the module
     docstring for float16 overflow), then divided by ``sqrt(d)``, or multiplied by ``scaling`` when
-    given. ``Hk`` is ``Hq`` (keys repeated to the query heads, as the reference's ``repeat_kv``) or
-    divides it (grouped-query keys, un-repeated): query head ``h`` then reads KV head ``h // (Hq // Hk)``,
-    the layout ``repeat_kv`` builds, and each KV head's query heads are stacked as the query rows of one
-    matrix product, so the repeated keys are never materialised. Every score is the same ``d``-term dot
-    product either way (``tests/test_scoring_grouped.py`` checks bit equality, and the GPU bench
-    script ``scripts/gpu_profile_decode.py`` on the H200). Raises ``ValueError`` when ``Hk`` does not divide ``Hq``.
+    given. Both heads axes must match (keys already repeated to the query heads).
     """
-    b, hq, m, d = queries.shape
-    hk = keys.shape[1]
-    if hk == hq:
-        logits = torch.matmul(queries, keys.transpose(2, 3))
-    elif hq % hk == 0:
-        grouped = queries.reshape(b, hk, (hq // hk) * m, d)            # [B, Hk, g*m, d]: head h = k*g + j
-        logits = torch.matmul(grouped, keys.transpose(2, 3)).view(b, hq, m, keys.shape[2])
-    else:
-        raise ValueError(f"query heads ({hq}) must be a multiple of key heads ({hk})")
+    logits = torch.matmul(queries, keys.transpose(2, 3))
     if scaling is None:
         return logits.div_(math.sqrt(queries.shape[-1]))
     return logits.mul_(scaling)
@@ -72,8 +61,8 @@ def attention_probs(queries: torch.Tensor, keys: torch.Tensor, mask: Callable[[t
     logits with the same mask: always and picked per row (``sync_free``, no host synchronisation), or
     only when some row needs it (one synchronisation; for large ``m``).
 
-    ``queries``: ``[B, Hq, m, d]``; ``keys``: ``[B, Hk, n, d]``, Hk equal to Hq or dividing it (grouped-query
-    keys, ``attention_logits``); ``scaling`` replaces ``1 / sqrt(d)``. ``mask`` must work on model-dtype and float32 logits alike.
+    ``queries``: ``[B, H, m, d]``; ``keys``: ``[B, H, n, d]`` (same head count); ``scaling`` replaces
+    ``1 / sqrt(d)`` (``attention_logits``). ``mask`` must work on model-dtype and float32 logits alike.
     """
     logits = attention_logits(queries, keys, scaling)
     if mask is not None:
@@ -95,8 +84,7 @@ def window_attention_mass(queries: torch.Tensor, keys: torch.Tensor, window: int
     """Summed softmax attention of the last ``window`` queries on each prefix key.
 
     queries: ``[B, Hq, >=window, d]`` (only the last ``window`` rows are used);
-    keys: ``[B, Hk, n, d]``, repeated to the query heads or not (``attention_logits``: the grouped-query
-    product reads each KV head once). Returns ``[B, Hq, n - window]`` in the
+    keys: ``[B, Hq, n, d]`` (already repeated to query heads). Returns ``[B, Hq, n - window]`` in the
     model dtype. Steps 1-4 of the module docstring: causal mask inside the trailing ``window x window``
     block only, float32 softmax over all ``n`` keys, mass summed over the window queries. ``scaling``
     as in ``attention_logits``.
@@ -152,7 +140,8 @@ def window_scores(queries: torch.Tensor, keys: torch.Tensor, window: int, kernel
     ``SnapKVCluster.update_kv``); ``scaling`` as in ``attention_logits``. Raises ``ValueError`` (from
     ``pool_scores``) for an unknown ``pooling``.
     """
-    mass = window_attention_mass(queries, keys, window, scaling)   # grouped: the keys are not repeated
+    groups = queries.shape[1] // keys.shape[1]
+    mass = window_attention_mass(queries, repeat_heads(keys, groups), window, scaling)
     if granularity == "kv_head":
         mass = group_mean(mass, keys.shape[1])
     elif granularity == "layer":

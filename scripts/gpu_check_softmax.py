@@ -1,7 +1,7 @@
 """Whether a softmax written directly in bfloat16 equals the float32 softmax rounded to bfloat16, bit for bit,
 on this GPU (issue 18: H2O's scorer writes its probabilities in the model dtype; the reference computes them in
-float32 and casts). On the CPU it does not hold (the vectorised kernels differ), so the harness uses the direct
-form on CUDA only, where this script checks it::
+float32 and casts). On the CPU it does not hold (the vectorised kernels differ); the harness does not use the
+direct form anywhere yet: this script is the GPU check a CUDA-only use would need::
 
     python3 scripts/gpu_check_softmax.py
 

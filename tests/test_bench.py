@@ -148,6 +148,21 @@ def test_bad_sweep_settings_are_refused(tmp_path, capsys, args):
     assert args[0] in error and ("at least 16" in error if args[0] == "--sweep-samples" else "at least 1" in error)
 
 
+@pytest.mark.parametrize("item, message", [
+    ("decode_prompts=0", "decode_prompts=0 must be a positive integer"),
+    ("decode=batched", "the sweep sets 'decode' itself"),
+    ("budgets=[64]", "the sweep sets 'budgets' itself"),
+    ("protocol.window_size.snapkv=8", "the sweep sets 'protocol.window_size.snapkv' itself"),
+    ("decode_prompts", "not KEY=VALUE"),
+])
+def test_bad_sweep_run_settings_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, item, message):
+    monkeypatch.setattr(bench, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(SystemExit) as exit:
+        bench.main(["--model", "tiny_llama", "--sections", "sweep", "--sweep-samples", "16", "--sweep-set", item,
+                    "--out", str(tmp_path)])
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_a_run_on_a_given_model_still_checks_its_dtype(tmp_path):
     from omegaconf import OmegaConf
 

@@ -135,6 +135,28 @@ def test_transform_rows_under_continuous_decoding_equal_the_batched_ones(tmp_pat
     assert all(r["compressed_tokens"] < r["prompt_tokens"] for r in transformed) == (scope == "context")
 
 
+def test_the_memory_limit_cuts_a_later_transform_group_too(tmp_path, calibrated, small_slots, monkeypatch):
+    """The limit is checked in every transform group: here the first group (FullKV) fits two prompts and the K/V
+    transform group only one, so the second sample keeps its transform methods for the next window; the rows equal
+    decode=batched's, each written once."""
+    common = ["task=passkey", "task.context_lengths=[300,700,1500]", "task.depths=[50]", "task.max_new_tokens=10",
+              "methods=[fullkv,pca_uniform,snapkv+pca_uniform]", "budgets=[64]",
+              f"++method_overrides={{transform_checkpoint: '{calibrated}', window_size: 8}}"]
+    batched = rows_of(runner.run(compose_run(tmp_path / "batched", *common, "decode=batched")))
+    prefills, cuts = [], []
+    prompt_rows = windows.prompt_rows
+    monkeypatch.setattr(windows, "prompt_rows", lambda *a, **k: prefills.append(len(a[3])) or prompt_rows(*a, **k))
+    monkeypatch.setattr(windows, "memory_limit", lambda device, fraction: 10 * len(prefills) + 15)
+    monkeypatch.setattr(windows, "allocated_bytes", lambda device: 10 * len(prefills) + 1)
+    info = windows.log.info
+    monkeypatch.setattr(windows.log, "info", lambda msg, *a: (cuts.append(a) if "memory limit" in msg else None)
+                        or info(msg, *a))
+    got = rows_of(runner.run(compose_run(tmp_path / "continuous", *common, "decode=continuous", "decode_prompts=2")))
+    assert got == batched
+    assert any(a[2] for a in cuts)                                  # a cut in the K/V transform group
+    assert sum(prefills) == 9                                        # 3 samples x 3 methods, none prefilled twice
+
+
 def test_a_model_over_several_devices_runs_the_per_sample_path(tmp_path, reference, small_slots, monkeypatch):
     import torch
     spread = SimpleNamespace(model=torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2, device="meta")))

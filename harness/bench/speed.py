@@ -357,6 +357,32 @@ def sweep_overrides(model: str, folder: Path, results_dir: Path, decode: str, ma
             *run_sets, *([f"limit={limit}"] if limit else [])]
 
 
+SWEEP_OWNED = ("decode", "methods", "budgets", "results_dir", "limit", "wandb", "task", "model", "protocol.window_size",
+               "protocol.stop_tokens", "protocol.dtype", "protocol")
+
+
+def check_sweep_sets(parser, args) -> None:
+    """``--sweep-set`` before the model loads: a key the sweep sets itself (``SWEEP_OWNED``: its label and its
+    projection would then describe another run) is refused, and the run's settings are checked as ``kvh run``
+    checks them (``runner.checked_config``). Exits through ``parser.error`` with the value and the fix."""
+    from harness.run import runner
+    for item in args.sweep_set:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if "=" not in item or any(key == owned or key.startswith(owned + ".") for owned in SWEEP_OWNED):
+            parser.error(f"--sweep-set {item}: the sweep sets {key!r} itself (or this is not KEY=VALUE); use the bench's "
+                         "own options (--sweep-decode, --budget, --window, --model, --set, --sweep-samples) for those, "
+                         "and --sweep-set for the run's other settings, e.g. decode_prompts=32")
+    if not args.sweep_set:
+        return
+    try:
+        cfg = config.compose(sweep_overrides(args.model, Path(args.out) / "sweep", Path(args.out) / "sweep" / "check",
+                                             args.sweep_decode[0], args.sweep_max_input, "bfloat16", args.budget,
+                                             args.window, run_sets=args.sweep_set))
+        runner.checked_config(cfg)
+    except Exception as error:  # noqa: BLE001 - any config error, named
+        parser.error(f"--sweep-set {' '.join(args.sweep_set)}: {error}".splitlines()[0])
+
+
 def check_rows(summaries: list[dict], records: list[dict]) -> dict:
     """Every (sample, method) row of a sweep run, read back from its folders: one per sample of ``records``
     in each of the six folders, each with its dataset's max new tokens (``new_tokens``). RuntimeError naming
@@ -795,6 +821,7 @@ def main(argv=None) -> None:
         for name in ("sweep_max_input", "sweep_plain_samples", "sweep_plain_tokens"):
             if getattr(args, name) < 1:
                 parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+        check_sweep_sets(parser, args)
     if "fullkv" not in args.methods:
         args.methods = ["fullkv", *args.methods]
     args.methods = ["fullkv"] + [m for m in args.methods if m != "fullkv"]

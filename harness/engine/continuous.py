@@ -152,9 +152,12 @@ def prompt_rows(model, tokenizer, input_ids: torch.Tensor, compressors: list[KVC
         first = shared.first_token
         if c < n:
             first = appended(model, compressor, cache, input_ids[:, c:], c, stopping)
-        built.append((cache, first.reshape(-1)[:1]))
+        if first.numel() != 1:
+            raise ValueError(f"prompt_rows: {compressor.method_name}'s first token is {first.numel()} ids, not one")
+        built.append((cache, first.reshape(1)))
         reports.append(report)
-    firsts = torch.cat([first for _, first in built]).tolist()     # one host copy for every variant's first token
+    # one host copy for every variant's first token
+    firsts = torch.cat([first for _, first in built]).tolist() if built else []
     return [Row(cache, first, n, max_new_tokens, stopping) for (cache, _), first in zip(built, firsts)], reports
 
 

@@ -345,8 +345,9 @@ def lock_folder(folder: Path, stack: contextlib.ExitStack) -> None:
 def run(cfg: DictConfig, lm=None) -> list[dict]:
     """Run (or resume) the configured job; returns one summary per method (also in scores.json).
     ``lm``: an already loaded model (``load_model``'s ``LoadedModel``, e.g. the benchmark's) to run on
-    instead of loading ``cfg.model``; it must be what ``cfg.model`` describes, and the run checks its
-    dtype and commit against the config's as for a model it loads itself."""
+    instead of loading ``cfg.model``; it must be what ``cfg.model`` describes: the run checks its name, attention
+    backend, dtype and commit against the config's (RuntimeError), the rest (weights, stop tokens) is the
+    caller's word."""
     job = plan(cfg)
     cfg = job.cfg
     with contextlib.ExitStack() as locks:
@@ -369,7 +370,12 @@ def _run(cfg: DictConfig, job: Plan, locks: contextlib.ExitStack, lm=None) -> li
         log.info("loading model %s (source %s)", cfg.model.name, cfg.model.source)   # every check above ran first
         lm = _cached_model(OmegaConf.to_yaml(cfg.model, resolve=True),
                            lambda tokenizer: built.update(build_samples(cfg, job, locks, tokenizer)))
-    else:   # a model loaded by the caller: the same checks on its tokenizer and dtype
+    else:   # a model loaded by the caller: the same checks on its tokenizer and dtype, and it must be cfg.model's
+        wanted = {"name": cfg.model.name, "attn_implementation": cfg.model.get("attn_implementation") or "sdpa"}
+        given = {"name": lm.name, "attn_implementation": lm.info.get("attn_implementation")}
+        if wanted != given:
+            raise RuntimeError(f"run(cfg, lm): the model given is {given}, the config's {wanted}; pass the model "
+                               "loaded from cfg.model (or no lm)")
         built.update(build_samples(cfg, job, locks, lm.tokenizer))
     if lm.info["dtype"] != job.model_identity["dtype"]:
         raise RuntimeError(f"model {cfg.model.name} loaded in {lm.info['dtype']}, not the {job.model_identity['dtype']} "

@@ -5,7 +5,8 @@
   taken ``decode_prompts`` at a time, in task order. A window's prefilled caches are held until its last row
   finishes (FullKV's rows hold the whole prompt), so on a GPU a window also closes early, after the prompt whose
   caches bring the allocated memory past ``decode_window_memory`` of what was available when the window started
-  (``memory_limit``; the rest is left to the slot buffers): its samples not yet prefilled open the next window.
+  (``memory_limit``; the rest is left to the slot buffers): its samples not yet prefilled open the next window
+  (checked in every transform group: a sample cut in a later group keeps that group's methods and the later ones).
   Measured on an H200 (Llama-3-8B shape, ~6K-token prompts, six methods, query-head caches): 64 prompts hold
   ~150 GB and ran out of memory, which this bound prevents.
 * **Order.** Within a window the prompts are prefilled, and their rows queued, longest work first: most new
@@ -117,25 +118,31 @@ def generate_windows(cfg, job, lm, chat: bool, samples: list, digests: dict, don
 
 
 def decode_window(cfg, job, lm, chat: bool, window: list, digests: dict, writers: dict, warned: list, bar) -> list:
-    """One window: ``[(sample, methods to do)]``, once per transform group. Returns the entries of ``window`` left
-    for the next one (in the order given): those not prefilled when the first group's caches reached the memory
-    limit (``memory_limit``; never the first prompt, so every window makes progress)."""
+    """One window: ``[(sample, methods to do)]``, once per transform group. Returns the work left for the next
+    window, ``[(sample, methods still to do)]`` in the order given: in each group, once the caches prefilled so far
+    reach the memory limit (``memory_limit``; checked before every prompt but the group's first, so every window
+    makes progress), the samples not yet prefilled stop there; they keep that group's and the later groups'
+    methods, and the later groups of this window run on the samples that were prefilled."""
     prompts = [prompt_input(cfg, lm, chat, sample, warned) for sample, _ in window]
     order = sorted(range(len(window)), key=lambda k: (-window[k][0].max_new_tokens, -prompts[k].length, k))
     keys = [key for key, _ in transform_groups([c for _, todo in window for c in todo])]
     device = next(lm.model.parameters()).device
     limit = memory_limit(device, float(cfg.decode_window_memory))
-    left: list[int] = []
+    left: dict[int, tuple] = {}
     for g, key in enumerate(keys):
         start = time.perf_counter()
         rows, queued = [], []
         for position, k in enumerate(order):
-            if g == 0 and limit is not None and position > 0 and allocated_bytes(device) > limit:
-                left = sorted(order[position:])
+            if limit is not None and position > 0 and allocated_bytes(device) > limit:
+                later = set(keys[g:])       # the groups these samples still need (earlier ones are done)
+                for j in order[position:]:
+                    sample, todo = window[j]
+                    left[j] = (sample, [c for c in todo if transform_key(c) in later])
+                log.info("window: %d of %d samples prefilled%s, their caches at the memory limit (%.1f GiB allocated: "
+                         "decode_window_memory=%s of what was available); the other %d go to the next window",
+                         position, len(order), "" if key is None else " (K/V transform group)", limit / 2**30,
+                         cfg.decode_window_memory, len(order) - position)
                 order = order[:position]
-                log.info("window: %d of %d samples prefilled, their caches at the memory limit "
-                         "(decode_window_memory=%s of %.1f GiB); the other %d go to the next window", position,
-                         len(window), cfg.decode_window_memory, limit / 2**30, len(left))
                 break
             sample, todo = window[k]
             group = [c for c in todo if transform_key(c) == key]
@@ -159,7 +166,7 @@ def decode_window(cfg, job, lm, chat: bool, window: list, digests: dict, writers
                  "%d allocation(s), mean score %s)", len({p.k for p in queued}), "" if key is None else " (K/V transform)",
                  len(rows), time.perf_counter() - start, prefilled - start, stats.steps, 100 * stats.occupancy,
                  stats.allocations, writer.mean_score())
-    return [window[k] for k in left]
+    return [left[k] for k in sorted(left)]
 
 
 class _RowWriter:

@@ -1,70 +1,19 @@
-"""The grouped-query scorer and gather (issue 18: prefill overhead) against the reference's layout, which
-repeats every KV head to its query heads first (``repeat_kv``): bit for bit, on random inputs."""
+"""The grouped-query gather of the kept tokens (issue 18: prefill overhead) against the reference's layout, which
+repeats every KV head to its query heads first (``repeat_kv``), bit for bit; and the session report's batched copy.
 
-import math
+(A grouped-query *scorer*, multiplying each KV head with its stacked query heads, is not used: its products are
+not always bit for bit the repeated keys' ones, e.g. float32 on the CPU with one or two query rows, where the
+BLAS picks another kernel for the other shape.)"""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import methods
 from methods.base import gather_grouped, gather_tokens, repeat_heads
-from methods.h2o import accumulated_attention
-from methods.scoring import attention_logits, window_attention_mass
-
-
-def reference_window_mass(q, k, w):
-    """The reference scorer on keys repeated to the query heads (reference-methods.md section 1)."""
-    k = repeat_heads(k, q.shape[1] // k.shape[1])
-    n, d = k.shape[2], k.shape[3]
-    attn = torch.matmul(q[:, :, -w:], k.transpose(2, 3)) / math.sqrt(d)
-    attn[:, :, :, -w:] += torch.triu(torch.full((w, w), torch.finfo(attn.dtype).min, dtype=attn.dtype), diagonal=1)
-    attn = F.softmax(attn, dim=-1, dtype=torch.float32).to(q.dtype)
-    return attn[:, :, :, : n - w].sum(dim=2)
-
-
-def grouped_inputs(dtype, seed, b=2, hkv=2, groups=4, n=130, d=64, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    q = (scale * torch.randn(b, hkv * groups, n, d, generator=g)).to(dtype)
-    k = (scale * torch.randn(b, hkv, n, d, generator=g)).to(dtype)
-    v = torch.randn(b, hkv, n, d, generator=g).to(dtype)
-    return q, k, v
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_grouped_logits_equal_the_repeated_keys_product_bit_for_bit(dtype):
-    for seed, groups in [(0, 4), (1, 3), (2, 1), (3, 8)]:
-        q, k, _ = grouped_inputs(dtype, seed, groups=groups)
-        ours = attention_logits(q[:, :, -16:], k)
-        ref = torch.matmul(q[:, :, -16:], repeat_heads(k, groups).transpose(2, 3)) / math.sqrt(q.shape[-1])
-        assert ours.shape == ref.shape == (2, 2 * groups, 16, 130)
-        assert torch.equal(ours, ref)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_grouped_window_mass_is_the_reference_bit_for_bit(dtype):
-    for seed in range(4):
-        q, k, _ = grouped_inputs(dtype, seed, scale=2.0)
-        ours, ref = window_attention_mass(q, k, 16), reference_window_mass(q, k, 16)
-        assert torch.isfinite(ref).all() and torch.equal(ours, ref)
-
-
-def test_grouped_accumulated_attention_equals_the_repeated_keys():
-    for variant in ("causal", "reference_2024"):
-        q, k, _ = grouped_inputs(torch.bfloat16, 5, n=70)
-        ours = accumulated_attention(q, k, 8, variant, 16)
-        ref = accumulated_attention(q, repeat_heads(k, 4), 8, variant, 16)
-        assert ours.shape == (2, 8, 62) and torch.equal(ours, ref)
-
-
-def test_mismatched_heads_are_refused():
-    q, k, _ = grouped_inputs(torch.float32, 0, hkv=3, groups=1)
-    with pytest.raises(ValueError, match="multiple of key heads"):
-        attention_logits(q[:, :2], k)
 
 
 def test_gather_grouped_reads_each_query_heads_kv_head():
-    _, k, _ = grouped_inputs(torch.bfloat16, 6)
+    k = torch.randn(2, 2, 130, 64, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
     index = torch.randint(0, 130, (2, 8, 40), generator=torch.Generator().manual_seed(1))
     ours = gather_grouped(k, index)
     assert torch.equal(ours, gather_tokens(repeat_heads(k, 4), index))
