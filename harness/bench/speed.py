@@ -399,11 +399,11 @@ def check_rows(summaries: list[dict], records: list[dict]) -> dict:
             raise RuntimeError(f"sweep: {summary['folder']} has {len(rows)} rows, not the {len(want)} samples' "
                                f"(missing {missing[:5]}{' ...' if len(missing) > 5 else ''})")
         for (dataset, sample), row in rows.items():
-            if row.get("new_tokens") is not None and row["new_tokens"] != LONGBENCH_SHAPE[dataset][0]:
+            if row.get("new_tokens") != LONGBENCH_SHAPE[dataset][0]:
                 raise RuntimeError(f"sweep: {summary['folder']}: {sample} generated {row['new_tokens']} tokens, not "
                                    f"{dataset}'s {LONGBENCH_SHAPE[dataset][0]} (stopped by {row.get('stopped_by')})")
             prompts.append(row["prompt_tokens"])
-            new += row.get("new_tokens") or 0
+            new += row["new_tokens"]
             count += 1
     return {"rows": count, "prompt_tokens": [min(prompts), statistics.mean(prompts), max(prompts)], "new_tokens": new}
 
@@ -489,7 +489,8 @@ def sweep(lm, model: str, out: Path, samples: int, budget: int, window: int, max
     dtype = lm.info["dtype"]
     common = {"model": model, "folder": folder, "max_input": max_input, "dtype": dtype, "budget": budget,
               "window": window, "sets": sets, "run_sets": run_sets}
-    result = {"samples": samples, "counts": counts, "budget": budget, "window_size": window, "methods": SIX,
+    exact = {d: samples * n / LONGBENCH16_TOTAL for d, n in LONGBENCH16_SIZES.items()}
+    result = {"mix_max_deviation": max(abs(counts[d] - exact[d]) for d in counts), "samples": samples, "counts": counts, "budget": budget, "window_size": window, "methods": SIX,
               "window_setting": "protocol.window_size.<method> (the method configs read their window there)",
               "protocol": SWEEP_PROTOCOL, "max_input_tokens": max_input, "dtype": dtype, "stop_tokens": "off",
               "run_overrides": list(run_sets),
@@ -681,7 +682,9 @@ def markdown(data: dict) -> str:
                   f"protocol {s['protocol']}, budget {s['budget']}, window {s['window_size']}, prompts truncated to "
                   f"{s['max_input_tokens']} tokens, stop tokens off so every row decodes its dataset's max new tokens"
                   f"{''.join(', ' + o for o in s.get('run_overrides') or [])}), "
-                  f"timed on {s['samples']} synthetic samples in LongBench's mix and projected to the full "
+                  f"timed on {s['samples']} synthetic samples in LongBench's mix (apportioned by dataset: at most "
+                  f"{s.get('mix_max_deviation', 0):.1f} samples from the exact share; the projection is only as "
+                  f"representative as that mix) and projected to the full "
                   f"{s['longbench16_samples']} (x {s['longbench16_samples']} / {s['samples']})", "",
                   "| path | measured s | warm-up s | rows | prompt tokens (min / mean / max) | "
                   "projected LongBench-16 sweep, min |", "|---|---|---|---|---|---|"]
