@@ -137,7 +137,9 @@ def decode_window(cfg, job, lm, chat: bool, window: list, digests: dict, writers
                 later = set(keys[g:])       # the groups these samples still need (earlier ones are done)
                 for j in order[position:]:
                     sample, todo = window[j]
-                    left[j] = (sample, [c for c in todo if transform_key(c) in later])
+                    still = [c for c in todo if transform_key(c) in later]
+                    if still:
+                        left[j] = (sample, still)
                 log.info("window: %d of %d samples prefilled%s, their caches at the memory limit (%.1f GiB allocated: "
                          "decode_window_memory=%s of what was available); the other %d go to the next window",
                          position, len(order), "" if key is None else " (K/V transform group)", limit / 2**30,
