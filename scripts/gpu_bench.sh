@@ -10,7 +10,7 @@
 #    of the one-at-a-time plain path;
 # 3. kvpress: its SnapKV prefill, peak memory and end to end against ours (when KVPRESS_SITE is given);
 # 4. profile: where a batch-1 step and each compressed prefill spend their GPU time
-#    (scripts/gpu_profile_decode.py), and the grouped scorer's bit equality on this GPU.
+#    (scripts/gpu_profile_decode.py), and the grouped gather's bit equality on this GPU.
 # Each step writes under OUT/<step>/ and its log to OUT/<step>.log; a failed step does not stop the others,
 # and the script's status is the number of failed steps.
 set -u
