@@ -126,6 +126,7 @@ def test_bench_sweep_runs_the_longbench_runner_and_projects(tmp_path, short_answ
         {k[1]: v for k, v in preds.items() if k[0] == "continuous"}          # the CPU: the same tokens either way
     plain = sweep["plain"]
     assert len(plain["measurements"]) == 16 * 6 and sweep["runs"]["continuous"]["plain_over"] > 0
+    assert plain["repeats"] == 3 and plain["negative_per_token"] == sum(m["per_token_s"] < 0 for m in plain["measurements"])
     per_sample = {}
     for m in plain["measurements"]:
         per_token = (m["t_2k_s"] - m["t_k_s"]) / 2

@@ -425,13 +425,13 @@ def timed_run(lm, overrides: list[str], results_dir: Path) -> tuple[float, list[
 
 
 def plain_projection(lm, records: list[dict], compressors: list, max_input: int, tokens: int,
-                     per_dataset: int) -> dict:
+                     per_dataset: int, repeats: int = 3) -> dict:
     """The reference scripts' way, one sample and one method at a time on the plain path (a model call per
     token on a growing cache), projected to LongBench-16 from short runs: for the first ``per_dataset``
     samples of each dataset (prompt ids drawn at random, of the sample's prompt length in tokens, truncated
     to ``max_input``) and each method, ``generate(..., decode="plain")`` of K = ``tokens`` and of 2K new tokens
-    is timed (seconds, wall clock; after an untimed 2K-token run of each method on the first sample): per
-    token = (t_2K - t_K) / K, fixed (prefill, compression) = t_K - K x per token, a sample's time = fixed +
+    is timed (seconds, wall clock, the median of ``repeats`` runs; after an untimed 2K-token run of each method on
+    the first sample): per token = (t_2K - t_K) / K, fixed (prefill, compression) = t_K - K x per token, a sample's time = fixed +
     maxlen(dataset) x per token. The projection is the sum over datasets of LONGBENCH16_SIZES[dataset] x the
     mean over its measured samples of the six methods' times added up. Returns the measurements (seconds)
     and the projection (seconds and minutes)."""
@@ -451,10 +451,14 @@ def plain_projection(lm, records: list[dict], compressors: list, max_input: int,
         for c in compressors:
             times = []
             for count in (tokens, 2 * tokens):
-                ms, out = wall_ms(device, lambda: generate(model, tok, ids, c, count, [], decode="plain"))
-                if len(out.token_ids) != count:
-                    raise RuntimeError(f"sweep plain: {c.method_name} generated {len(out.token_ids)} tokens, not {count}")
-                times.append(ms / 1000)
+                runs = []
+                for _ in range(repeats):
+                    ms, out = wall_ms(device, lambda: generate(model, tok, ids, c, count, [], decode="plain"))
+                    if len(out.token_ids) != count:
+                        raise RuntimeError(f"sweep plain: {c.method_name} generated {len(out.token_ids)} tokens, "
+                                           f"not {count}")
+                    runs.append(ms / 1000)
+                times.append(statistics.median(runs))
             per_token = (times[1] - times[0]) / tokens
             fixed = times[0] - tokens * per_token
             projected = fixed + maxlen[record["dataset"]] * per_token
@@ -466,7 +470,8 @@ def plain_projection(lm, records: list[dict], compressors: list, max_input: int,
         _free(device)
     per_sample = {d: statistics.mean(v) for d, v in by_dataset.items()}
     total = sum(LONGBENCH16_SIZES[d] * per_sample[d] for d in LONGBENCH16_SIZES)
-    return {"tokens": tokens, "samples_per_dataset": per_dataset, "measurements": measured,
+    return {"tokens": tokens, "samples_per_dataset": per_dataset, "repeats": repeats, "measurements": measured,
+            "negative_per_token": sum(m["per_token_s"] < 0 for m in measured),
             "measured_s": sum(m["t_k_s"] + m["t_2k_s"] for m in measured),
             "projected_sample_s": per_sample, "projected_longbench16_s": total,
             "projected_longbench16_min": total / 60}
@@ -474,7 +479,7 @@ def plain_projection(lm, records: list[dict], compressors: list, max_input: int,
 
 def sweep(lm, model: str, out: Path, samples: int, budget: int, window: int, max_input: int,
           decodes=("continuous",), plain: bool = False, plain_samples: int = 1, plain_tokens: int = 16,
-          sets=(), run_sets=()) -> dict:
+          sets=(), run_sets=(), plain_repeats: int = 3) -> dict:
     """The six-method sweep at ``budget`` as ``make longbench`` runs it (``harness.run.runner.run``, on the
     already loaded ``lm``), on ``samples`` synthetic LongBench-16 samples in LongBench's mix
     (``stratified_counts``, ``sweep_data`` into ``<out>/sweep``), once per decode path in ``decodes``, each
@@ -515,7 +520,7 @@ def sweep(lm, model: str, out: Path, samples: int, budget: int, window: int, max
         cfg = runner.checked_config(config.compose(sweep_overrides(results_dir=folder / "plain", decode="plain",
                                                                    **common)))
         result["plain"] = plain_projection(lm, records, runner.build_compressors(cfg), max_input, plain_tokens,
-                                           plain_samples)
+                                           plain_samples, plain_repeats)
         minutes = result["plain"]["projected_longbench16_min"]
         print(f"sweep one at a time, plain: projected LongBench-16 sweep {minutes:.1f} min", flush=True)
         for run in result["runs"].values():
@@ -696,10 +701,12 @@ def markdown(data: dict) -> str:
         if p:
             lines.append(f"| one sample and one method at a time, plain decode (projected) | {p['measured_s']:.1f} | "
                          f"- | {len(p['measurements'])} | - | {p['projected_longbench16_min']:.1f} |")
-            lines += ["", f"Plain projection: per sample and method, t_K and t_2K (K = {p['tokens']} new tokens) on "
+            lines += ["", f"Plain projection: per sample and method, t_K and t_2K (K = {p['tokens']} new tokens, medians "
+                      f"of {p.get('repeats', 1)} runs) on "
                       f"{p['samples_per_dataset']} sample(s) per dataset; per token = (t_2K - t_K) / K, fixed = t_K - K x "
                       "per token, a sample = fixed + maxlen(dataset) x per token; the sweep = sum over datasets of its "
-                      "size x the mean sample's six methods."]
+                      f"size x the mean sample's six methods. Negative per-token estimates (timing noise): "
+                      f"{p.get('negative_per_token', '-')} of {len(p['measurements'])}."]
             lines += [f"plain / runner decode={decode}: {r['plain_over']:.1f}x" for decode, r in s["runs"].items()
                       if r.get("plain_over")]
         for decode, r in s["runs"].items():
@@ -802,6 +809,8 @@ def main(argv=None) -> None:
     parser.add_argument("--sweep-plain-samples", type=int, default=1, help="samples per dataset the plain projection times")
     parser.add_argument("--sweep-plain-tokens", type=int, default=16,
                         help="K: the plain projection times K and 2K new tokens per sample and method")
+    parser.add_argument("--sweep-plain-repeats", type=int, default=3,
+                        help="runs per timing of the plain projection (their median)")
     parser.add_argument("--kvpress-site", default=None,
                         help="a directory with kvpress and a transformers it supports (<5.3), put alone on "
                              "PYTHONPATH for the kvpress subprocess; default: this Python's own packages")
@@ -821,7 +830,7 @@ def main(argv=None) -> None:
             stratified_counts(args.sweep_samples)
         except ValueError as error:
             parser.error(f"--sweep-samples {args.sweep_samples}: {error}")
-        for name in ("sweep_max_input", "sweep_plain_samples", "sweep_plain_tokens"):
+        for name in ("sweep_max_input", "sweep_plain_samples", "sweep_plain_tokens", "sweep_plain_repeats"):
             if getattr(args, name) < 1:
                 parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
         check_sweep_sets(parser, args)
@@ -860,7 +869,7 @@ def main(argv=None) -> None:
         if "sweep" in args.sections:
             data["sweep"] = sweep(lm, args.model, out, args.sweep_samples, args.budget, args.window,
                                   args.sweep_max_input, args.sweep_decode, args.sweep_plain, args.sweep_plain_samples,
-                                  args.sweep_plain_tokens, args.set, args.sweep_set)
+                                  args.sweep_plain_tokens, args.set, args.sweep_set, args.sweep_plain_repeats)
             save()
         if "kvpress" in args.sections:
             data["kvpress"] = kvpress_compare(lm, args.contexts, args.budget, args.window, args.kernel, args.repeats,
