@@ -176,3 +176,23 @@ def test_a_run_on_a_given_model_still_checks_its_dtype(tmp_path):
                           "progress=never"])
     with pytest.raises(RuntimeError, match="loaded in float32, not the bfloat16"):
         runner.run(cfg, lm=lm)
+
+
+def test_sweep_contexts_are_sized_in_the_models_own_tokens():
+    import random
+    from types import SimpleNamespace
+
+    from harness.engine.models import byte_tokenizer
+    tok = byte_tokenizer()
+    for n in (1, 37, 900):                                  # the random models' byte tokenizer: exact
+        text = bench.sized_text(random.Random(n), "", n, tok)
+        assert len(tok(text, add_special_tokens=False).input_ids) == n
+
+    class Pairs:                                            # a tokenizer of two characters per token
+        def __call__(self, text, add_special_tokens=False):
+            return SimpleNamespace(input_ids=[text[i:i + 2] for i in range(0, len(text), 2)])
+
+        def decode(self, ids):
+            return "".join(ids)
+    text = bench.sized_text(random.Random(0), "", 50, Pairs())
+    assert len(text) == 100 and len(Pairs()(text).input_ids) == 50

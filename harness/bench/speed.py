@@ -310,15 +310,26 @@ def stratified_counts(samples: int, sizes: dict[str, int] = LONGBENCH16_SIZES) -
     return counts
 
 
-def sweep_data(folder: Path, counts: dict[str, int], seed: int = 0) -> list[dict]:
+def sized_text(rng: random.Random, alphabet: str, tokens: int, tokenizer=None) -> str:
+    """Random text of about ``tokens`` tokens: ``tokens`` characters of ``alphabet`` (exact for the random models'
+    byte tokenizer, one token per byte), or, with a ``tokenizer``, random lowercase words cut to ``tokens`` of its
+    tokens and decoded (re-encoding may differ by a few tokens where the cut splits a word)."""
+    if tokenizer is None:
+        return "".join(rng.choices(alphabet, k=tokens))
+    words = " ".join("".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 9))) for _ in range(tokens))
+    ids = tokenizer(words, add_special_tokens=False).input_ids[:tokens]
+    return tokenizer.decode(ids)
+
+
+def sweep_data(folder: Path, counts: dict[str, int], seed: int = 0, tokenizer=None) -> list[dict]:
     """Synthetic LongBench-16 data for ``task=longbench``: ``<folder>/data/<dataset>.jsonl`` with
     ``counts[dataset]`` rows each (``_id``, ``context``, ``input``, ``answers`` in the form the dataset's
     scorer parses, ``all_classes``) and ``<folder>/config/dataset2prompt.json`` (``SWEEP_TEMPLATE`` for
     every dataset: our own, not the official prompts) and ``dataset2maxlen.json`` (LongBench's max new
     tokens, ``LONGBENCH_SHAPE``).
-    Contexts are random printable ASCII (no ``<``, so no special-token text) of ``draw_length``
-    characters: that many tokens under the random models' byte tokenizer (``tokenizer: bytes``); the
-    task truncates the prompt to ``model.max_input_tokens``. Returns one record per sample:
+    Contexts are ``draw_length`` tokens of random text (``sized_text``): printable ASCII characters (no ``<``, so no
+    special-token text) when ``tokenizer`` is None (the random models' byte tokenizer, ``tokenizer: bytes``), else
+    random words measured in that tokenizer's tokens; the task truncates the prompt to ``model.max_input_tokens``. Returns one record per sample:
     ``{"dataset", "id", "prompt"}`` (the formatted, untruncated prompt)."""
     rng = random.Random(seed)
     answers = {"passage_retrieval_en": "Paragraph 1", "passage_count": "1"}   # the forms their scorers parse
@@ -332,7 +343,7 @@ def sweep_data(folder: Path, counts: dict[str, int], seed: int = 0) -> list[dict
     for dataset, count in counts.items():
         lines = []
         for i in range(count):
-            row = {"_id": f"{dataset}-{i}", "context": "".join(rng.choices(alphabet, k=draw_length(dataset, rng))),
+            row = {"_id": f"{dataset}-{i}", "context": sized_text(rng, alphabet, draw_length(dataset, rng), tokenizer),
                    "input": "".join(rng.choices(alphabet, k=24)), "answers": [answers.get(dataset, "a")],
                    "all_classes": ["a", "b"]}
             lines.append(json.dumps(row))
@@ -490,7 +501,7 @@ def sweep(lm, model: str, out: Path, samples: int, budget: int, window: int, max
     folder = Path(out) / "sweep"
     device = next(lm.model.parameters()).device
     counts = stratified_counts(samples)
-    records = sweep_data(folder, counts)
+    records = sweep_data(folder, counts, tokenizer=lm.tokenizer)      # contexts measured in the model's own tokens
     dtype = lm.info["dtype"]
     common = {"model": model, "folder": folder, "max_input": max_input, "dtype": dtype, "budget": budget,
               "window": window, "sets": sets, "run_sets": run_sets}
