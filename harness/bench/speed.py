@@ -275,19 +275,6 @@ def draw_length(name: str, rng: random.Random) -> int:
     return int(LONGBENCH_SHAPE[name][1] * TOKENS_PER_WORD * rng.uniform(0.6, 1.4))
 
 
-def longbench_workload(samples: int, max_input: int, seed: int = 0) -> list[tuple[str, int, int]]:
-    """``(dataset, prompt tokens, max new tokens)``: datasets in turn, prompt lengths drawn around each
-    dataset's average (``draw_length``) and truncated to ``max_input`` as LongBench's ``pred.py``
-    truncates in the middle."""
-    rng = random.Random(seed)
-    names = list(LONGBENCH_SHAPE)
-    out = []
-    for i in range(samples):
-        name = names[(i * 5) % len(names)]          # a stride that mixes short and long answers
-        out.append((name, min(draw_length(name, rng), max_input), LONGBENCH_SHAPE[name][0]))
-    return out
-
-
 def stratified_counts(samples: int, sizes: dict[str, int] = LONGBENCH16_SIZES) -> dict[str, int]:
     """``samples`` apportioned over the datasets of ``sizes`` in proportion to their sizes: the largest
     remainder method (exact integer arithmetic; ties in table order), then every dataset given at least
@@ -310,30 +297,26 @@ def stratified_counts(samples: int, sizes: dict[str, int] = LONGBENCH16_SIZES) -
     return counts
 
 
-def sized_text(rng: random.Random, alphabet: str, tokens: int, tokenizer=None) -> str:
-    """Random text of about ``tokens`` tokens: ``tokens`` characters of ``alphabet`` (exact for the random models'
-    byte tokenizer, one token per byte), or, with a ``tokenizer``, random lowercase words cut to ``tokens`` of its
-    tokens and decoded (re-encoding may differ by a few tokens where the cut splits a word)."""
-    if tokenizer is None:
-        return "".join(rng.choices(alphabet, k=tokens))
+def sized_text(rng: random.Random, tokens: int, tokenizer) -> str:
+    """Random text of about ``tokens`` of ``tokenizer``'s tokens: random lowercase words, tokenized, cut to
+    ``tokens`` and decoded (exact for the random models' byte tokenizer; with a subword tokenizer re-encoding may
+    differ by a few tokens where the cut splits a word)."""
     words = " ".join("".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 9))) for _ in range(tokens))
     ids = tokenizer(words, add_special_tokens=False).input_ids[:tokens]
     return tokenizer.decode(ids)
 
 
-def sweep_data(folder: Path, counts: dict[str, int], seed: int = 0, tokenizer=None) -> list[dict]:
+def sweep_data(folder: Path, counts: dict[str, int], tokenizer, seed: int = 0) -> list[dict]:
     """Synthetic LongBench-16 data for ``task=longbench``: ``<folder>/data/<dataset>.jsonl`` with
     ``counts[dataset]`` rows each (``_id``, ``context``, ``input``, ``answers`` in the form the dataset's
     scorer parses, ``all_classes``) and ``<folder>/config/dataset2prompt.json`` (``SWEEP_TEMPLATE`` for
     every dataset: our own, not the official prompts) and ``dataset2maxlen.json`` (LongBench's max new
     tokens, ``LONGBENCH_SHAPE``).
-    Contexts are ``draw_length`` tokens of random text (``sized_text``): printable ASCII characters (no ``<``, so no
-    special-token text) when ``tokenizer`` is None (the random models' byte tokenizer, ``tokenizer: bytes``), else
-    random words measured in that tokenizer's tokens; the task truncates the prompt to ``model.max_input_tokens``. Returns one record per sample:
+    Contexts are ``draw_length`` of ``tokenizer``'s tokens of random words (``sized_text``; lowercase, so no
+    special-token text); the task truncates the prompt to ``model.max_input_tokens``. Returns one record per sample:
     ``{"dataset", "id", "prompt"}`` (the formatted, untruncated prompt)."""
     rng = random.Random(seed)
     answers = {"passage_retrieval_en": "Paragraph 1", "passage_count": "1"}   # the forms their scorers parse
-    alphabet = "".join(c for c in string.printable if c not in "<\t\n\r\x0b\x0c")
     data, tables = folder / "data", folder / "config"
     data.mkdir(parents=True, exist_ok=True)
     tables.mkdir(parents=True, exist_ok=True)
@@ -343,8 +326,8 @@ def sweep_data(folder: Path, counts: dict[str, int], seed: int = 0, tokenizer=No
     for dataset, count in counts.items():
         lines = []
         for i in range(count):
-            row = {"_id": f"{dataset}-{i}", "context": sized_text(rng, alphabet, draw_length(dataset, rng), tokenizer),
-                   "input": "".join(rng.choices(alphabet, k=24)), "answers": [answers.get(dataset, "a")],
+            row = {"_id": f"{dataset}-{i}", "context": sized_text(rng, draw_length(dataset, rng), tokenizer),
+                   "input": sized_text(rng, 12, tokenizer), "answers": [answers.get(dataset, "a")],
                    "all_classes": ["a", "b"]}
             lines.append(json.dumps(row))
             out.append({"dataset": dataset, "id": row["_id"], "prompt": SWEEP_TEMPLATE.format(**row)})
@@ -501,7 +484,7 @@ def sweep(lm, model: str, out: Path, samples: int, budget: int, window: int, max
     folder = Path(out) / "sweep"
     device = next(lm.model.parameters()).device
     counts = stratified_counts(samples)
-    records = sweep_data(folder, counts, tokenizer=lm.tokenizer)      # contexts measured in the model's own tokens
+    records = sweep_data(folder, counts, lm.tokenizer)      # contexts measured in the model's own tokens
     dtype = lm.info["dtype"]
     common = {"model": model, "folder": folder, "max_input": max_input, "dtype": dtype, "budget": budget,
               "window": window, "sets": sets, "run_sets": run_sets}
