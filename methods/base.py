@@ -486,6 +486,14 @@ class CompressionSession:
         """
         n = self.prompt_length or 0
         on_host = host_positions(self.kept_positions)
+        by_shape: dict = {}           # layers of one [H, k] shape counted in one sort (not one per layer)
+        for layer in range(self.num_layers):
+            if on_host.get(layer) is not None:
+                by_shape.setdefault(tuple(on_host[layer].shape[1:]), []).append(layer)
+        distinct = {}
+        for (heads, _), group in by_shape.items():
+            counts = distinct_per_head(torch.cat([on_host[layer][0] for layer in group]))
+            distinct.update({layer: counts[i * heads:(i + 1) * heads] for i, layer in enumerate(group)})
         layers = []
         for layer in range(self.num_layers):
             positions = on_host.get(layer)
@@ -493,7 +501,7 @@ class CompressionSession:
                 layers.append({"layer": layer, "kept": n, "whole": True, "positions": None})
             else:
                 layers.append({"layer": layer, "kept": int(positions.shape[-1]),
-                               "distinct_per_head": distinct_per_head(positions[0]), "whole": False,
+                               "distinct_per_head": distinct[layer], "whole": False,
                                "positions": positions})
         return {"prompt_length": n, "layers": layers, "notes": list(self.notes)}
 

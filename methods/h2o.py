@@ -17,6 +17,16 @@ queries are processed ``query_chunk`` rows at a time, so memory is ``O(H * n * q
 chunk's probabilities are rounded to the model dtype as the reference does and summed in float32,
 with one final rounding to the model dtype, which is what the reference's single ``sum`` computes up
 to summation order.
+
+``scorer`` picks how the ``causal`` and ``reference_2024`` scores are computed:
+
+* ``reference`` (default): the chunked computation above.
+* ``fused``: ``methods.h2o_fused``, two passes that never write a probability (Triton kernels on a CUDA
+  device, the same passes in PyTorch elsewhere), about 4x faster on an H200. It rounds where the reference
+  rounds, but forms ``exp(logit - lse)`` instead of ``exp(logit - max) / sum``, so a few scores differ in
+  the last bit of the model dtype (measured by ``scripts/gpu_check_h2o.py``: 20 of 190,976 at 6K tokens,
+  against 1-5 for ``reference``, which differs from the reference code's single sum only in summation
+  order; no kept token differed in either). Results of ``fused`` go to their own folders (``scorerfused``).
 """
 
 from __future__ import annotations
@@ -26,9 +36,11 @@ from dataclasses import dataclass
 import torch
 
 from methods.base import ConfigError, UniformCompressor, register, repeat_heads
+from methods.h2o_fused import fused_accumulated_attention
 from methods.scoring import attention_probs, group_mean, layer_mean, window_attention_mass
 
 VARIANTS = ("causal", "reference_2024", "window")
+SCORERS = ("reference", "fused")
 
 
 def accumulated_attention(queries: torch.Tensor, keys: torch.Tensor, window: int, variant: str,
@@ -79,13 +91,16 @@ class H2O(UniformCompressor):
     no pooling (``kernel_size`` and ``pooling`` are validated but unused).
 
     ``variant``: ``causal``, ``reference_2024`` or ``window`` (module docstring). ``query_chunk``: query
-    rows per softmax chunk, so memory is ``O(H * n * query_chunk)``.
+    rows per softmax chunk, so memory is ``O(H * n * query_chunk)`` (``reference`` scorer, and the
+    ``fused`` scorer's PyTorch passes). ``scorer``: ``reference`` or ``fused`` (module docstring; not for
+    ``window``, not for float16 models).
     """
 
     name = "h2o"
-    choices = {**UniformCompressor.choices, "variant": VARIANTS}
+    choices = {**UniformCompressor.choices, "variant": VARIANTS, "scorer": SCORERS}
     variant: str = "causal"
     query_chunk: int = 256
+    scorer: str = "reference"
 
     def validate(self) -> None:
         """``KVCompressor.validate``, then ``ConfigError`` when ``variant`` is not in ``VARIANTS`` or
@@ -95,6 +110,20 @@ class H2O(UniformCompressor):
             raise ConfigError(f"h2o: variant={self.variant!r} is not one of {VARIANTS}")
         if isinstance(self.query_chunk, bool) or not isinstance(self.query_chunk, int) or self.query_chunk <= 0:
             raise ConfigError(f"h2o: query_chunk={self.query_chunk!r} must be a positive integer (e.g. 1024)")
+        if self.scorer not in SCORERS:
+            raise ConfigError(f"h2o: scorer={self.scorer!r} is not one of {SCORERS}; fix: scorer=reference (the "
+                              "default) or scorer=fused")
+        if self.scorer == "fused" and self.variant == "window":
+            raise ConfigError("h2o: scorer='fused' computes the all-query variants only, and variant='window' scores "
+                              "the last window_size queries; fix: scorer=reference, or variant=causal / reference_2024")
+
+    def knobs(self) -> dict:
+        """``KVCompressor.knobs``, without ``scorer`` when it is ``reference`` (records made before the knob
+        existed keep their names and identities)."""
+        knobs = super().knobs()
+        if self.scorer == "reference":
+            knobs.pop("scorer")
+        return knobs
 
     def query_count(self, prompt_length: int) -> int:
         """Trailing prompt queries (tokens) the hook captures: all ``prompt_length`` for ``causal`` and
@@ -107,17 +136,20 @@ class H2O(UniformCompressor):
 
         ``keys``: ``[B, Hkv, n, d]``; ``queries``: ``[B, Hq, n, d]``, all prompt queries
         (``[B, Hq, >=window_size, d]`` for ``window``). Raises ``ValueError`` when ``causal`` or
-        ``reference_2024`` gets fewer or more than ``n`` queries.
+        ``reference_2024`` gets fewer or more than ``n`` queries, and (``fused``) for a float16 model.
         """
         groups = queries.shape[1] // keys.shape[1]
-        repeated = repeat_heads(keys, groups)
         if self.variant == "window":
-            mass = window_attention_mass(queries, repeated, self.window_size)
+            mass = window_attention_mass(queries, repeat_heads(keys, groups), self.window_size)
         else:
             if queries.shape[2] != keys.shape[2]:
                 raise ValueError(f"h2o variant {self.variant!r} needs all {keys.shape[2]} prompt queries, "
                                  f"got {queries.shape[2]}")
-            mass = accumulated_attention(queries, repeated, self.window_size, self.variant, self.query_chunk)
+            if self.scorer == "fused":     # keys stay grouped: the kernels read each KV head for its query heads
+                mass = fused_accumulated_attention(queries, keys, self.window_size, self.variant, self.query_chunk)
+            else:
+                mass = accumulated_attention(queries, repeat_heads(keys, groups), self.window_size, self.variant,
+                                             self.query_chunk)
         if self.granularity == "layer":
             return layer_mean(mass)
         return group_mean(mass, keys.shape[1]) if self.granularity == "kv_head" else mass

@@ -19,7 +19,9 @@
 # TIMEOUT=seconds stops each process after that long (finished rows are kept; a re-run resumes). Smaller runs:
 # CALIB_TOKENS, EVAL_TOKENS (the retain rate measured after training), PPL_TOKENS, SNAP_BUDGETS. A subset of the
 # evaluation: TASKS (default "ppl needle longbench"), SKIP (an extended regex: method lines that match it are left
-# out; the lines are printed first).
+# out; the lines are printed first). DECODE: the runs' decode path (e.g. continuous: the 20 multi_news samples of
+# a method decode together; default: the run default, batched). JOBS: at most this many methods' processes at a
+# time (default: all at once; each loads the model once per task, and GGUF loads are CPU-bound).
 set -uo pipefail
 if [ "${1:-}" = data ]; then      # DATA as the stages read it, from ../shared/data's layout (symbolic links)
   shared=$(cd "$2" && pwd) || exit 2; mkdir -p "$3"
@@ -100,7 +102,7 @@ if [ -n "${SKIP:-}" ]; then
 fi
 [ ${#picks[@]} -gt 0 ] || { echo "error: no method left to evaluate (SKIP=${SKIP:-})" >&2; exit 2; }
 printf 'method: %s\n' "${picks[@]}"
-common=(model="$model" "${source_args[@]}" wandb=false progress=never)
+common=(model="$model" "${source_args[@]}" wandb=false progress=never ${DECODE:+decode=$DECODE})
 run_tasks() {   # $1: a label, $2: the method's name; the rest: method overrides. Fails if any of its runs failed.
   local label=$1 name=$2 rc=0; shift 2
   {
@@ -133,6 +135,7 @@ for line in "${picks[@]}"; do
     snapkv) args=("methods=[snapkv]" "budgets=[$SNAP_BUDGETS]" "method_overrides={granularity: layer}") ;;
     *) args=("method=$name"); for kv in $rest; do args+=("$kv"); done ;;
   esac
+  while [ "$(jobs -rp | wc -l)" -ge "${JOBS:-1000}" ]; do sleep 1; done   # at most JOBS methods at a time
   $T bash -c "$(declare -f run_tasks); $(declare -p common data logs res needle_lengths longbench_limit TASKS); \
       run_tasks $i-${name/+/_} $name ${args[*]@Q}" &
   pids+=($!)

@@ -29,6 +29,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--hold", type=int, default=0, help="also: prompt_rows of the six methods on this many "
                         "prompts in a row, every row kept (a window's prefill phase, its caches held)")
+    parser.add_argument("--h2o-variant", default="causal", help="H2O's variant (the sweep's protocol, "
+                        "dynamickv_paper, uses reference_2024)")
     args = parser.parse_args()
     cfg = OmegaConf.load(config.config_dir() / "model" / "llama3_8b_random.yaml")
     cfg.dtype = "bfloat16"
@@ -37,7 +39,7 @@ def main() -> None:
     ids = torch.randint(2, 30000, (1, args.tokens), device=device, generator=torch.Generator(device).manual_seed(0))
 
     def timed(names) -> float:
-        compressors = [build(n, 512, 32) for n in names]
+        compressors = [build(n, 512, 32, **({"variant": args.h2o_variant} if n == "h2o" else {})) for n in names]
         times = []
         for _ in range(args.repeats + 1):
             torch.cuda.synchronize()
@@ -48,7 +50,7 @@ def main() -> None:
             del rows
         return statistics.median(times[1:])
 
-    out = {"tokens": args.tokens, "device": torch.cuda.get_device_name(device)}
+    out = {"tokens": args.tokens, "h2o_variant": args.h2o_variant, "device": torch.cuda.get_device_name(device)}
     with torch.no_grad():
         out["fullkv_ms"] = timed(["fullkv"])
         for name in SIX[1:]:
@@ -56,7 +58,7 @@ def main() -> None:
             print(name, round(out[f"fullkv+{name}_ms"] - out["fullkv_ms"], 1), "ms more than FullKV alone", flush=True)
         out["six_ms"] = timed(SIX)
         if args.hold:
-            compressors = [build(n, 512, 32) for n in SIX]
+            compressors = [build(n, 512, 32, **({"variant": args.h2o_variant} if n == "h2o" else {})) for n in SIX]
             held, times = [], []
             for _ in range(args.hold):
                 torch.cuda.synchronize()

@@ -15,10 +15,13 @@ from harness.run import results
 def test_bench_methods_section(tmp_path):
     bench.main(["--model", "tiny_llama", "--sections", "methods", "--contexts", "300", "--budget", "64",
                 "--window", "8", "--repeats", "1", "--decode-tokens", "3", "--methods", "fullkv", "snapkv", "h2o",
-                "--out", str(tmp_path)])
+                "--h2o-scorers", "reference", "fused", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "bench.json").read_text())
     rows = {r["method"]: r for r in data["methods"]}
-    assert set(rows) == {"fullkv", "snapkv", "h2o"}
+    assert [r["method"] for r in data["methods"]] == ["fullkv", "snapkv", "h2o", "h2o:fused"]
+    fused = rows.pop("h2o:fused")      # a prefill-only row, with the same kept cache as the reference scorer's
+    assert fused["kv_gib"] == rows["h2o"]["kv_gib"] and fused["prefill_ms"] > 0 and "decode_fast_ms" not in fused
+    assert "| 300 | h2o:fused | 64 |" in (tmp_path / "bench.md").read_text()
     # tiny_llama: 4 layers, 2 KV heads, head dim 16, float32; FullKV keeps 300 tokens, the others 64 x 4 query heads
     assert rows["fullkv"]["kv_gib"] * 2**30 == 4 * 2 * (2 * 300 * 16 * 4)
     assert rows["snapkv"]["kv_gib"] * 2**30 == 4 * 2 * (4 * 64 * 16 * 4)
@@ -147,6 +150,8 @@ def test_bad_sweep_settings_are_refused(tmp_path, capsys, args):
     ("budgets=[64]", "the sweep sets 'budgets' itself"),
     ("protocol.window_size.snapkv=8", "the sweep sets 'protocol.window_size.snapkv' itself"),
     ("decode_prompts", "not KEY=VALUE"),
+    ("protocol=default", "the sweep sets 'protocol' itself"),
+    ("protocol.h2o_scorer=fast", "protocol.h2o_scorer='fast' is not one of [reference, fused]"),
 ])
 def test_bad_sweep_run_settings_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, item, message):
     monkeypatch.setattr(bench, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
@@ -154,6 +159,16 @@ def test_bad_sweep_run_settings_are_refused_before_the_model_loads(tmp_path, cap
         bench.main(["--model", "tiny_llama", "--sections", "sweep", "--sweep-samples", "16", "--sweep-set", item,
                     "--out", str(tmp_path)])
     assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_sweep_takes_the_fused_h2o_scorer(tmp_path, short_answers):
+    bench.main(["--model", "tiny_llama", "--sections", "sweep", "--budget", "32", "--window", "8",
+                "--sweep-samples", "16", "--sweep-max-input", "160", "--sweep-set", "protocol.h2o_scorer=fused",
+                "--out", str(tmp_path)])
+    sweep = json.loads((tmp_path / "bench.json").read_text())["sweep"]
+    assert sweep["run_overrides"] == ["protocol.h2o_scorer=fused"] and sweep["runs"]["continuous"]["rows"] == 96
+    folders = [f.name for f in (tmp_path / "sweep" / "run_continuous" / "longbench" / "tiny_llama").glob("*/*")]
+    assert [f for f in folders if f.startswith("h2o")] == ["h2o_b32_w8_k7_maxpool_qh_scorerfused_variantreference2024"]
 
 
 def test_a_run_on_a_given_model_still_checks_its_dtype(tmp_path):

@@ -159,3 +159,5 @@ def test_a_slot_left_idle_at_its_full_capacity_stays_in_bounds(tiny):
     stats = ContinuousStats()
     assert decode_rows(tiny.model, long_row + short_row, bucket=1, stats=stats) == long_ref + short_ref
     assert stats.segments == [[1, 1]] and stats.capacities[0][1] == (304, 304, 304)
+    # 3 layers x (K, V) x float32 x head 16 x (SnapKV's 4 query heads x 59 slots + FullKV's 2 KV heads x 304)
+    assert stats.capacities[0][0] == (59, 59, 59) and stats.buffer_bytes == [3 * 2 * 4 * 16 * (4 * 59 + 2 * 304)]

@@ -197,7 +197,11 @@ def fast_decode(model, cache, token, position: int, tokens: int, rows: int = 1, 
 
 
 def method_rows(lm, contexts, budget, window, names, repeats, decode_tokens, weights: int, bandwidth,
-                compiled: bool = False) -> list[dict]:
+                compiled: bool = False, h2o_scorers=("reference",)) -> list[dict]:
+    """Per context and method: prefill + compression time, its overhead over FullKV's prefill, peak memory and
+    decode at batch 1 (plain, graphs, and compiled with ``compiled``). ``h2o_scorers``: H2O once per scorer
+    (``methods/h2o.py``); a scorer after the first gets a prefill row only (method ``h2o:<scorer>``: its cache
+    decodes like the first's)."""
     model = lm.model
     device = next(model.parameters()).device
     rows = []
@@ -205,11 +209,22 @@ def method_rows(lm, contexts, budget, window, names, repeats, decode_tokens, wei
         ids = torch.randint(2, min(model.config.vocab_size, 30000), (1, n), device=device,
                             generator=torch.Generator(device).manual_seed(n))
         base = None
-        for name in names:
-            compressor = build(name, budget, window)
+        runs = [(name, {}) for name in names if name != "h2o"]
+        if "h2o" in names:
+            at = names.index("h2o")
+            runs[at:at] = [("h2o", {} if s == "reference" else {"scorer": s}) for s in h2o_scorers]
+        for name, extra in runs:
+            compressor = build(name, budget, window, **extra)
             result, cache, token = prefill_cost(model, compressor, ids, repeats)
             if name == "fullkv":
                 base = result["prefill_ms"]
+            if extra:
+                del cache
+                rows.append({"context": n, "method": f"{name}:{extra['scorer']}", "budget": budget, **result,
+                             "overhead_pct": None if base is None else 100 * (result["prefill_ms"] / base - 1)})
+                print(json.dumps(rows[-1]), flush=True)
+                _free(device)
+                continue
             result["decode_plain_ms"] = plain_decode_ms(model, compressor, cache, token, n, decode_tokens)
             # the same cache, now decode_tokens longer (the fast step's timing does not depend on it)
             fast = fast_decode(model, cache, token, n + decode_tokens, decode_tokens)
@@ -353,6 +368,7 @@ def sweep_overrides(model: str, folder: Path, results_dir: Path, decode: str, ma
 
 SWEEP_OWNED = ("decode", "methods", "budgets", "results_dir", "limit", "wandb", "task", "model", "protocol.window_size",
                "protocol.stop_tokens", "protocol.dtype", "protocol")
+SWEEP_OWNED_EXACT = ("protocol",)     # the protocol's choice is the sweep's; its other keys (protocol.h2o_scorer) are not
 
 
 def check_sweep_sets(parser, args) -> None:
@@ -362,10 +378,12 @@ def check_sweep_sets(parser, args) -> None:
     from harness.run import runner
     for item in args.sweep_set:
         key = item.split("=", 1)[0].lstrip("+~")
-        if "=" not in item or any(key == owned or key.startswith(owned + ".") for owned in SWEEP_OWNED):
+        if "=" not in item or any(key == owned or (key.startswith(owned + ".") and owned not in SWEEP_OWNED_EXACT)
+                                  for owned in SWEEP_OWNED):
             parser.error(f"--sweep-set {item}: the sweep sets {key!r} itself (or this is not KEY=VALUE); use the bench's "
                          "own options (--sweep-decode, --budget, --window, --model, --set, --sweep-samples) for those, "
-                         "and --sweep-set for the run's other settings, e.g. decode_prompts=32")
+                         "and --sweep-set for the run's other settings, e.g. decode_prompts=32 or "
+                         "protocol.h2o_scorer=fused")
     if not args.sweep_set:
         return
     try:
@@ -374,7 +392,8 @@ def check_sweep_sets(parser, args) -> None:
                                              args.window, run_sets=args.sweep_set))
         runner.checked_config(cfg)
     except Exception as error:  # noqa: BLE001 - any config error, named
-        parser.error(f"--sweep-set {' '.join(args.sweep_set)}: {error}".splitlines()[0])
+        message = str(error) if isinstance(error, methods.ConfigError) else config.describe(error)
+        parser.error(f"--sweep-set {' '.join(args.sweep_set)}: {message}".splitlines()[0])
 
 
 def check_rows(summaries: list[dict], records: list[dict]) -> dict:
@@ -659,6 +678,10 @@ def markdown(data: dict) -> str:
         for r in rows:
             peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
             over = "-" if r["overhead_pct"] is None else f"{r['overhead_pct']:+.1f}%"
+            if r.get("decode_fast_ms") is None:     # a prefill-only row (another H2O scorer)
+                lines.append(f"| {r['context']} | {r['method']} | {r['budget'] or 'full'} | {r['prefill_ms']:.1f} | "
+                             f"{over} | {peak} | {r['kv_gib']:.3f} | (as h2o) | (as h2o) | - | - |")
+                continue
             best = min(r["decode_fast_ms"], r.get("decode_compiled_ms") or float("inf"))
             ratio = f"{best / floor:.2f}" if floor else "-"
             compiled = f" / {r['decode_compiled_ms']:.2f}" if r.get("decode_compiled_ms") else ""
@@ -747,7 +770,7 @@ def plot(data: dict, path: Path) -> None:
     if not rows:
         return
     contexts = sorted({r["context"] for r in rows})
-    names = list(dict.fromkeys(r["method"] for r in rows))
+    names = list(dict.fromkeys(r["method"] for r in rows if r.get("decode_fast_ms") is not None))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     width = 0.8 / len(contexts)
     for k, n in enumerate(contexts):
@@ -781,6 +804,8 @@ def main(argv=None) -> None:
     parser.add_argument("--window", type=int, default=32)
     parser.add_argument("--kernel", type=int, default=7)
     parser.add_argument("--methods", nargs="+", default=SIX, choices=SIX)
+    parser.add_argument("--h2o-scorers", nargs="+", default=["reference"], choices=["reference", "fused"],
+                        help="methods section: H2O once per scorer (methods/h2o.py; fused: Triton on a GPU)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="auto")
@@ -854,7 +879,8 @@ def main(argv=None) -> None:
     with torch.no_grad():
         if "methods" in args.sections:
             data["methods"] = method_rows(lm, args.contexts, args.budget, args.window, args.methods, args.repeats,
-                                          args.decode_tokens, weights, bandwidth, args.compile)
+                                          args.decode_tokens, weights, bandwidth, args.compile,
+                                          list(dict.fromkeys(args.h2o_scorers)))
             save()
         if "batches" in args.sections:
             data["batches"] = batch_rows(lm, args.batch_context, args.budget, args.window, args.batch_methods,

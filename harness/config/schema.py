@@ -62,6 +62,7 @@ def closed_set(name: str, values) -> type[enum.Enum]:
 Pooling = closed_set("Pooling", methods.base.POOLINGS)
 Granularity = closed_set("Granularity", methods.base.GRANULARITIES)
 H2OVariant = closed_set("H2OVariant", methods.REGISTRY["h2o"].choices["variant"])
+H2OScorer = closed_set("H2OScorer", methods.REGISTRY["h2o"].choices["scorer"])
 ChatTemplate = closed_set("ChatTemplate", CHAT_MODES)
 Truncation = closed_set("Truncation", TRUNCATION_MODES)
 SpecialTokens = closed_set("SpecialTokens", SPECIAL_TOKEN_MODES)
@@ -93,6 +94,7 @@ class ProtocolConfig:
     window_size: Dict[str, int] = field(default_factory=dict)   # per method name
     streamingllm_sink_tokens: Optional[int] = None
     h2o_variant: H2OVariant = H2OVariant.causal    # type: ignore[valid-type]
+    h2o_scorer: H2OScorer = H2OScorer.reference    # type: ignore[valid-type]   # methods/h2o.py: reference | fused
     dynamickv_radio_max: Any = 10.0                # a number; untyped so that 5 stays 5 (see _PYTHON_TYPES)
     # entries are text (a token or a symbol); untyped so that a number is refused, not read as its digits
     stop_tokens: Dict[str, List[Any]] = field(default_factory=lambda: {"default": ["model"]})

@@ -104,14 +104,15 @@ class Row:
 
 @dataclass
 class ContinuousStats:
-    """What ``decode_rows`` did: per allocation its rows per segment (``segments``) and per-layer capacities
-    per segment (``capacities``); decode steps run; slot-steps offered and used by a decoding row (their ratio
+    """What ``decode_rows`` did: per allocation its rows per segment (``segments``), per-layer capacities
+    per segment (``capacities``) and the bytes of its key and value slot buffers (``buffer_bytes``); decode steps run; slot-steps offered and used by a decoding row (their ratio
     is ``occupancy``); rows loaded into a slot (``admitted``), of which into a slot another row had held in
     the same allocation (``refills``); rows finished without a decode step (``immediate``: ``max_new_tokens``
     1 or a stop at the first token); allocations that replayed a CUDA graph; the last capture failure."""
 
     segments: list[list[int]] = field(default_factory=list)          # per allocation: rows per segment
     capacities: list[list[tuple]] = field(default_factory=list)      # per allocation: per segment, slots per layer
+    buffer_bytes: list[int] = field(default_factory=list)            # per allocation: bytes of its slot buffers
     steps: int = 0
     slot_steps: int = 0
     busy_slot_steps: int = 0
@@ -447,6 +448,7 @@ class _Allocation:
         self.batch = sum(given)
         self.device = keys.device
         self.cache = allocate(self.shape, keys.dtype, keys.device)
+        stats.buffer_bytes.append(self.cache.nbytes)
         self.cache.seen = max(rows[i].prompt_length for i in waiting)   # cache_position only: positions are per row
         self.decoder = RowDecoder(self.cache, self.batch, vocab)
         if log is not None:

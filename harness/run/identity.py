@@ -52,7 +52,7 @@ TASK_NOT_IDENTITY = ("name", "data_dir", "config_dir", "haystack_dir", "limit", 
 #: protocol settings that only feed method knobs (their resolved values are in ``method``) or the dtype
 #: (resolved in ``model.dtype``)
 PROTOCOL_NOT_IDENTITY = ("window_size", "kernel_size", "pooling", "granularity", "streamingllm_sink_tokens",
-                         "h2o_variant", "dynamickv_radio_max", "dtype")
+                         "h2o_variant", "h2o_scorer", "dynamickv_radio_max", "dtype")
 #: decode settings without effect on the CPU
 GPU_ONLY = ("cuda_graphs", "decode_compile")
 #: keys (dotted prefixes) where an entry present on one side only is not a difference

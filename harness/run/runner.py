@@ -263,6 +263,16 @@ def check_dtype(cfg: DictConfig, model_identity: dict) -> None:
                     model_identity["dtype"], model_identity["dtype"], wanted, wanted)
 
 
+def check_fused_dtype(compressors, dtype) -> None:
+    """H2O's ``scorer=fused`` has no float16 form (methods/h2o_fused.py): refused before the model loads when
+    the model's dtype is known to be float16 (``auto`` is checked again at the first prompt)."""
+    if str(dtype) in ("float16", "torch.float16", "half"):
+        for c in compressors:
+            if getattr(c, "scorer", None) == "fused":
+                raise methods.ConfigError(f"{c.method_name}: scorer=fused does not take a float16 model (model.dtype="
+                                          f"{dtype}); fix: protocol.h2o_scorer=reference, or model.dtype=bfloat16")
+
+
 def plan(cfg: DictConfig) -> Plan:
     """Every check that needs no model: the typed schema, settings, method knobs, model source,
     protocol, task data, folder names, and each folder's run identity against the stored one
@@ -281,6 +291,7 @@ def plan(cfg: DictConfig) -> Plan:
     task.validate(cfg)
     model_ident = model_identity(cfg.model)
     check_dtype(cfg, model_ident)
+    check_fused_dtype(compressors, model_ident["dtype"])
     data_ident = task.data_identity(cfg)
     folders, identities, stored = {}, {}, {}
     files = transform_files(cfg, compressors)
