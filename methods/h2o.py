@@ -24,7 +24,7 @@ to summation order.
 * ``fused``: ``methods.h2o_fused``, two passes that never write a probability (Triton kernels on a CUDA
   device, the same passes in PyTorch elsewhere), about 4x faster on an H200. It rounds where the reference
   rounds, but forms ``exp(logit - lse)`` instead of ``exp(logit - max) / sum``, so a few scores differ in
-  the last bit of the model dtype (measured by ``scripts/gpu_check_h2o.py``: 20 of 190,976 at 6K tokens,
+  the last bit of the model dtype (measured by ``scripts/gpu_check_h2o.py``: 20-22 of 190,976 at 6K tokens,
   against 1-5 for ``reference``, which differs from the reference code's single sum only in summation
   order; no kept token differed in either). Results of ``fused`` go to their own folders (``scorerfused``).
 """
@@ -111,11 +111,12 @@ class H2O(UniformCompressor):
         if isinstance(self.query_chunk, bool) or not isinstance(self.query_chunk, int) or self.query_chunk <= 0:
             raise ConfigError(f"h2o: query_chunk={self.query_chunk!r} must be a positive integer (e.g. 1024)")
         if self.scorer not in SCORERS:
-            raise ConfigError(f"h2o: scorer={self.scorer!r} is not one of {SCORERS}; fix: scorer=reference (the "
-                              "default) or scorer=fused")
+            raise ConfigError(f"h2o: scorer={self.scorer!r} is not one of {SCORERS}; fix: protocol.h2o_scorer=reference "
+                              "(the default) or protocol.h2o_scorer=fused (method.scorer in a single-method run)")
         if self.scorer == "fused" and self.variant == "window":
             raise ConfigError("h2o: scorer='fused' computes the all-query variants only, and variant='window' scores "
-                              "the last window_size queries; fix: scorer=reference, or variant=causal / reference_2024")
+                              "the last window_size queries; fix: protocol.h2o_scorer=reference, or "
+                              "protocol.h2o_variant=causal / reference_2024")
 
     def knobs(self) -> dict:
         """``KVCompressor.knobs``, without ``scorer`` when it is ``reference`` (records made before the knob

@@ -25,19 +25,24 @@ fused scorer is an option, never the default. float16 is refused (the reference'
 
 For bfloat16 on a CUDA device with Triton (``kernel_takes``) the two passes are Triton kernels (``_lse_kernel``,
 ``_column_kernel``); elsewhere (float32, another head size, the CPU tests) the same two passes run in PyTorch, a
-query chunk at a time (``two_pass_torch``).
+query chunk at a time (``two_pass_torch``): they form the logits twice, so on the CPU (and for float32 on a GPU,
+with a warning) the fused scorer is slower than the reference one; it exists there to be tested and to give the
+same scores.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import math
 
 import torch
 
 from methods.base import repeat_heads
 from methods.scoring import attention_logits
+
+log = logging.getLogger(__name__)
 
 
 def triton_available() -> bool:
@@ -179,10 +184,11 @@ def inverse_sqrt(d: int) -> float:
 
 def kernel_takes(queries: torch.Tensor) -> bool:
     """Whether the Triton kernels take these queries: bfloat16 on a CUDA device (the dtype they were checked in,
-    ``scripts/gpu_check_h2o.py``), a power-of-two head size >= 16, and Triton importable."""
+    ``scripts/gpu_check_h2o.py``), a power-of-two head size >= 16, fewer than 2**31 elements (the kernels' offsets
+    are int32), and Triton importable."""
     d = queries.shape[-1]
     return (queries.is_cuda and queries.dtype == torch.bfloat16 and d >= 16 and not d & (d - 1)
-            and triton_available())
+            and queries.numel() < 2**31 and triton_available())
 
 
 def fused_triton(queries: torch.Tensor, keys: torch.Tensor, window: int, variant: str,
@@ -218,4 +224,13 @@ def fused_accumulated_attention(queries: torch.Tensor, keys: torch.Tensor, windo
     ``two_pass_torch``."""
     if kernel_takes(queries):
         return fused_triton(queries, keys, window, variant)
+    if queries.is_cuda:
+        _warn_once(f"h2o scorer='fused': the Triton kernels do not take {queries.dtype} queries of head size "
+                   f"{queries.shape[-1]} ({queries.numel()} elements, Triton {'' if triton_available() else 'not '}"
+                   "importable); the same two passes run in PyTorch, slower than scorer='reference'")
     return two_pass_torch(queries, keys, window, variant, query_chunk)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    log.warning(message)

@@ -161,6 +161,19 @@ def test_bad_sweep_run_settings_are_refused_before_the_model_loads(tmp_path, cap
     assert exit.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("items, extra, message", [
+    (["protocol.h2o_scorer=fused", "protocol.h2o_variant=window"], [], "variant='window'"),
+    (["protocol.h2o_scorer=fused"], ["--dtype", "float16"], "scorer=fused does not take a float16 model"),
+])
+def test_bad_sweep_method_settings_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, items, extra,
+                                                                       message):
+    monkeypatch.setattr(bench, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(SystemExit) as exit:
+        bench.main(["--model", "tiny_llama", "--sections", "sweep", "--sweep-samples", "16", *extra, "--sweep-set",
+                    *items, "--out", str(tmp_path)])
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_the_sweep_takes_the_fused_h2o_scorer(tmp_path, short_answers):
     bench.main(["--model", "tiny_llama", "--sections", "sweep", "--budget", "32", "--window", "8",
                 "--sweep-samples", "16", "--sweep-max-input", "160", "--sweep-set", "protocol.h2o_scorer=fused",

@@ -85,3 +85,32 @@ def test_the_triton_kernels_equal_the_torch_passes(variant):   # pragma: no cove
     ours, ref = fused_triton(q, k, 16, variant).float(), two_pass_torch(q, k, 16, variant).float()
     assert ((ours - ref).abs() <= 2 * 2.0 ** -7 * ref.abs()).all()
     assert (ours == ref).float().mean() > 0.99
+
+
+def test_report_labels_name_the_default_scorer():
+    """Two H2O runs that differ only in the scorer: the reference one (its records leave the knob out) is labelled
+    scorer=reference, not scorer=None."""
+    from pathlib import Path
+
+    from harness.report.common import RunInfo, distinct_labels
+    knobs = {"name": "h2o", "budget": 64, "window_size": 8, "variant": "causal"}
+    infos = [RunInfo(Path("a"), "h2o", 64, knobs, "needle", "m", "p"),
+             RunInfo(Path("b"), "h2o", 64, {**knobs, "scorer": "fused"}, "needle", "m", "p")]
+    labels = distinct_labels(infos)
+    assert labels[0].endswith("(scorer=reference)") and labels[1].endswith("(scorer=fused)")
+
+
+@pytest.mark.parametrize("granularity", ["query_head", "kv_head", "layer"])
+@pytest.mark.parametrize("batch, n, window", [(2, 40, 8), (1, 33, 1), (1, 40, 39)])
+def test_h2o_fused_keeps_the_reference_tokens_at_every_granularity_and_edge(granularity, batch, n, window):
+    """The fused scorer's PyTorch passes through H2O at each granularity, a batch of 2, a one-token window and a window of
+    n - 1: the same kept tokens as the reference scorer (float32, no near ties)."""
+    import methods
+    q, k = inputs(torch.float32, seed=7, b=batch, n=n, scale=1.5)
+    v = torch.randn_like(k)
+    for variant in ("causal", "reference_2024"):
+        kw = dict(budget=window + 1 if window == n - 1 else min(window + 8, n - 1), window_size=window,
+                  variant=variant, granularity=granularity)
+        ref = methods.build("h2o", **kw).compress_all([k], [v], [q])[0]
+        fused = methods.build("h2o", scorer="fused", **kw).compress_all([k], [v], [q])[0]
+        assert all(torch.equal(a, b) for a, b in zip(ref, fused))

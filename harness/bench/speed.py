@@ -200,8 +200,8 @@ def method_rows(lm, contexts, budget, window, names, repeats, decode_tokens, wei
                 compiled: bool = False, h2o_scorers=("reference",)) -> list[dict]:
     """Per context and method: prefill + compression time, its overhead over FullKV's prefill, peak memory and
     decode at batch 1 (plain, graphs, and compiled with ``compiled``). ``h2o_scorers``: H2O once per scorer
-    (``methods/h2o.py``); a scorer after the first gets a prefill row only (method ``h2o:<scorer>``: its cache
-    decodes like the first's)."""
+    (``methods/h2o.py``; a row's method is ``h2o`` for the reference scorer, ``h2o:<scorer>`` for another); a
+    scorer after the first gets a prefill row only (its cache decodes like the first's)."""
     model = lm.model
     device = next(model.parameters()).device
     rows = []
@@ -209,18 +209,19 @@ def method_rows(lm, contexts, budget, window, names, repeats, decode_tokens, wei
         ids = torch.randint(2, min(model.config.vocab_size, 30000), (1, n), device=device,
                             generator=torch.Generator(device).manual_seed(n))
         base = None
-        runs = [(name, {}) for name in names if name != "h2o"]
-        if "h2o" in names:
+        runs = [(name, {}, False) for name in names if name != "h2o"]
+        if "h2o" in names:      # one run per scorer; the first decodes, the others are prefill rows only
             at = names.index("h2o")
-            runs[at:at] = [("h2o", {} if s == "reference" else {"scorer": s}) for s in h2o_scorers]
-        for name, extra in runs:
+            runs[at:at] = [("h2o", {} if s == "reference" else {"scorer": s}, i > 0) for i, s in enumerate(h2o_scorers)]
+        for name, extra, prefill_only in runs:
             compressor = build(name, budget, window, **extra)
             result, cache, token = prefill_cost(model, compressor, ids, repeats)
             if name == "fullkv":
                 base = result["prefill_ms"]
-            if extra:
+            label = f"{name}:{extra['scorer']}" if extra else name
+            if prefill_only:
                 del cache
-                rows.append({"context": n, "method": f"{name}:{extra['scorer']}", "budget": budget, **result,
+                rows.append({"context": n, "method": label, "budget": budget, **result,
                              "overhead_pct": None if base is None else 100 * (result["prefill_ms"] / base - 1)})
                 print(json.dumps(rows[-1]), flush=True)
                 _free(device)
@@ -238,7 +239,7 @@ def method_rows(lm, contexts, budget, window, names, repeats, decode_tokens, wei
                 result["decode_compiled_ms"] = fused["ms_per_step"]
                 result["compile_ms"] = fused["compile_ms"]
             del cache
-            rows.append({"context": n, "method": name, "budget": None if name == "fullkv" else budget, **result,
+            rows.append({"context": n, "method": label, "budget": None if name == "fullkv" else budget, **result,
                          "overhead_pct": None if base is None else 100 * (result["prefill_ms"] / base - 1)})
             print(json.dumps(rows[-1]), flush=True)
             _free(device)
@@ -374,7 +375,8 @@ SWEEP_OWNED_EXACT = ("protocol",)     # the protocol's choice is the sweep's; it
 def check_sweep_sets(parser, args) -> None:
     """``--sweep-set`` before the model loads: a key the sweep sets itself (``SWEEP_OWNED``: its label and its
     projection would then describe another run) is refused, and the run's settings are checked as ``kvh run``
-    checks them (``runner.checked_config``). Exits through ``parser.error`` with the value and the fix."""
+    checks them before loading (``runner.checked_config``, the methods' knobs through ``runner.build_compressors``,
+    and the fused H2O scorer against ``--dtype``). Exits through ``parser.error`` with the value and the fix."""
     from harness.run import runner
     for item in args.sweep_set:
         key = item.split("=", 1)[0].lstrip("+~")
@@ -390,7 +392,10 @@ def check_sweep_sets(parser, args) -> None:
         cfg = config.compose(sweep_overrides(args.model, Path(args.out) / "sweep", Path(args.out) / "sweep" / "check",
                                              args.sweep_decode[0], args.sweep_max_input, "bfloat16", args.budget,
                                              args.window, run_sets=args.sweep_set))
-        runner.checked_config(cfg)
+        cfg = runner.checked_config(cfg)
+        compressors = runner.build_compressors(cfg)           # the methods' knobs, as the run builds them
+        if args.dtype not in ("auto", None):
+            runner.check_fused_dtype(compressors, args.dtype)
     except Exception as error:  # noqa: BLE001 - any config error, named
         message = str(error) if isinstance(error, methods.ConfigError) else config.describe(error)
         parser.error(f"--sweep-set {' '.join(args.sweep_set)}: {message}".splitlines()[0])
@@ -680,7 +685,7 @@ def markdown(data: dict) -> str:
             over = "-" if r["overhead_pct"] is None else f"{r['overhead_pct']:+.1f}%"
             if r.get("decode_fast_ms") is None:     # a prefill-only row (another H2O scorer)
                 lines.append(f"| {r['context']} | {r['method']} | {r['budget'] or 'full'} | {r['prefill_ms']:.1f} | "
-                             f"{over} | {peak} | {r['kv_gib']:.3f} | (as h2o) | (as h2o) | - | - |")
+                             f"{over} | {peak} | {r['kv_gib']:.3f} | (as above) | (as above) | - | - |")
                 continue
             best = min(r["decode_fast_ms"], r.get("decode_compiled_ms") or float("inf"))
             ratio = f"{best / floor:.2f}" if floor else "-"

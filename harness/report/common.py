@@ -122,6 +122,10 @@ def run_info(folder) -> RunInfo:
                    else int(budget), method, named("task"), named("model"), named("protocol"))
 
 
+#: knobs that records leave out at their default (``H2O.knobs``), with that default, for labels
+LEFT_OUT_AT_DEFAULT = {"scorer": "reference"}
+
+
 def distinct_labels(infos: list[RunInfo], fallback=lambda folder: folder.name) -> list[str]:
     """One label per run, in the given order: ``RunInfo.label`` ("SnapKV @128"), or ``fallback(folder)``
     without a manifest. Where several runs share a label, each gets what tells it apart in brackets:
@@ -132,7 +136,8 @@ def distinct_labels(infos: list[RunInfo], fallback=lambda folder: folder.name) -
         group = [i for i, other in enumerate(labels) if other == label]
         if len(group) < 2:
             continue
-        knobs = [infos[i].knobs for i in group]
+        knobs = [{**LEFT_OUT_AT_DEFAULT, **infos[i].knobs} if infos[i].knobs.get("name") == "h2o" else infos[i].knobs
+                 for i in group]
         keys = sorted({k for d in knobs for k in d if k not in ("name", "budget")
                        and len({repr(other.get(k)) for other in knobs}) > 1})
         places = [f"{infos[i].model}/{infos[i].protocol}" for i in group]

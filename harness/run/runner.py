@@ -265,7 +265,7 @@ def check_dtype(cfg: DictConfig, model_identity: dict) -> None:
 
 def check_fused_dtype(compressors, dtype) -> None:
     """H2O's ``scorer=fused`` has no float16 form (methods/h2o_fused.py): refused before the model loads when
-    the model's dtype is known to be float16 (``auto`` is checked again at the first prompt)."""
+    the model's resolved dtype (``dtype``) is float16."""
     if str(dtype) in ("float16", "torch.float16", "half"):
         for c in compressors:
             if getattr(c, "scorer", None) == "fused":
