@@ -214,8 +214,11 @@ class DynamicKVSession(CompressionSession):
         total = int(counts.sum())
         if total == 0:
             raise _OutsideReferenceDomain("every per-layer count floors to 0 (NaN shares)")
-        shares = [t / total for t in counts]                    # float32 tensors, as the reference
-        fix = [int((self.budget_size * s).item()) for s in shares]
+        # the reference's per-layer ``t / total`` (a float32 tensor over a Python int) and ``int(budget_size * s)``,
+        # element by element as one tensor: the same kernels (a division and a product by a scalar, on the scores'
+        # device) and one host copy instead of one per layer; ``.to(int64)`` truncates toward zero as int() does
+        shares = counts / total
+        fix = (self.budget_size * shares).to(torch.int64).tolist()
         need = c.base * self.num_layers
         ratio = sum(fix) / need
         if ratio == 0:
