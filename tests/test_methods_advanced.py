@@ -220,6 +220,30 @@ def test_dynamickv_hand_worked_reallocation():
     assert updates[3].positions[0, 0].tolist() == [9, 8, 10, 11]       # top-2 of layer 3 + window
 
 
+def test_dynamickv_shares_are_the_references_per_layer_arithmetic():
+    """The shares of a re-allocation, computed as one tensor, equal the reference's per-layer form
+    (``[int(budget_size * (t / total)) for t in counts]``, each ``t`` a 0-d int64 tensor) and the rest of its
+    arithmetic (ratio, floor division, the last layer's remainder), on random counts."""
+    c = build("dynamickv", budget=96, window_size=8)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        layers = int(torch.randint(1, 40, (1,), generator=g))
+        session = c.new_session(layers)
+        session.budget_size = int(torch.randint(1, 5000, (1,), generator=g))
+        counts = torch.randint(0, 3000, (layers,), generator=g)
+        if int(counts.sum()) == 0:
+            continue
+        total = int(counts.sum())
+        fix = [int((session.budget_size * (t / total)).item()) for t in counts]
+        need = c.base * layers
+        ratio = sum(fix) / need
+        if ratio == 0:
+            continue
+        fix = [int(f // ratio) for f in fix]
+        fix[-1] += need - sum(fix)
+        assert session._shares(counts) == fix
+
+
 def test_dynamickv_crash_cases_keep_the_whole_prompt_and_say_so():
     # ZeroDivisionError in the reference: n - w = 18 < layers seen at the layer-19 step
     keys, values, queries = random_layers(layers=32, hq=4, hkv=4, n=50, d=4)
