@@ -105,8 +105,9 @@ class Row:
 @dataclass
 class ContinuousStats:
     """What ``decode_rows`` did: per allocation its rows per segment (``segments``), per-layer capacities
-    per segment (``capacities``) and the bytes of its key and value slot buffers (``buffer_bytes``); decode steps run; slot-steps offered and used by a decoding row (their ratio
-    is ``occupancy``); rows loaded into a slot (``admitted``), of which into a slot another row had held in
+    per segment (``capacities``) and the bytes of its key and value slot buffers (``buffer_bytes``: what each
+    step reads, idle slots included); decode steps run; slot-steps offered and used by a decoding row (their
+    ratio is ``occupancy``); rows loaded into a slot (``admitted``), of which into a slot another row had held in
     the same allocation (``refills``); rows finished without a decode step (``immediate``: ``max_new_tokens``
     1 or a stop at the first token); allocations that replayed a CUDA graph; the last capture failure."""
 
