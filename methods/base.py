@@ -138,6 +138,9 @@ class KVCompressor:
     rows_independent: ClassVar[bool] = True
     #: The allowed values of each text knob with a closed set of choices (configs type them as enums).
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"pooling": POOLINGS, "granularity": GRANULARITIES}
+    #: Knobs added after records existed, with their default: ``knobs()`` leaves each out while it is at that
+    #: default, so earlier folder names and run identities stay the same (H2O: ``{"scorer": "reference"}``).
+    left_out_at_default: ClassVar[dict] = {}
 
     budget: int = 128
     window_size: int = 32
@@ -268,9 +271,15 @@ class KVCompressor:
 
     def knobs(self) -> dict:
         """The config knobs by name (what ``build`` accepts and results record); the ``transform*`` knobs only
-        where a transform is set (records made before they existed stay the same)."""
+        where a transform is set, and ``left_out_at_default`` knobs only away from their default (records made
+        before they existed stay the same)."""
         skip = TRANSFORM_FIELDS if self.transform is None else ()
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in skip and self.left_out_at_default.get(f.name, object()) != getattr(self, f.name)}
+
+    def check_model_dtype(self, dtype: str) -> None:
+        """Before the model loads: ``ConfigError`` when this method cannot run a model in ``dtype`` (the resolved
+        ``model.dtype``, e.g. ``"float16"``). Every method can, unless it says otherwise."""
 
     def query_count(self, prompt_length: int) -> int:
         """How many trailing prompt queries (tokens) the hook must capture per layer for a prompt of

@@ -98,6 +98,7 @@ class H2O(UniformCompressor):
 
     name = "h2o"
     choices = {**UniformCompressor.choices, "variant": VARIANTS, "scorer": SCORERS}
+    left_out_at_default = {"scorer": "reference"}     # records made before the knob existed keep their names
     variant: str = "causal"
     query_chunk: int = 256
     scorer: str = "reference"
@@ -118,13 +119,11 @@ class H2O(UniformCompressor):
                               "the last window_size queries; fix: protocol.h2o_scorer=reference, or "
                               "protocol.h2o_variant=causal / reference_2024")
 
-    def knobs(self) -> dict:
-        """``KVCompressor.knobs``, without ``scorer`` when it is ``reference`` (records made before the knob
-        existed keep their names and identities)."""
-        knobs = super().knobs()
-        if self.scorer == "reference":
-            knobs.pop("scorer")
-        return knobs
+    def check_model_dtype(self, dtype: str) -> None:
+        """``ConfigError`` for ``scorer=fused`` on a float16 model (``methods.h2o_fused`` has no float16 form)."""
+        if self.scorer == "fused" and str(dtype).removeprefix("torch.") in ("float16", "half"):
+            raise ConfigError(f"{self.method_name}: scorer=fused does not take a float16 model (model.dtype={dtype}); "
+                              "fix: protocol.h2o_scorer=reference, or model.dtype=bfloat16")
 
     def query_count(self, prompt_length: int) -> int:
         """Trailing prompt queries (tokens) the hook captures: all ``prompt_length`` for ``causal`` and

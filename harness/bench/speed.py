@@ -395,7 +395,7 @@ def check_sweep_sets(parser, args) -> None:
         cfg = runner.checked_config(cfg)
         compressors = runner.build_compressors(cfg)           # the methods' knobs, as the run builds them
         if args.dtype not in ("auto", None):
-            runner.check_fused_dtype(compressors, args.dtype)
+            runner.check_model_dtype(compressors, args.dtype)
     except Exception as error:  # noqa: BLE001 - any config error, named
         message = str(error) if isinstance(error, methods.ConfigError) else config.describe(error)
         parser.error(f"--sweep-set {' '.join(args.sweep_set)}: {message}".splitlines()[0])

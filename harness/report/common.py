@@ -122,8 +122,11 @@ def run_info(folder) -> RunInfo:
                    else int(budget), method, named("task"), named("model"), named("protocol"))
 
 
-#: knobs that records leave out at their default (``H2O.knobs``), with that default, for labels
-LEFT_OUT_AT_DEFAULT = {"scorer": "reference"}
+def _left_out(name) -> dict:
+    """The knobs a method's records leave out at their default (``KVCompressor.left_out_at_default``)."""
+    from methods import REGISTRY
+    cls = REGISTRY.get(name) if name else None
+    return dict(cls.left_out_at_default) if cls else {}
 
 
 def distinct_labels(infos: list[RunInfo], fallback=lambda folder: folder.name) -> list[str]:
@@ -136,8 +139,7 @@ def distinct_labels(infos: list[RunInfo], fallback=lambda folder: folder.name) -
         group = [i for i, other in enumerate(labels) if other == label]
         if len(group) < 2:
             continue
-        knobs = [{**LEFT_OUT_AT_DEFAULT, **infos[i].knobs} if infos[i].knobs.get("name") == "h2o" else infos[i].knobs
-                 for i in group]
+        knobs = [{**_left_out(infos[i].knobs.get("name")), **infos[i].knobs} for i in group]
         keys = sorted({k for d in knobs for k in d if k not in ("name", "budget")
                        and len({repr(other.get(k)) for other in knobs}) > 1})
         places = [f"{infos[i].model}/{infos[i].protocol}" for i in group]

@@ -263,14 +263,11 @@ def check_dtype(cfg: DictConfig, model_identity: dict) -> None:
                     model_identity["dtype"], model_identity["dtype"], wanted, wanted)
 
 
-def check_fused_dtype(compressors, dtype) -> None:
-    """H2O's ``scorer=fused`` has no float16 form (methods/h2o_fused.py): refused before the model loads when
-    the model's resolved dtype (``dtype``) is float16."""
-    if str(dtype) in ("float16", "torch.float16", "half"):
-        for c in compressors:
-            if getattr(c, "scorer", None) == "fused":
-                raise methods.ConfigError(f"{c.method_name}: scorer=fused does not take a float16 model (model.dtype="
-                                          f"{dtype}); fix: protocol.h2o_scorer=reference, or model.dtype=bfloat16")
+def check_model_dtype(compressors, dtype) -> None:
+    """Each method's ``check_model_dtype`` on the model's resolved ``dtype``, before the model loads (e.g. H2O's
+    ``scorer=fused`` refuses float16): ``methods.ConfigError`` naming the fix."""
+    for c in compressors:
+        c.check_model_dtype(str(dtype))
 
 
 def plan(cfg: DictConfig) -> Plan:
@@ -291,7 +288,7 @@ def plan(cfg: DictConfig) -> Plan:
     task.validate(cfg)
     model_ident = model_identity(cfg.model)
     check_dtype(cfg, model_ident)
-    check_fused_dtype(compressors, model_ident["dtype"])
+    check_model_dtype(compressors, model_ident["dtype"])
     data_ident = task.data_identity(cfg)
     folders, identities, stored = {}, {}, {}
     files = transform_files(cfg, compressors)
