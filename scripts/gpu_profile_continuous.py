@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
+from gpu_profile_decode import categories, kernels  # scripts/ is on the path when this script runs
 from omegaconf import OmegaConf
 from torch.profiler import ProfilerActivity, profile
 
@@ -34,21 +33,6 @@ from harness import config
 from harness.bench.speed import SIX, build, copy_bandwidth_gbs, weight_bytes
 from harness.engine.continuous import ContinuousStats, Row, decode_rows, prompt_rows
 from harness.engine.models import load_model
-
-GEMM = re.compile(r"gemm|gemv|cutlass|nvjet|sm90_|sm80_|xmma|cublas", re.I)
-ATTN = re.compile(r"flash|fmha|attention|efficient|softmax", re.I)
-
-
-def kernel_table(prof) -> tuple[list[dict], dict]:
-    ks, cat = [], defaultdict(lambda: {"count": 0, "us": 0.0})
-    for evt in prof.key_averages():
-        us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
-        if evt.device_type == torch.autograd.DeviceType.CUDA and us > 0:   # (a CPU smoke run lists none)
-            ks.append({"name": evt.key[:140], "count": evt.count, "us": us})
-            c = "matmul" if GEMM.search(evt.key) else "attention" if ATTN.search(evt.key) else "other"
-            cat[c]["count"] += evt.count
-            cat[c]["us"] += us
-    return sorted(ks, key=lambda k: -k["us"]), dict(cat)
 
 
 def main() -> None:
@@ -103,7 +87,8 @@ def main() -> None:
     with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         decode_rows(model, rows, cuda_graphs=False)
         sync()
-    ks, cat = kernel_table(prof)
+    ks = kernels(prof)
+    cat = categories(ks)
     out["eager_profile"] = {"steps": args.profile_steps, "categories": cat, "top": ks[:40]}
     print(json.dumps(cat), flush=True)
     for k in ks[:25]:

@@ -219,25 +219,19 @@ def method_rows(lm, contexts, budget, window, names, repeats, decode_tokens, wei
             if name == "fullkv":
                 base = result["prefill_ms"]
             label = f"{name}:{extra['scorer']}" if extra else name
-            if prefill_only:
-                del cache
-                rows.append({"context": n, "method": label, "budget": budget, **result,
-                             "overhead_pct": None if base is None else 100 * (result["prefill_ms"] / base - 1)})
-                print(json.dumps(rows[-1]), flush=True)
-                _free(device)
-                continue
-            result["decode_plain_ms"] = plain_decode_ms(model, compressor, cache, token, n, decode_tokens)
-            # the same cache, now decode_tokens longer (the fast step's timing does not depend on it)
-            fast = fast_decode(model, cache, token, n + decode_tokens, decode_tokens)
-            result["decode_fast_ms"] = fast["ms_per_step"]
-            result["graph"] = fast["graph"]
-            result["capture_ms"] = fast.get("capture_ms")
-            if bandwidth:
-                result["achieved_gbs"] = (weights + fast["kv_read_bytes"]) / (fast["ms_per_step"] / 1000) / 1e9
-            if compiled:
-                fused = fast_decode(model, cache, token, n + decode_tokens, decode_tokens, compiled=True)
-                result["decode_compiled_ms"] = fused["ms_per_step"]
-                result["compile_ms"] = fused["compile_ms"]
+            if not prefill_only:
+                result["decode_plain_ms"] = plain_decode_ms(model, compressor, cache, token, n, decode_tokens)
+                # the same cache, now decode_tokens longer (the fast step's timing does not depend on it)
+                fast = fast_decode(model, cache, token, n + decode_tokens, decode_tokens)
+                result["decode_fast_ms"] = fast["ms_per_step"]
+                result["graph"] = fast["graph"]
+                result["capture_ms"] = fast.get("capture_ms")
+                if bandwidth:
+                    result["achieved_gbs"] = (weights + fast["kv_read_bytes"]) / (fast["ms_per_step"] / 1000) / 1e9
+                if compiled:
+                    fused = fast_decode(model, cache, token, n + decode_tokens, decode_tokens, compiled=True)
+                    result["decode_compiled_ms"] = fused["ms_per_step"]
+                    result["compile_ms"] = fused["compile_ms"]
             del cache
             rows.append({"context": n, "method": label, "budget": None if name == "fullkv" else budget, **result,
                          "overhead_pct": None if base is None else 100 * (result["prefill_ms"] / base - 1)})
